@@ -1,0 +1,18 @@
+//! locograph: local contrastive representation learning as YAML graphs.
+//!
+//! The layout follows the data flow: [`config`] (strict YAML types) → [`graph`] (petgraph:
+//! validate, infer shapes, gradient reachability, schedule) → [`exec`] (runs a schedule with
+//! candle). Beside them: [`nn`] (layers), [`loss`], [`optim`], [`data`], [`eval`], [`export`].
+
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod exec;
+pub mod export;
+pub mod graph;
+pub mod loss;
+pub mod nn;
+pub mod optim;
+
+pub use error::{Error, Result};
