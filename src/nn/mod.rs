@@ -1,5 +1,14 @@
 //! Layers, built on candle with the traps of candle 0.11.1 wrapped (see docs/candle-traps.md).
 
+pub mod batch_norm;
+pub mod block;
+pub mod conv;
+pub mod decoder;
+pub mod linear;
 pub mod params;
+pub mod pool;
+pub mod resize;
+pub mod stage;
+pub mod stem;
 
 pub use params::{Buffer, Init, Param, ParamBuilder, ParamKind, ParamStore};

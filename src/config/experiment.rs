@@ -1,0 +1,105 @@
+//! The experiment file: one YAML document, `version: 1`.
+
+use std::path::PathBuf;
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+use super::edge::EdgeConfig;
+use super::node::NodeConfig;
+use crate::data::DataConfig;
+use crate::optim::{OptimizerConfig, ScheduleConfig};
+
+/// Where tensors live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    /// Needs a build with `--features cuda`.
+    Cuda,
+}
+
+/// The image batch the graph's `input` node produces.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// Channels after augmentation (1 for Fashion-MNIST, 3 for colour images).
+    pub channels: usize,
+    /// Side of the square crop the model sees.
+    pub size: usize,
+}
+
+fn ten() -> u64 {
+    10
+}
+fn runs() -> PathBuf {
+    PathBuf::from("runs")
+}
+
+/// How long and how to train.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Images per step; each contributes two augmented views, so the graph sees 2× this.
+    pub batch_size: usize,
+    /// Optimizer steps (give `steps` or `epochs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
+    /// Passes over the training set (give `steps` or `epochs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u64>,
+    /// Write a `metrics.csv` row every this many steps.
+    #[serde(default = "ten")]
+    pub log_every: u64,
+    /// CPU threads for candle's kernels (default: all cores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    /// Folder in which each run gets its own directory (relative to the working directory).
+    #[serde(default = "runs")]
+    pub runs_dir: PathBuf,
+    /// Save a checkpoint every this many steps (always at the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
+}
+
+/// A whole experiment. Node ids are the names of everything the run produces.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// File format version; must be 1.
+    pub version: u32,
+    /// Run name (run directories are `runs/<name>-<timestamp>`).
+    pub name: String,
+    /// What this experiment reproduces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Seeds initialisation, data order and augmentation.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub device: DeviceKind,
+    pub input: InputConfig,
+    /// A graph file (relative to this file) whose `nodes:` are added to this file's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<PathBuf>,
+    /// Node id → what it computes. `input` is reserved for the image batch.
+    #[serde(default)]
+    pub nodes: IndexMap<String, NodeConfig>,
+    /// The graph's edges; `stop` marks where gradients are cut and for which losses.
+    pub edges: Vec<EdgeConfig>,
+    pub data: DataConfig,
+    pub optimizer: OptimizerConfig,
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+}
+
+/// A reusable encoder file in `graphs/`: nodes only; experiments add decoders, losses, edges.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GraphFile {
+    pub version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub nodes: IndexMap<String, NodeConfig>,
+}

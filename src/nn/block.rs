@@ -1,0 +1,114 @@
+//! Residual blocks: basic (ResNet-18/34) and bottleneck (ResNet-50, v1.5: stride on the 3×3).
+
+use candle_core::{Module, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::batch_norm::{batch_norm2d, BatchNorm2d};
+use super::conv::{conv2d, Conv2d, ConvSpec};
+use super::ParamBuilder;
+
+/// Which residual block a stage is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockKind {
+    /// 3×3 → 3×3 (ResNet-18/34; PResNet-50 res2/res3).
+    Basic,
+    /// 1×1 → 3×3 → 1×1 (ResNet-50 and up).
+    Bottleneck,
+}
+
+/// Everything that fixes one block's shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSpec {
+    pub kind: BlockKind,
+    pub in_channels: usize,
+    /// Inner width of a bottleneck (equal to `out_channels` for a basic block).
+    pub width: usize,
+    pub out_channels: usize,
+    pub stride: usize,
+    /// Groups of the 3×3 (and of a bottleneck's first 1×1).
+    pub groups: usize,
+    /// Whether a bottleneck's last 1×1 is grouped too (PResNet-50, all but a stage's first block).
+    pub group_expand: bool,
+}
+
+impl BlockSpec {
+    pub fn convs(&self) -> Vec<ConvSpec> {
+        let s = self;
+        let mut v = match s.kind {
+            BlockKind::Basic => vec![
+                ConvSpec::new(s.in_channels, s.out_channels, 3, s.stride).groups(s.groups),
+                ConvSpec::new(s.out_channels, s.out_channels, 3, 1).groups(s.groups),
+            ],
+            BlockKind::Bottleneck => vec![
+                ConvSpec::new(s.in_channels, s.width, 1, 1).groups(s.groups),
+                ConvSpec::new(s.width, s.width, 3, s.stride).groups(s.groups),
+                ConvSpec::new(s.width, s.out_channels, 1, 1).groups(if s.group_expand { s.groups } else { 1 }),
+            ],
+        };
+        if self.has_projection() {
+            v.push(ConvSpec::new(s.in_channels, s.out_channels, 1, s.stride));
+        }
+        v
+    }
+    /// A 1×1 projection on the shortcut when the shape changes (torchvision's `downsample`).
+    pub fn has_projection(&self) -> bool {
+        self.stride != 1 || self.in_channels != self.out_channels
+    }
+}
+
+/// One residual block: `relu(branch(x) + shortcut(x))`.
+#[derive(Clone, Debug)]
+pub struct Block {
+    spec: BlockSpec,
+    convs: Vec<(Conv2d, BatchNorm2d)>,
+    projection: Option<(Conv2d, BatchNorm2d)>,
+}
+
+/// Parameters: `{path}.conv{i}.weight`, `{path}.bn{i}.*`, `{path}.downsample.{conv,bn}.*`.
+pub fn block(spec: BlockSpec, pb: &ParamBuilder) -> Result<Block> {
+    let mut specs = spec.convs();
+    let projection = if spec.has_projection() {
+        let p = specs.pop().expect("projection spec present");
+        let d = pb.pp("downsample");
+        Some((conv2d(p, &d.pp("conv"))?, batch_norm2d(p.out_channels, false, &d.pp("bn"))?))
+    } else {
+        None
+    };
+    let convs = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Ok((conv2d(*s, &pb.pp(format!("conv{}", i + 1)))?, batch_norm2d(s.out_channels, false, &pb.pp(format!("bn{}", i + 1)))?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Block { spec, convs, projection })
+}
+
+impl Block {
+    pub fn spec(&self) -> &BlockSpec {
+        &self.spec
+    }
+    pub fn convs(&self) -> &[(Conv2d, BatchNorm2d)] {
+        &self.convs
+    }
+    pub fn projection(&self) -> Option<&(Conv2d, BatchNorm2d)> {
+        self.projection.as_ref()
+    }
+
+    /// # Shapes
+    /// `[N, in, H, W]` → `[N, out, H/stride, W/stride]`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, (conv, bn)) in self.convs.iter().enumerate() {
+            h = bn.forward_t(&conv.forward(&h)?, train)?;
+            if i != last {
+                h = h.relu()?;
+            }
+        }
+        let shortcut = match &self.projection {
+            Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        (h + shortcut)?.relu()
+    }
+}
