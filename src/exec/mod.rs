@@ -1,1 +1,9 @@
-//! (in progress)
+//! Runs a compiled graph with candle.
+
+pub mod engine;
+pub mod model;
+pub mod reference;
+
+pub use engine::{forward_to, run_step, StepOutput};
+pub use model::{Model, NodeModule};
+pub use reference::reference_grads;

@@ -1,1 +1,5 @@
 //! Contrastive losses.
+
+pub mod nt_xent;
+
+pub use nt_xent::nt_xent;

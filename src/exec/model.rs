@@ -1,0 +1,91 @@
+//! The modules of a compiled graph, built with seeded, named parameters.
+
+use candle_core::{DType, Device, Result, Tensor};
+use petgraph::graph::NodeIndex;
+use tracing::info_span;
+
+use crate::config::NodeConfig;
+use crate::graph::Compiled;
+use crate::loss::nt_xent;
+use crate::nn::decoder::{decoder, Decoder};
+use crate::nn::stage::{stage, Stage};
+use crate::nn::stem::{stem, Stem};
+use crate::nn::{ParamBuilder, ParamStore};
+
+/// What one node computes.
+#[derive(Clone, Debug)]
+pub enum NodeModule {
+    Stem(Stem),
+    Stage(Stage),
+    Decoder(Decoder),
+    NtXent { temperature: f64 },
+}
+
+impl NodeModule {
+    /// # Shapes
+    /// `[2N, …]` → `[2N, …]` (a loss: `[2N, D]` → scalar).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            NodeModule::Stem(m) => m.forward_t(x, train),
+            NodeModule::Stage(m) => m.forward_t(x, train),
+            NodeModule::Decoder(m) => m.forward_t(x, train),
+            NodeModule::NtXent { temperature } => nt_xent(x, *temperature),
+        }
+    }
+}
+
+/// All modules, indexed like the graph's nodes, and their parameters.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub modules: Vec<Option<NodeModule>>,
+    /// Frozen nodes run BatchNorm in eval mode even while training.
+    pub frozen: Vec<bool>,
+    pub params: ParamStore,
+    /// Indices into `params.params` of each node's parameters.
+    pub node_params: Vec<Vec<usize>>,
+}
+
+impl Model {
+    /// Builds every node; parameter names start with the node id.
+    pub fn new(c: &Compiled, seed: u64, device: &Device) -> Result<Self> {
+        let pb = ParamBuilder::new(seed, device, DType::F32);
+        let n = c.graph.node_count();
+        let mut modules = vec![None; n];
+        let mut frozen = vec![false; n];
+        for idx in c.graph.node_indices() {
+            let node = &c.graph[idx];
+            let Some(cfg) = &node.config else { continue };
+            let _span = info_span!("build", node = %node.id).entered();
+            let in_c = c.producer(idx).map(|(_, p)| c.graph[p].shape.first().copied().unwrap_or(0)).unwrap_or(0);
+            frozen[idx.index()] = cfg.is_frozen();
+            let b = pb.pp(&node.id).frozen(cfg.is_frozen());
+            modules[idx.index()] = Some(match cfg {
+                NodeConfig::Stem(s) => NodeModule::Stem(stem(s, in_c, &b)?),
+                NodeConfig::Stage(s) => NodeModule::Stage(stage(s, in_c, &b)?),
+                NodeConfig::Decoder(d) => NodeModule::Decoder(decoder(d, in_c, &b)?),
+                NodeConfig::NtXent(l) => NodeModule::NtXent { temperature: l.temperature },
+            });
+        }
+        let params = pb.store();
+        let mut node_params = vec![vec![]; n];
+        for (i, p) in params.params.iter().enumerate() {
+            let id = p.name.split('.').next().unwrap_or_default();
+            if let Some(&ni) = c.ids.get(id) {
+                node_params[ni.index()].push(i);
+            }
+        }
+        Ok(Model { modules, frozen, params, node_params })
+    }
+
+    pub fn module(&self, n: NodeIndex) -> Option<&NodeModule> {
+        self.modules[n.index()].as_ref()
+    }
+
+    /// Forward of one node; a frozen node always uses its running statistics.
+    pub fn forward_node(&self, n: NodeIndex, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self.module(n) {
+            Some(m) => m.forward_t(x, train && !self.frozen[n.index()]),
+            None => Ok(x.clone()),
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! One forward pass, with each backward pass run as soon as its cotangents exist.
+//!
+//! The forward order is topological, preferring nodes that lead to the earliest loss, so GIM
+//! and LoCo finish one unit (forward, loss, local backward) before starting the next. A
+//! backward group runs as soon as every loss in it has delivered its cotangent: that is what
+//! lets the executor free a unit's activations early (the paper's memory saving).
+
+use std::collections::HashSet;
+
+use petgraph::algo::toposort;
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+
+use super::build::{GEdge, GNode};
+use super::reach::Reachability;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Forward(NodeIndex),
+    /// Backward group `group` of `node` (an index into `Reachability::groups(node)`).
+    Backward { node: NodeIndex, group: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    pub steps: Vec<Step>,
+}
+
+impl Schedule {
+    pub fn new(graph: &DiGraph<GNode, GEdge>, input: NodeIndex, reach: &Reachability) -> Self {
+        let order = toposort(graph, None).expect("acyclic");
+        let nn = graph.node_count();
+        // Depth of each node (longest path from input), to rank losses by where they sit.
+        let mut depth = vec![0usize; nn];
+        for &n in &order {
+            for p in graph.neighbors_directed(n, Direction::Incoming) {
+                depth[n.index()] = depth[n.index()].max(depth[p.index()] + 1);
+            }
+        }
+        let mut losses: Vec<NodeIndex> = reach.losses.clone();
+        losses.sort_by_key(|l| (depth[l.index()], l.index()));
+        // Priority of a node: rank of the earliest loss computed from it.
+        let mut prio = vec![usize::MAX; nn];
+        for (rank, &l) in losses.iter().enumerate() {
+            let mut stack = vec![l];
+            while let Some(m) = stack.pop() {
+                if prio[m.index()] > rank {
+                    prio[m.index()] = rank;
+                    stack.extend(graph.neighbors_directed(m, Direction::Incoming));
+                }
+            }
+        }
+
+        let mut steps = vec![];
+        let mut forwarded = vec![false; nn];
+        let mut done: HashSet<(NodeIndex, usize)> = HashSet::new();
+        let mut remaining_inputs: Vec<usize> =
+            graph.node_indices().map(|n| graph.neighbors_directed(n, Direction::Incoming).count()).collect();
+        let mut ready: Vec<NodeIndex> = vec![input];
+        while !ready.is_empty() {
+            let (pos, _) = ready.iter().enumerate().min_by_key(|(_, n)| (prio[n.index()], n.index())).expect("non-empty");
+            let n = ready.swap_remove(pos);
+            steps.push(Step::Forward(n));
+            forwarded[n.index()] = true;
+            for c in graph.neighbors_directed(n, Direction::Outgoing) {
+                remaining_inputs[c.index()] -= 1;
+                if remaining_inputs[c.index()] == 0 {
+                    ready.push(c);
+                }
+            }
+            // Run every backward group that has become ready, until none is.
+            loop {
+                let mut progressed = false;
+                for &m in order.iter().rev() {
+                    if !forwarded[m.index()] {
+                        continue;
+                    }
+                    for (gi, g) in reach.groups(m).iter().enumerate() {
+                        if done.contains(&(m, gi)) {
+                            continue;
+                        }
+                        let ok = g.losses.iter().all(|&l| {
+                            if l == m {
+                                return true;
+                            }
+                            graph.edges_directed(m, Direction::Outgoing).filter(|e| reach.flows(l, e.id())).all(|e| {
+                                let c = e.target();
+                                reach
+                                    .groups(c)
+                                    .iter()
+                                    .position(|cg| cg.losses.contains(&l))
+                                    .is_some_and(|cgi| done.contains(&(c, cgi)))
+                            })
+                        });
+                        if ok {
+                            done.insert((m, gi));
+                            steps.push(Step::Backward { node: m, group: gi });
+                            progressed = true;
+                        }
+                    }
+                }
+                if !progressed {
+                    break;
+                }
+            }
+        }
+        Schedule { steps }
+    }
+
+    pub fn forward_order(&self) -> Vec<NodeIndex> {
+        self.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Forward(n) => Some(*n),
+                _ => None,
+            })
+            .collect()
+    }
+}
