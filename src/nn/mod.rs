@@ -1,5 +1,10 @@
 //! Layers, built on candle with the traps of candle 0.11.1 wrapped (see docs/candle-traps.md).
 
+pub mod gradcheck;
 pub mod params;
+pub mod pool;
+pub mod resize;
 
 pub use params::{Buffer, Init, Param, ParamBuilder, ParamKind, ParamStore};
+pub use pool::{global_avg_pool, max_pool2d};
+pub use resize::{resize_bilinear, BilinearResize};
