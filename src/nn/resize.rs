@@ -53,7 +53,9 @@ impl BilinearResize {
         dtype: DType,
     ) -> Result<Self> {
         if in_hw.0 == 0 || in_hw.1 == 0 || out_hw.0 == 0 || out_hw.1 == 0 {
-            candle_core::bail!("bilinear resize: sizes must be positive, got {in_hw:?} -> {out_hw:?}")
+            candle_core::bail!(
+                "bilinear resize: sizes must be positive, got {in_hw:?} -> {out_hw:?}"
+            )
         }
         // Stored transposed and contiguous, so each pass is `rows × [in, out]`, a plain gemm.
         let matrix_t = |input: usize, output: usize| -> Result<Option<Tensor>> {
@@ -98,7 +100,10 @@ impl BilinearResize {
         let mut y = x.clone();
         if let Some(a_w_t) = &self.a_w_t {
             // W is the contiguous dim: one [N·C·H, W] × [W, OW] matmul, no copy.
-            y = y.reshape((n * c * h, w))?.matmul(a_w_t)?.reshape((n, c, h, ow))?;
+            y = y
+                .reshape((n * c * h, w))?
+                .matmul(a_w_t)?
+                .reshape((n, c, h, ow))?;
         }
         if let Some(a_h_t) = &self.a_h_t {
             // Move H last with one copy (of the already W-resized map) so this pass is again a
@@ -168,7 +173,9 @@ mod tests {
 
     fn input(shape: (usize, usize, usize, usize), dtype: DType) -> Result<Tensor> {
         let len = shape.0 * shape.1 * shape.2 * shape.3;
-        let v: Vec<f64> = (0..len).map(|i| (0.37 * i as f64).sin() + 0.1 * (i % 7) as f64).collect();
+        let v: Vec<f64> = (0..len)
+            .map(|i| (0.37 * i as f64).sin() + 0.1 * (i % 7) as f64)
+            .collect();
         Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
     }
 
@@ -177,10 +184,20 @@ mod tests {
         for case in CASES {
             let x = input(case.shape, DType::F32)?;
             let y = resize_bilinear(&x, case.out_hw.0, case.out_hw.1)?;
-            assert_eq!(y.dims(), &[case.shape.0, case.shape.1, case.out_hw.0, case.out_hw.1]);
+            assert_eq!(
+                y.dims(),
+                &[case.shape.0, case.shape.1, case.out_hw.0, case.out_hw.1]
+            );
             let y = y.flatten_all()?.to_vec1::<f32>()?;
-            let err = y.iter().zip(case.out).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
-            println!("bilinear {:?} -> {:?}: max abs err {err:.2e} (f32)", case.shape, case.out_hw);
+            let err = y
+                .iter()
+                .zip(case.out)
+                .map(|(&a, &b)| (a as f64 - b).abs())
+                .fold(0.0, f64::max);
+            println!(
+                "bilinear {:?} -> {:?}: max abs err {err:.2e} (f32)",
+                case.shape, case.out_hw
+            );
             assert!(err <= 1e-5, "{:?} -> {:?}: {err}", case.shape, case.out_hw);
         }
         Ok(())
@@ -188,7 +205,11 @@ mod tests {
 
     #[test]
     fn gradcheck_f64() -> Result<()> {
-        for (shape, out_hw) in [((2, 3, 9, 7), (5, 4)), ((1, 2, 3, 4), (7, 9)), ((1, 2, 6, 3), (4, 5))] {
+        for (shape, out_hw) in [
+            ((2, 3, 9, 7), (5, 4)),
+            ((1, 2, 3, 4), (7, 9)),
+            ((1, 2, 6, 3), (4, 5)),
+        ] {
             let r = BilinearResize::new((shape.2, shape.3), out_hw, &Device::Cpu, DType::F64)?;
             let res = gradcheck(|x| r.forward(x), &input(shape, DType::F64)?, 1e-5, 3)?;
             println!("bilinear {shape:?} -> {out_hw:?}: {res}");
@@ -201,7 +222,10 @@ mod tests {
     fn same_size_is_identity_and_wrong_input_is_rejected() -> Result<()> {
         let x = input((1, 2, 5, 6), DType::F32)?;
         let y = resize_bilinear(&x, 5, 6)?;
-        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, x.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            y.flatten_all()?.to_vec1::<f32>()?,
+            x.flatten_all()?.to_vec1::<f32>()?
+        );
         let r = BilinearResize::new((5, 6), (3, 3), &Device::Cpu, DType::F32)?;
         assert!(r.forward(&input((1, 2, 6, 5), DType::F32)?).is_err());
         assert!(BilinearResize::new((0, 6), (3, 3), &Device::Cpu, DType::F32).is_err());
@@ -211,7 +235,16 @@ mod tests {
     /// The rows of every interpolation matrix sum to 1 (a constant image stays constant).
     #[test]
     fn interpolation_rows_sum_to_one() {
-        for (i, o) in [(56, 36), (36, 24), (24, 16), (16, 12), (12, 8), (3, 7), (1, 4), (7, 1)] {
+        for (i, o) in [
+            (56, 36),
+            (36, 24),
+            (24, 16),
+            (16, 12),
+            (12, 8),
+            (3, 7),
+            (1, 4),
+            (7, 1),
+        ] {
             let a = interp_matrix(i, o);
             for row in a.chunks(i) {
                 assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12, "{i} -> {o}");
@@ -226,7 +259,8 @@ mod tests {
     fn bench_resize() -> Result<()> {
         let x = candle_core::Var::from_tensor(&input((16, 256, 56, 56), DType::F32)?)?;
         let r = BilinearResize::new((56, 56), (36, 36), &Device::Cpu, DType::F32)?;
-        let a_h = Tensor::from_vec(interp_matrix(56, 36), (36, 56), &Device::Cpu)?.to_dtype(DType::F32)?;
+        let a_h = Tensor::from_vec(interp_matrix(56, 36), (36, 56), &Device::Cpu)?
+            .to_dtype(DType::F32)?;
         let a_w_t = Tensor::from_vec(interp_matrix(56, 36), (36, 56), &Device::Cpu)?
             .to_dtype(DType::F32)?
             .t()?;
@@ -235,7 +269,10 @@ mod tests {
             let y = x.reshape((16 * 256, 56, 56))?.broadcast_matmul(&a_w_t)?;
             a_h.broadcast_matmul(&y)?.reshape((16, 256, 36, 36))
         };
-        let diff = (r.forward(&x)? - broadcast(&x)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (r.forward(&x)? - broadcast(&x)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         let time = |name: &str, f: &dyn Fn() -> Result<()>| -> Result<()> {
             f()?;
@@ -247,9 +284,13 @@ mod tests {
             Ok(())
         };
         time("two 2-D gemms, forward", &|| r.forward(&x).map(drop))?;
-        time("two 2-D gemms, forward + backward", &|| r.forward(&x)?.sum_all()?.backward().map(drop))?;
+        time("two 2-D gemms, forward + backward", &|| {
+            r.forward(&x)?.sum_all()?.backward().map(drop)
+        })?;
         time("broadcast matmul, forward", &|| broadcast(&x).map(drop))?;
-        time("broadcast matmul, forward + backward", &|| broadcast(&x)?.sum_all()?.backward().map(drop))?;
+        time("broadcast matmul, forward + backward", &|| {
+            broadcast(&x)?.sum_all()?.backward().map(drop)
+        })?;
         Ok(())
     }
 }
