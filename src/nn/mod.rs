@@ -4,6 +4,7 @@ pub mod batch_norm;
 pub mod block;
 pub mod conv;
 pub mod decoder;
+pub mod gradcheck;
 pub mod linear;
 pub mod params;
 pub mod pool;
@@ -12,3 +13,5 @@ pub mod stage;
 pub mod stem;
 
 pub use params::{Buffer, Init, Param, ParamBuilder, ParamKind, ParamStore};
+pub use pool::{global_avg_pool, max_pool2d};
+pub use resize::{resize_bilinear, BilinearResize};
