@@ -24,7 +24,7 @@ pub use schedule::{scaled_lr, Decay, LrSchedule, ScheduleConfig};
 pub use sgd::{Sgd, SgdConfig};
 
 /// An optimizer over named parameters.
-pub trait Optimizer {
+pub trait Optimizer: Send {
     /// Updates every parameter in place (`var.set`) with learning rate `lr`.
     ///
     /// `params[i]` gets `grads[i]`; `None` means no gradient this step (a parameter no loss
@@ -45,10 +45,9 @@ pub trait Optimizer {
 
 /// Which optimizer to train with, and its hyper-parameters (the learning rate is in the
 /// schedule). In YAML: `optimizer: { kind: lars, weight_decay: 1.0e-6 }`.
-///
-/// Unknown keys are rejected, but serde buffers an internally tagged enum before choosing the
-/// variant, so an error inside it carries no line number (serde_yaml reports line 1) and a
-/// `serde_path_to_error` path stops at the key holding the enum (`optimizer`).
+// Unknown keys are rejected, but serde buffers an internally tagged enum before choosing the
+// variant, so an error inside it carries no line number (serde_yaml reports line 1) and a
+// `serde_path_to_error` path stops at the key holding the enum (`optimizer`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum OptimizerConfig {

@@ -122,8 +122,8 @@ fn default_milestones() -> Vec<f64> {
 
 /// The learning-rate schedule. Durations are in epochs, as papers state them; in YAML:
 /// `schedule: { kind: cosine, lr: 0.3, scale_with_batch: true, warmup_epochs: 10 }`.
-/// Like [`super::OptimizerConfig`], errors inside it carry no line number (serde buffers
-/// internally tagged enums).
+// Like `OptimizerConfig`, errors inside it carry no line number (serde buffers internally
+// tagged enums).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ScheduleConfig {
