@@ -1,5 +1,5 @@
 //! Contrastive losses.
 
-pub mod nt_xent;
+mod nt_xent;
 
-pub use nt_xent::nt_xent;
+pub use nt_xent::{contrastive_accuracy, nt_xent};

@@ -1,19 +1,306 @@
-//! NT-Xent (temporary minimal version; the optim branch provides the tested one).
+//! NT-Xent, SimCLR's normalised-temperature cross-entropy.
+//!
+//! For 2N projections (two views of N images) each row's positive is its pair and its
+//! negatives are the other 2N−2 rows. Built from differentiable ops only: the fused
+//! `softmax_last_dim` has no gradient in candle (candle-notes trap 4), so this uses
+//! `candle_nn::ops::log_softmax`, which is an explicit max-subtracted logsumexp.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{bail, DType, Device, Result, Tensor, D};
 
+/// `F.normalize`'s eps: rows with a smaller norm are divided by this instead, so an all-zero
+/// row gives a finite loss and gradient.
+const NORM_EPS: f64 = 1e-12;
+
+/// The NT-Xent loss (SimCLR), averaged over all 2N anchors.
+///
+/// Rows are L2-normalised here; the logits are cosine similarities divided by `temperature`,
+/// and each anchor's cross-entropy runs over the 2N−1 other rows (its self-similarity is
+/// removed, not masked with a large constant, so the value is exact in any precision).
+///
 /// # Shapes
-/// `[2N, D]` → scalar. Rows `i` and `i + N` are the two views of one image.
+/// - `z`: `[2N, D]`, rows `0..N` are view 1 and rows `N..2N` view 2; row `i`'s positive is
+///   row `(i + N) mod 2N`. N = 1 is allowed (the loss is then exactly 0: no negatives).
+/// - returns a scalar `[]`, in `z`'s dtype for f32/f64 and in f32 for half precision
+///   (the softmax over thousands of logits is not accurate enough in f16/bf16).
 pub fn nt_xent(z: &Tensor, temperature: f64) -> Result<Tensor> {
-    let (n2, _) = z.dims2()?;
-    let n = n2 / 2;
-    let norm = (z.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
-    let z = z.broadcast_div(&norm)?;
-    let sim = (z.matmul(&z.t()?)? / temperature)?;
-    let eye = Tensor::eye(n2, DType::F32, z.device())?;
-    let sim = (sim - (eye * 1e9)?)?;
-    let logp = candle_nn::ops::log_softmax(&sim, D::Minus1)?;
-    let pos: Vec<f32> = (0..n2).flat_map(|i| (0..n2).map(move |j| if j == (i + n) % n2 { 1.0 } else { 0.0 })).collect();
-    let pos = Tensor::from_vec(pos, (n2, n2), z.device())?;
-    (logp * pos)?.sum_all()?.neg()? / n2 as f64
+    let (logits, positive) = logits_without_self(z, temperature)?;
+    let log_prob = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    log_prob.gather(&positive, 1)?.mean_all()?.neg()
+}
+
+/// Contrastive top-1 accuracy: the fraction of the 2N anchors whose positive has the highest
+/// similarity among the 2N−1 other rows. For logging only (no gradient is recorded); the
+/// temperature does not change the ranking, so it is not an argument.
+///
+/// # Shapes
+/// - `z`: `[2N, D]`, laid out as for [`nt_xent`].
+pub fn contrastive_accuracy(z: &Tensor) -> Result<f32> {
+    let (logits, positive) = logits_without_self(&z.detach(), 1.0)?;
+    let best = logits.argmax(D::Minus1)?;
+    best.eq(&positive.squeeze(1)?)?
+        .to_dtype(DType::F32)?
+        .mean_all()?
+        .to_scalar::<f32>()
+}
+
+/// Cosine similarity / τ of every row with every *other* row, and where each row's positive
+/// sits among those columns.
+///
+/// # Shapes
+/// - `z`: `[2N, D]`
+/// - returns `([2N, 2N−1] logits, [2N, 1] u32 column of the positive)`
+fn logits_without_self(z: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
+    let (rows, _dim) = z.dims2()?;
+    if rows < 2 || rows % 2 != 0 {
+        bail!(
+            "nt_xent: expected [2N, D] with N >= 1 (two views per image), got {:?}",
+            z.shape()
+        );
+    }
+    if !(temperature.is_finite() && temperature > 0.0) {
+        bail!("nt_xent: temperature must be a positive number, got {temperature}");
+    }
+    let z = match z.dtype() {
+        DType::F16 | DType::BF16 => z.to_dtype(DType::F32)?,
+        _ => z.clone(),
+    };
+    let n = rows / 2;
+
+    // max(‖z‖, eps) written as sqrt(max(‖z‖², eps²)): sqrt of an exact 0 would give an
+    // infinite derivative and a NaN gradient through the zero row.
+    let norm = z
+        .sqr()?
+        .sum_keepdim(1)?
+        .maximum(NORM_EPS * NORM_EPS)?
+        .sqrt()?;
+    let unit = z.broadcast_div(&norm)?;
+    let logits = (unit.matmul(&unit.t()?)? / temperature)?;
+
+    let (others, positive) = off_diagonal_indices(rows, n, z.device())?;
+    Ok((logits.gather(&others, 1)?, positive))
+}
+
+/// Column indices of the off-diagonal entries of each row of a `[rows, rows]` matrix, and
+/// the position of the positive `(i + n) mod rows` among them.
+fn off_diagonal_indices(rows: usize, n: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let mut others = Vec::with_capacity(rows * (rows - 1));
+    let mut positive = Vec::with_capacity(rows);
+    for i in 0..rows {
+        others.extend((0..rows).filter(|&j| j != i).map(|j| j as u32));
+        let p = (i + n) % rows;
+        // dropping column i shifts every later column one to the left
+        positive.push(if p > i { p - 1 } else { p } as u32);
+    }
+    Ok((
+        Tensor::from_vec(others, (rows, rows - 1), device)?,
+        Tensor::from_vec(positive, (rows, 1), device)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, Normal};
+
+    fn random(rows: usize, dim: usize, seed: u64) -> Vec<f64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let normal = Normal::new(0.0, 1.0).expect("valid std");
+        (0..rows * dim).map(|_| normal.sample(&mut rng)).collect()
+    }
+
+    /// The definition, one anchor and one entry at a time, in f64.
+    fn naive(z: &[f64], rows: usize, dim: usize, tau: f64) -> f64 {
+        let unit: Vec<Vec<f64>> = z
+            .chunks(dim)
+            .map(|r| {
+                let norm = r.iter().map(|x| x * x).sum::<f64>().sqrt().max(NORM_EPS);
+                r.iter().map(|x| x / norm).collect()
+            })
+            .collect();
+        let n = rows / 2;
+        let mut total = 0.0;
+        for i in 0..rows {
+            let logits: Vec<(usize, f64)> = (0..rows)
+                .filter(|&j| j != i)
+                .map(|j| {
+                    (
+                        j,
+                        unit[i]
+                            .iter()
+                            .zip(&unit[j])
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            / tau,
+                    )
+                })
+                .collect();
+            let max = logits
+                .iter()
+                .map(|&(_, l)| l)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let lse = max
+                + logits
+                    .iter()
+                    .map(|&(_, l)| (l - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            let pos = logits
+                .iter()
+                .find(|&&(j, _)| j == (i + n) % rows)
+                .map(|&(_, l)| l);
+            total += lse - pos.expect("positive is among the others");
+        }
+        total / rows as f64
+    }
+
+    fn loss_of(z: &[f64], rows: usize, dim: usize, tau: f64) -> Result<f64> {
+        let t = Tensor::from_vec(z.to_vec(), (rows, dim), &Device::Cpu)?;
+        nt_xent(&t, tau)?.to_scalar::<f64>()
+    }
+
+    #[test]
+    fn equals_naive_double_loop() -> Result<()> {
+        let mut worst: f64 = 0.0;
+        for (n, dim, tau, seed) in [
+            (1, 3, 0.5, 0),
+            (2, 5, 0.1, 1),
+            (5, 7, 0.5, 2),
+            (16, 8, 0.07, 3),
+        ] {
+            let z = random(2 * n, dim, seed);
+            let got = loss_of(&z, 2 * n, dim, tau)?;
+            let want = naive(&z, 2 * n, dim, tau);
+            worst = worst.max((got - want).abs());
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "N={n}: {got} vs {want}"
+            );
+        }
+        // f32 input, checked against the f64 definition
+        let z = random(10, 6, 4);
+        let t = Tensor::from_vec(z.clone(), (10, 6), &Device::Cpu)?.to_dtype(DType::F32)?;
+        let got = nt_xent(&t, 0.2)?.to_scalar::<f32>()? as f64;
+        assert!((got - naive(&z, 10, 6, 0.2)).abs() <= 1e-5);
+        eprintln!("nt_xent vs naive f64: max abs error {worst:.3e}");
+        Ok(())
+    }
+
+    #[test]
+    fn symmetric_in_the_two_views() -> Result<()> {
+        let (n, dim) = (6, 5);
+        let z = random(2 * n, dim, 7);
+        let swapped: Vec<f64> = z[n * dim..].iter().chain(&z[..n * dim]).copied().collect();
+        let a = loss_of(&z, 2 * n, dim, 0.3)?;
+        let b = loss_of(&swapped, 2 * n, dim, 0.3)?;
+        assert!((a - b).abs() <= 1e-12, "{a} vs {b}");
+        Ok(())
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() -> Result<()> {
+        let (n, dim, tau) = (3, 4, 0.5);
+        let z = random(2 * n, dim, 11);
+        let var = Var::from_tensor(&Tensor::from_vec(z.clone(), (2 * n, dim), &Device::Cpu)?)?;
+        let loss = nt_xent(var.as_tensor(), tau)?;
+        let grads = loss.backward()?;
+        let analytic = match grads.get(var.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_vec1::<f64>()?,
+            None => bail!("no gradient for z"),
+        };
+        let h = 1e-6;
+        let mut worst: f64 = 0.0;
+        for k in 0..z.len() {
+            let (mut plus, mut minus) = (z.clone(), z.clone());
+            plus[k] += h;
+            minus[k] -= h;
+            let numeric =
+                (loss_of(&plus, 2 * n, dim, tau)? - loss_of(&minus, 2 * n, dim, tau)?) / (2.0 * h);
+            worst = worst.max((numeric - analytic[k]).abs());
+        }
+        eprintln!("nt_xent gradient vs central differences: max abs error {worst:.3e}");
+        assert!(worst <= 1e-7, "max gradient error {worst}");
+        Ok(())
+    }
+
+    #[test]
+    fn perfectly_separated_views_reach_the_analytic_value() -> Result<()> {
+        let (n, tau) = (4usize, 0.1);
+        // regular simplex: N unit vectors with pairwise cosine −1/(N−1), the best any N
+        // classes can be spread; both views identical, so every positive has cosine 1
+        let mut z = vec![0.0; 2 * n * n];
+        for view in 0..2 {
+            for i in 0..n {
+                for k in 0..n {
+                    z[(view * n + i) * n + k] = if i == k { 1.0 } else { 0.0 } - 1.0 / n as f64;
+                }
+            }
+        }
+        let got = loss_of(&z, 2 * n, n, tau)?;
+        let neg_cos = -1.0 / (n as f64 - 1.0);
+        // −log(e^{1/τ} / (e^{1/τ} + (2N−2)·e^{cos/τ}))
+        let want = (1.0 + (2.0 * n as f64 - 2.0) * ((neg_cos - 1.0) / tau).exp()).ln();
+        assert!((got - want).abs() <= 1e-12, "{got} vs {want}");
+        assert!(
+            got < 1e-3,
+            "a perfectly separated batch should have a near-zero loss"
+        );
+        let t = Tensor::from_vec(z, (2 * n, n), &Device::Cpu)?;
+        assert_eq!(contrastive_accuracy(&t)?, 1.0);
+        Ok(())
+    }
+
+    #[test]
+    fn batch_of_one_has_no_negatives() -> Result<()> {
+        let var = Var::from_tensor(&Tensor::from_vec(random(2, 3, 5), (2, 3), &Device::Cpu)?)?;
+        let loss = nt_xent(var.as_tensor(), 0.5)?;
+        assert_eq!(loss.to_scalar::<f64>()?, 0.0);
+        let grads = loss.backward()?;
+        if let Some(g) = grads.get(var.as_tensor()) {
+            assert!(g.abs()?.max_all()?.to_scalar::<f64>()? <= 1e-15);
+        }
+        assert_eq!(contrastive_accuracy(var.as_tensor())?, 1.0);
+        Ok(())
+    }
+
+    #[test]
+    fn zero_rows_give_finite_loss_and_gradient() -> Result<()> {
+        let mut z = random(4, 3, 9);
+        z[..3].fill(0.0);
+        let var = Var::from_tensor(&Tensor::from_vec(z, (4, 3), &Device::Cpu)?)?;
+        let loss = nt_xent(var.as_tensor(), 0.5)?;
+        assert!(loss.to_scalar::<f64>()?.is_finite());
+        let grads = loss.backward()?;
+        let g = match grads.get(var.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_vec1::<f64>()?,
+            None => bail!("no gradient for z"),
+        };
+        assert!(g.iter().all(|x| x.is_finite()));
+        Ok(())
+    }
+
+    #[test]
+    fn accuracy_counts_anchors_whose_positive_ranks_first() -> Result<()> {
+        // rows 0/2 are a matching pair; row 1's nearest other row is row 0, not its pair 3
+        let z = Tensor::new(
+            &[[1.0f32, 0.0], [0.9, 0.1], [1.0, 0.0], [0.0, 1.0]],
+            &Device::Cpu,
+        )?;
+        // anchor 0: others 1 (cos≈.99), 2 (1.0), 3 (0) → positive 2 ranks first: hit
+        // anchor 1: others 0 (.99), 2 (.99), 3 (.11) → positive 3 is last: miss
+        // anchor 2: positive 0 (1.0) first: hit; anchor 3: positive 1 (.11) vs 0, 2 (0): hit
+        assert_eq!(contrastive_accuracy(&z)?, 0.75);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_odd_rows_and_bad_temperature() {
+        let z = Tensor::zeros((3, 2), DType::F32, &Device::Cpu).expect("zeros");
+        assert!(nt_xent(&z, 0.5).is_err());
+        let z = Tensor::ones((4, 2), DType::F32, &Device::Cpu).expect("ones");
+        assert!(nt_xent(&z, 0.0).is_err());
+        assert!(nt_xent(&z, f64::NAN).is_err());
+    }
 }
