@@ -188,7 +188,7 @@ pub fn resized_crop(
 
 /// torchvision's evaluation transform `Resize(size)` + `CenterCrop(size)`: the shorter side
 /// becomes `size` (the longer one `int(size * long / short)`), then the centre square is kept
-/// (top = `round((h - size) / 2)`).
+/// (top = Python's `round((h - size) / 2)`, half to even).
 pub fn center_resize(img: &Image, size: usize) -> Image {
     let (h, w) = (img.height, img.width);
     if h == size && w == size {
@@ -200,8 +200,9 @@ pub fn center_resize(img: &Image, size: usize) -> Image {
         ((size * h / w).max(size), size)
     };
     let r = resize(img, rh, rw);
-    let top = ((rh - size) as f64 / 2.0).round() as usize;
-    let left = ((rw - size) as f64 / 2.0).round() as usize;
+    // Python's round (half to even), as torchvision's `center_crop`: (5 - 4) / 2 → 0.
+    let top = ((rh - size) as f64 / 2.0).round_ties_even() as usize;
+    let left = ((rw - size) as f64 / 2.0).round_ties_even() as usize;
     crop(&r, top, left, size, size)
 }
 
