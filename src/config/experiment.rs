@@ -64,7 +64,7 @@ pub struct TrainConfig {
 }
 
 /// A whole experiment. Node ids are the names of everything the run produces.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Experiment {
     /// File format version; must be 1.

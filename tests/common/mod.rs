@@ -8,9 +8,9 @@ use locograph::graph::{compile, Compiled};
 
 /// The sections every experiment needs besides its graph.
 pub const TAIL: &str = r#"
-data: {format: synthetic}
-optimizer: {kind: sgd}
-schedule: {lr: 0.1}
+data: {format: synthetic, augment: {size: 8, jitter: null, blur: null, normalize: null}}
+optimizer: {kind: sgd, momentum: 0.9}
+schedule: {kind: constant, lr: 0.1}
 train: {batch_size: 4, steps: 1}
 "#;
 
