@@ -148,12 +148,7 @@ fn img(c: usize, h: usize, w: usize) -> Image {
             }
         }
     }
-    Image {
-        channels: c,
-        height: h,
-        width: w,
-        data,
-    }
+    Image { channels: c, height: h, width: w, data }
 }
 
 #[track_caller]
@@ -224,13 +219,7 @@ fn one_channel_jitter_is_brightness_and_contrast_only() {
     assert_eq!(same, g);
     // A full-strength jitter that may only touch saturation and hue leaves grey images alone.
     let only_colour = AugmentConfig {
-        jitter: JitterConfig {
-            brightness: 0.0,
-            contrast: 0.0,
-            saturation: 0.8,
-            hue: 0.2,
-            p: 1.0,
-        },
+        jitter: JitterConfig { brightness: 0.0, contrast: 0.0, saturation: 0.8, hue: 0.2, p: 1.0 },
         ..AugmentConfig::none()
     };
     for i in 0..20 {
@@ -242,16 +231,7 @@ fn one_channel_jitter_is_brightness_and_contrast_only() {
 #[test]
 fn gaussian_blur_matches_torchvision() {
     let k = tf::gaussian_kernel1d(5, 1.2);
-    assert_close(
-        &Image {
-            channels: 1,
-            height: 1,
-            width: 5,
-            data: k,
-        },
-        KERNEL_5_1_2,
-        1e-6,
-    );
+    assert_close(&Image { channels: 1, height: 1, width: 5, data: k }, KERNEL_5_1_2, 1e-6);
     let mut b = img(2, 5, 6);
     tf::gaussian_blur(&mut b, 3, 0.8);
     assert_close(&b, BLUR_3_0_8, 1e-5);
@@ -283,10 +263,7 @@ fn crop_params_follow_torchvision_bounds_and_fallback() {
     for i in 0..500 {
         let mut rng = sample_rng(7, 0, i, 0);
         let (t, l, h, w) = crop_params(&mut rng, 32, 40, [0.08, 1.0], [0.75, 4.0 / 3.0]);
-        assert!(
-            h > 0 && w > 0 && t + h <= 32 && l + w <= 40,
-            "{t} {l} {h} {w}"
-        );
+        assert!(h > 0 && w > 0 && t + h <= 32 && l + w <= 40, "{t} {l} {h} {w}");
         // sizes are round(sqrt(area * r)); allow the rounding
         let area = (h * w) as f64 / (32.0 * 40.0);
         assert!(area > 0.05 && area <= 1.0, "area {area}");
@@ -294,10 +271,7 @@ fn crop_params_follow_torchvision_bounds_and_fallback() {
     // No 3:1 crop of area 1 fits a 10×10 image: torchvision falls back to a centre crop of the
     // clamped ratio: w = 10, h = round(10 / 3) = 3, top = (10 - 3) // 2 = 3.
     let mut rng = sample_rng(0, 0, 0, 0);
-    assert_eq!(
-        crop_params(&mut rng, 10, 10, [1.0, 1.0], [3.0, 3.0]),
-        (3, 0, 3, 10)
-    );
+    assert_eq!(crop_params(&mut rng, 10, 10, [1.0, 1.0], [3.0, 3.0]), (3, 0, 3, 10));
     // SimCLR's kernel: 10% of the side, made odd.
     assert_eq!(simclr_kernel_size(224), 23);
     assert_eq!(simclr_kernel_size(96), 9);
@@ -315,10 +289,7 @@ fn augment_is_a_function_of_its_rng() {
     assert_ne!(a, c);
     assert_eq!((a.channels, a.height, a.width), (3, 12, 12));
     // No randomness at all: the identity.
-    assert_eq!(
-        AugmentConfig::none().apply(x.clone(), 16, 16, &mut sample_rng(0, 0, 0, 0)),
-        x
-    );
+    assert_eq!(AugmentConfig::none().apply(x.clone(), 16, 16, &mut sample_rng(0, 0, 0, 0)), x);
 }
 
 #[test]
@@ -327,20 +298,14 @@ fn yaml_defaults_are_simclr_and_unknown_keys_fail() {
     assert_eq!(cfg.augment, AugmentConfig::default());
     let a = &cfg.augment;
     assert_eq!(a.crop.as_ref().map(|c| c.scale), Some([0.08, 1.0]));
-    assert_eq!(
-        (a.flip, a.grayscale, a.blur.p, a.jitter.p),
-        (0.5, 0.2, 0.5, 0.8)
-    );
+    assert_eq!((a.flip, a.grayscale, a.blur.p, a.jitter.p), (0.5, 0.2, 0.5, 0.8));
     assert_eq!((a.jitter.brightness, a.jitter.hue), (0.8, 0.2));
     assert_eq!(a.blur.sigma, [0.1, 2.0]);
 
     let yaml = "format: idx\npath: data/fashion-mnist\naugment:\n  size: 28\n  crop: {scale: [0.2, 1.0]}\n  blur: {p: 0.0}\n  normalize: {mean: [0.286], std: [0.353]}\n";
     let cfg: DataConfig = serde_yaml::from_str(yaml).unwrap();
     assert_eq!(cfg.format, DataFormat::Idx);
-    assert_eq!(
-        cfg.augment.crop.as_ref().map(|c| c.ratio),
-        Some([0.75, 4.0 / 3.0])
-    );
+    assert_eq!(cfg.augment.crop.as_ref().map(|c| c.ratio), Some([0.75, 4.0 / 3.0]));
     let cfg: DataConfig = serde_yaml::from_str("format: synthetic\naugment: {crop: null}").unwrap();
     assert!(cfg.augment.crop.is_none());
 
@@ -348,18 +313,11 @@ fn yaml_defaults_are_simclr_and_unknown_keys_fail() {
     assert!(err.to_string().contains("flipp"), "{err}");
 
     // All problems at once, numbered.
-    let bad: DataConfig = serde_yaml::from_str(
-        "format: cifar10\naugment: {flip: 2.0, jitter: {hue: 0.7}, blur: {kernel_size: 4}}",
-    )
-    .unwrap();
+    let bad: DataConfig =
+        serde_yaml::from_str("format: cifar10\naugment: {flip: 2.0, jitter: {hue: 0.7}, blur: {kernel_size: 4}}")
+            .unwrap();
     let msg = bad.validate().unwrap_err().to_string();
-    for needle in [
-        "needs `path`",
-        "augment.flip",
-        "augment.jitter.hue",
-        "kernel_size = 4",
-        "  4. ",
-    ] {
+    for needle in ["needs `path`", "augment.flip", "augment.jitter.hue", "kernel_size = 4", "  4. "] {
         assert!(msg.contains(needle), "{needle} missing from:\n{msg}");
     }
 }

@@ -19,7 +19,16 @@ fn reachability_goldens_for_the_three_methods() {
     assert!(s.contains(&"stem <- L2".to_string()));
     let (_, c) = common::compiled(&common::loco());
     let s = summary(&c);
-    for want in ["stem <- L1", "res2 <- L1", "res3 <- L1 + L2", "res4 <- L2 + L3", "res5 <- L3", "dec1 <- L1", "dec2 <- L2", "dec3 <- L3"] {
+    for want in [
+        "stem <- L1",
+        "res2 <- L1",
+        "res3 <- L1 + L2",
+        "res4 <- L2 + L3",
+        "res5 <- L3",
+        "dec1 <- L1",
+        "dec2 <- L2",
+        "dec3 <- L3",
+    ] {
         assert!(s.contains(&want.to_string()), "missing {want} in {s:?}");
     }
 }

@@ -79,7 +79,8 @@ fn join(prefix: &str, inner: &str) -> String {
 fn schema_keys<T: schemars::JsonSchema>() -> (Vec<String>, Vec<String>) {
     let schema = schemars::schema_for!(T);
     let v = schema.as_value();
-    let props = v.get("properties").and_then(|p| p.as_object()).map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    let props =
+        v.get("properties").and_then(|p| p.as_object()).map(|o| o.keys().cloned().collect()).unwrap_or_default();
     let req = v
         .get("required")
         .and_then(|r| r.as_array())
@@ -120,7 +121,11 @@ fn parse_mapping(file: &Path, text: &str, c: &mut Collector) -> Option<serde_yam
 
 /// Checks each top-level key of `map` against `T`'s fields and each node separately, so one
 /// bad node does not hide the next.
-fn check_sections<T: schemars::JsonSchema>(map: &serde_yaml::Mapping, c: &mut Collector, check_key: &mut dyn FnMut(&str, &Value, &mut Collector)) {
+fn check_sections<T: schemars::JsonSchema>(
+    map: &serde_yaml::Mapping,
+    c: &mut Collector,
+    check_key: &mut dyn FnMut(&str, &Value, &mut Collector),
+) {
     let (props, required) = schema_keys::<T>();
     for (k, v) in map {
         let Some(key) = k.as_str() else {
@@ -155,7 +160,10 @@ fn check_nodes(v: &Value, c: &mut Collector) -> IndexMap<String, NodeConfig> {
         if id == "input" {
             c.push(&path, "`input` is reserved for the image batch");
         } else if id.is_empty() || !id.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
-            c.push(&path, format!("node id `{id}` must be letters, digits and `_` (it names parameters and ONNX tensors)"));
+            c.push(
+                &path,
+                format!("node id `{id}` must be letters, digits and `_` (it names parameters and ONNX tensors)"),
+            );
         }
         if let Some(n) = c.check::<NodeConfig>(&path, node) {
             out.insert(id.to_string(), n);

@@ -142,10 +142,7 @@ fn default_sigma() -> [f32; 2] {
 
 impl Default for CropConfig {
     fn default() -> Self {
-        CropConfig {
-            scale: default_scale(),
-            ratio: default_ratio(),
-        }
+        CropConfig { scale: default_scale(), ratio: default_ratio() }
     }
 }
 
@@ -163,11 +160,7 @@ impl Default for JitterConfig {
 
 impl Default for BlurConfig {
     fn default() -> Self {
-        BlurConfig {
-            p: default_blur_p(),
-            sigma: default_sigma(),
-            kernel_size: None,
-        }
+        BlurConfig { p: default_blur_p(), sigma: default_sigma(), kernel_size: None }
     }
 }
 
@@ -270,15 +263,9 @@ impl AugmentConfig {
             size: None,
             crop: None,
             flip: 0.0,
-            jitter: JitterConfig {
-                p: 0.0,
-                ..JitterConfig::default()
-            },
+            jitter: JitterConfig { p: 0.0, ..JitterConfig::default() },
             grayscale: 0.0,
-            blur: BlurConfig {
-                p: 0.0,
-                ..BlurConfig::default()
-            },
+            blur: BlurConfig { p: 0.0, ..BlurConfig::default() },
             normalize: None,
             to_rgb: false,
         }
@@ -289,9 +276,7 @@ impl AugmentConfig {
         let mut p = Vec::new();
         let prob = |name: &str, v: f32, p: &mut Vec<String>| {
             if !(0.0..=1.0).contains(&v) {
-                p.push(format!(
-                    "augment.{name} = {v}: a probability must be in [0, 1]"
-                ));
+                p.push(format!("augment.{name} = {v}: a probability must be in [0, 1]"));
             }
         };
         if self.size == Some(0) {
@@ -299,16 +284,10 @@ impl AugmentConfig {
         }
         if let Some(c) = &self.crop {
             if !(c.scale[0] > 0.0 && c.scale[0] <= c.scale[1] && c.scale[1] <= 1.0) {
-                p.push(format!(
-                    "augment.crop.scale = {:?}: need 0 < min <= max <= 1",
-                    c.scale
-                ));
+                p.push(format!("augment.crop.scale = {:?}: need 0 < min <= max <= 1", c.scale));
             }
             if !(c.ratio[0] > 0.0 && c.ratio[0] <= c.ratio[1]) {
-                p.push(format!(
-                    "augment.crop.ratio = {:?}: need 0 < min <= max",
-                    c.ratio
-                ));
+                p.push(format!("augment.crop.ratio = {:?}: need 0 < min <= max", c.ratio));
             }
         }
         prob("flip", self.flip, &mut p);
@@ -316,20 +295,13 @@ impl AugmentConfig {
         prob("jitter.p", self.jitter.p, &mut p);
         prob("blur.p", self.blur.p, &mut p);
         let j = &self.jitter;
-        for (name, v) in [
-            ("brightness", j.brightness),
-            ("contrast", j.contrast),
-            ("saturation", j.saturation),
-        ] {
+        for (name, v) in [("brightness", j.brightness), ("contrast", j.contrast), ("saturation", j.saturation)] {
             if v.is_nan() || v < 0.0 {
                 p.push(format!("augment.jitter.{name} = {v}: must be >= 0"));
             }
         }
         if !(0.0..=0.5).contains(&j.hue) {
-            p.push(format!(
-                "augment.jitter.hue = {}: must be in [0, 0.5]",
-                j.hue
-            ));
+            p.push(format!("augment.jitter.hue = {}: must be in [0, 0.5]", j.hue));
         }
         let s = self.blur.sigma;
         if !(s[0] > 0.0 && s[0] <= s[1]) {
@@ -342,11 +314,7 @@ impl AugmentConfig {
         }
         if let Some(n) = &self.normalize {
             if n.mean.len() != n.std.len() {
-                p.push(format!(
-                    "augment.normalize: {} means but {} stds",
-                    n.mean.len(),
-                    n.std.len()
-                ));
+                p.push(format!("augment.normalize: {} means but {} stds", n.mean.len(), n.std.len()));
             }
             if n.std.iter().any(|&s| s.is_nan() || s <= 0.0) {
                 p.push("augment.normalize.std: every value must be > 0".into());
@@ -375,10 +343,7 @@ impl AugmentConfig {
             tf::grayscale(&mut img);
         }
         if rng.gen::<f32>() < self.blur.p {
-            let k = self
-                .blur
-                .kernel_size
-                .unwrap_or_else(|| simclr_kernel_size(out_h.min(out_w)));
+            let k = self.blur.kernel_size.unwrap_or_else(|| simclr_kernel_size(out_h.min(out_w)));
             let sigma = uniform(rng, self.blur.sigma[0], self.blur.sigma[1]);
             if k > 1 {
                 tf::gaussian_blur(&mut img, k, sigma);

@@ -30,11 +30,7 @@ impl BenchResult {
 /// of `side × side` with `threads` workers, through the real [`PairLoader`].
 pub fn bench_augment(side: usize, threads: usize, images: usize) -> Result<BenchResult, DataError> {
     let mut cfg = DataConfig::new(DataFormat::Synthetic, None);
-    cfg.synthetic = SyntheticConfig {
-        train_size: images,
-        side,
-        ..SyntheticConfig::default()
-    };
+    cfg.synthetic = SyntheticConfig { train_size: images, side, ..SyntheticConfig::default() };
     cfg.workers = threads;
     let ds = super::open(&cfg, std::path::Path::new("."), None)?;
     let batch = 32.min(images.max(1));
@@ -43,10 +39,5 @@ pub fn bench_augment(side: usize, threads: usize, images: usize) -> Result<Bench
     for b in PairLoader::new(Arc::clone(&ds), &cfg, batch, 0, 0) {
         views += b?.shape[0];
     }
-    Ok(BenchResult {
-        side,
-        threads,
-        views,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    Ok(BenchResult { side, threads, views, seconds: start.elapsed().as_secs_f64() })
 }

@@ -35,9 +35,7 @@ impl CifarDataset {
         let files: Vec<String> = match split {
             Split::Train => (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
             Split::Test => vec!["test_batch.bin".into()],
-            Split::Unlabeled => {
-                return Err(DataError::invalid(dir, "CIFAR has no unlabeled split"))
-            }
+            Split::Unlabeled => return Err(DataError::invalid(dir, "CIFAR has no unlabeled split")),
         };
         let d = data_dir(dir, "cifar-10-batches-bin", &files[0]);
         let paths = files.iter().map(|f| d.join(f)).collect::<Vec<_>>();
@@ -47,17 +45,11 @@ impl CifarDataset {
     }
 
     /// CIFAR-100: `train.bin` or `test.bin`, with fine (100) or coarse (20) labels.
-    pub fn open_cifar100(
-        dir: &Path,
-        split: Split,
-        labels: Cifar100Labels,
-    ) -> Result<Self, DataError> {
+    pub fn open_cifar100(dir: &Path, split: Split, labels: Cifar100Labels) -> Result<Self, DataError> {
         let file = match split {
             Split::Train => "train.bin",
             Split::Test => "test.bin",
-            Split::Unlabeled => {
-                return Err(DataError::invalid(dir, "CIFAR has no unlabeled split"))
-            }
+            Split::Unlabeled => return Err(DataError::invalid(dir, "CIFAR has no unlabeled split")),
         };
         let d = data_dir(dir, "cifar-100-binary", file);
         let (which, classes) = match labels {
@@ -70,12 +62,7 @@ impl CifarDataset {
     }
 
     /// Reads files of records `<label_bytes> <3072 pixels>`, keeping label byte `which`.
-    fn read(
-        paths: &[PathBuf],
-        which: usize,
-        label_bytes: usize,
-        num_classes: usize,
-    ) -> Result<Self, DataError> {
+    fn read(paths: &[PathBuf], which: usize, label_bytes: usize, num_classes: usize) -> Result<Self, DataError> {
         let record = label_bytes + PIXELS;
         let mut pixels = Vec::new();
         let mut labels = Vec::new();
@@ -95,11 +82,7 @@ impl CifarDataset {
             pixels.reserve(bytes.len() / record * PIXELS);
             for (r, rec) in bytes.chunks_exact(record).enumerate() {
                 // Every label byte is checked, so a CIFAR-10 file read as CIFAR-100 fails loudly.
-                let limits = if label_bytes == 2 {
-                    [20, 100]
-                } else {
-                    [num_classes, 0]
-                };
+                let limits = if label_bytes == 2 { [20, 100] } else { [num_classes, 0] };
                 for b in 0..label_bytes {
                     if usize::from(rec[b]) >= limits[b] {
                         return Err(DataError::format(
@@ -113,12 +96,7 @@ impl CifarDataset {
                 pixels.extend_from_slice(&rec[label_bytes..]);
             }
         }
-        Ok(CifarDataset {
-            name: String::new(),
-            pixels,
-            labels,
-            num_classes,
-        })
+        Ok(CifarDataset { name: String::new(), pixels, labels, num_classes })
     }
 }
 
@@ -130,12 +108,7 @@ impl Dataset for CifarDataset {
         (3, SIDE, SIDE)
     }
     fn image(&self, i: usize) -> Result<Image, DataError> {
-        Ok(Image::from_u8_chw(
-            3,
-            SIDE,
-            SIDE,
-            &self.pixels[i * PIXELS..(i + 1) * PIXELS],
-        ))
+        Ok(Image::from_u8_chw(3, SIDE, SIDE, &self.pixels[i * PIXELS..(i + 1) * PIXELS]))
     }
     fn label(&self, i: usize) -> Option<u32> {
         self.labels.get(i).map(|&l| u32::from(l))

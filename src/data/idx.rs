@@ -21,19 +21,12 @@ pub struct IdxDataset {
 }
 
 /// The parsed header of an IDX file: its dimensions and where the data starts.
-fn parse_header(
-    path: &Path,
-    bytes: &[u8],
-    want_dims: u8,
-) -> Result<(Vec<usize>, usize), DataError> {
+fn parse_header(path: &Path, bytes: &[u8], want_dims: u8) -> Result<(Vec<usize>, usize), DataError> {
     if bytes.len() < 4 {
         return Err(DataError::format(
             path,
             bytes.len() as u64,
-            format!(
-                "file ends after {} bytes, inside the 4-byte magic",
-                bytes.len()
-            ),
+            format!("file ends after {} bytes, inside the 4-byte magic", bytes.len()),
         ));
     }
     let want = 0x0000_0800u32 | u32::from(want_dims);
@@ -61,30 +54,21 @@ fn parse_header(
         .collect::<Vec<_>>();
     let expected = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     let Some(expected) = expected else {
-        return Err(DataError::format(
-            path,
-            4,
-            format!("dimensions {dims:?} overflow"),
-        ));
+        return Err(DataError::format(path, 4, format!("dimensions {dims:?} overflow")));
     };
     let have = bytes.len() - header;
     if have < expected {
         return Err(DataError::format(
             path,
             bytes.len() as u64,
-            format!(
-                "truncated: header says {dims:?} = {expected} data bytes from byte {header}, file has only {have}"
-            ),
+            format!("truncated: header says {dims:?} = {expected} data bytes from byte {header}, file has only {have}"),
         ));
     }
     if have > expected {
         return Err(DataError::format(
             path,
             (header + expected) as u64,
-            format!(
-                "{} unexpected bytes after the {dims:?} data",
-                have - expected
-            ),
+            format!("{} unexpected bytes after the {dims:?} data", have - expected),
         ));
     }
     Ok((dims, header))
@@ -93,7 +77,10 @@ fn parse_header(
 /// `dir/stem` or `dir/stem.gz`, whichever exists.
 fn find(dir: &Path, stem: &str) -> Result<PathBuf, DataError> {
     first_existing(dir, &[stem, &format!("{stem}.gz")]).ok_or_else(|| {
-        DataError::invalid(dir, format!("neither {stem} nor {stem}.gz found (scripts/fetch-data.sh fetches MNIST and Fashion-MNIST)"))
+        DataError::invalid(
+            dir,
+            format!("neither {stem} nor {stem}.gz found (scripts/fetch-data.sh fetches MNIST and Fashion-MNIST)"),
+        )
     })
 }
 
@@ -103,12 +90,7 @@ impl IdxDataset {
         let prefix = match split {
             Split::Train => "train",
             Split::Test => "t10k",
-            Split::Unlabeled => {
-                return Err(DataError::invalid(
-                    dir,
-                    "IDX datasets have no unlabeled split",
-                ))
-            }
+            Split::Unlabeled => return Err(DataError::invalid(dir, "IDX datasets have no unlabeled split")),
         };
         let img_path = find(dir, &format!("{prefix}-images-idx3-ubyte"))?;
         let lbl_path = find(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
@@ -126,41 +108,23 @@ impl IdxDataset {
             return Err(DataError::format(
                 lbl_path,
                 4,
-                format!(
-                    "{} labels but {} has {} images",
-                    ldims[0],
-                    img_path.display(),
-                    idims[0]
-                ),
+                format!("{} labels but {} has {} images", ldims[0], img_path.display(), idims[0]),
             ));
         }
         if idims[1] == 0 || idims[2] == 0 {
-            return Err(DataError::format(
-                img_path,
-                8,
-                format!("image size {}×{}", idims[1], idims[2]),
-            ));
+            return Err(DataError::format(img_path, 8, format!("image size {}×{}", idims[1], idims[2])));
         }
         let labels = lb[lhead..].to_vec();
         if let Some(i) = labels.iter().position(|&l| usize::from(l) >= NUM_CLASSES) {
             return Err(DataError::format(
                 lbl_path,
                 (lhead + i) as u64,
-                format!(
-                    "label {} of image {i} is out of range 0..{NUM_CLASSES}",
-                    labels[i]
-                ),
+                format!("label {} of image {i} is out of range 0..{NUM_CLASSES}", labels[i]),
             ));
         }
         let mut pixels = ib;
         pixels.drain(..ihead);
-        Ok(IdxDataset {
-            name,
-            rows: idims[1],
-            cols: idims[2],
-            pixels,
-            labels,
-        })
+        Ok(IdxDataset { name, rows: idims[1], cols: idims[2], pixels, labels })
     }
 }
 
@@ -173,12 +137,7 @@ impl Dataset for IdxDataset {
     }
     fn image(&self, i: usize) -> Result<Image, DataError> {
         let n = self.rows * self.cols;
-        Ok(Image::from_u8_chw(
-            1,
-            self.rows,
-            self.cols,
-            &self.pixels[i * n..(i + 1) * n],
-        ))
+        Ok(Image::from_u8_chw(1, self.rows, self.cols, &self.pixels[i * n..(i + 1) * n]))
     }
     fn label(&self, i: usize) -> Option<u32> {
         self.labels.get(i).map(|&l| u32::from(l))

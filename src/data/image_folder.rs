@@ -27,11 +27,7 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
         .map_err(|e| DataError::io(dir, e))?
         .map(|e| e.map(|e| e.path()).map_err(|err| DataError::io(dir, err)))
         .collect::<Result<Vec<_>, _>>()?;
-    v.retain(|p| {
-        !p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'))
-    });
+    v.retain(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')));
     v.sort();
     Ok(v)
 }
@@ -50,10 +46,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
 
 /// Decodes one file to an RGB [`Image`].
 pub fn decode(path: &Path) -> Result<Image, DataError> {
-    let err = |msg: String| DataError::Decode {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let err = |msg: String| DataError::Decode { path: path.to_path_buf(), msg };
     let reader = image::ImageReader::open(path)
         .map_err(|e| DataError::io(path, e))?
         .with_guessed_format()
@@ -67,47 +60,30 @@ impl ImageFolder {
     /// Opens `dir/train` or `dir/test` (`dir/val` also serves as test) when `dir` has such
     /// folders; otherwise `dir` itself is the class root for every split.
     pub fn open(dir: &Path, split: Split) -> Result<Self, DataError> {
-        let has_splits = ["train", "test", "val"]
-            .iter()
-            .any(|s| dir.join(s).is_dir());
-        let root = if !has_splits {
-            dir.to_path_buf()
-        } else {
-            let candidates: &[&str] = match split {
-                Split::Train => &["train"],
-                Split::Test => &["test", "val"],
-                Split::Unlabeled => &["unlabeled"],
-            };
-            candidates
-                .iter()
-                .map(|c| dir.join(c))
-                .find(|p| p.is_dir())
-                .ok_or_else(|| {
-                    DataError::invalid(
-                        dir,
-                        format!("no {split:?} folder ({})", candidates.join(" or ")),
-                    )
+        let has_splits = ["train", "test", "val"].iter().any(|s| dir.join(s).is_dir());
+        let root =
+            if !has_splits {
+                dir.to_path_buf()
+            } else {
+                let candidates: &[&str] = match split {
+                    Split::Train => &["train"],
+                    Split::Test => &["test", "val"],
+                    Split::Unlabeled => &["unlabeled"],
+                };
+                candidates.iter().map(|c| dir.join(c)).find(|p| p.is_dir()).ok_or_else(|| {
+                    DataError::invalid(dir, format!("no {split:?} folder ({})", candidates.join(" or ")))
                 })?
-        };
-        let classes: Vec<PathBuf> = sorted_entries(&root)?
-            .into_iter()
-            .filter(|p| p.is_dir())
-            .collect();
+            };
+        let classes: Vec<PathBuf> = sorted_entries(&root)?.into_iter().filter(|p| p.is_dir()).collect();
         if classes.is_empty() {
-            return Err(DataError::invalid(
-                &root,
-                "no class folders (expected one subfolder per class)",
-            ));
+            return Err(DataError::invalid(&root, "no class folders (expected one subfolder per class)"));
         }
         let mut files = Vec::new();
         for (label, class) in classes.iter().enumerate() {
             let mut f = Vec::new();
             walk(class, &mut f)?;
             if f.is_empty() {
-                return Err(DataError::invalid(
-                    class,
-                    "class folder holds no .png/.jpg/.jpeg image",
-                ));
+                return Err(DataError::invalid(class, "class folder holds no .png/.jpg/.jpeg image"));
             }
             files.extend(f.into_iter().map(|p| (p, label as u32)));
         }
@@ -117,11 +93,7 @@ impl ImageFolder {
             name: format!("image_folder:{}", root.display()),
             classes: classes
                 .iter()
-                .map(|c| {
-                    c.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                })
+                .map(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
                 .collect(),
             files,
             shape: (3, first.height, first.width),

@@ -41,18 +41,12 @@ impl Batch {
     }
 
     /// The images as an `f32` tensor of shape `shape`.
-    pub fn to_tensor(
-        &self,
-        device: &candle_core::Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
+    pub fn to_tensor(&self, device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
         candle_core::Tensor::from_slice(&self.data, &self.shape[..], device)
     }
 
     /// The labels as a `u32` tensor of shape `[N]` (empty for unlabeled data).
-    pub fn labels_tensor(
-        &self,
-        device: &candle_core::Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
+    pub fn labels_tensor(&self, device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
         candle_core::Tensor::from_slice(&self.labels, self.labels.len(), device)
     }
 }
@@ -66,11 +60,7 @@ pub fn check(cfg: &DataConfig, ds: &dyn Dataset) -> Result<(), DataError> {
                 "augment.normalize has {} values per field but {} has {c} output channel(s){}",
                 n.mean.len(),
                 ds.name(),
-                if c == 1 {
-                    " (set augment.to_rgb: true for 3)"
-                } else {
-                    ""
-                }
+                if c == 1 { " (set augment.to_rgb: true for 3)" } else { "" }
             )]));
         }
     }
@@ -94,13 +84,7 @@ type MakeViews = dyn Fn(usize) -> Result<Vec<Image>, DataError> + Send + Sync;
 
 impl Pipeline {
     fn failed(e: DataError) -> Self {
-        Pipeline {
-            rx: None,
-            handle: None,
-            early: Some(e),
-            batches: 0,
-            done: false,
-        }
+        Pipeline { rx: None, handle: None, early: Some(e), batches: 0, done: false }
     }
 
     fn spawn(
@@ -114,43 +98,31 @@ impl Pipeline {
         let workers = cfg.worker_threads();
         let (tx, rx) = bounded::<Item>(cfg.prefetch);
         let n_batches = batches.len();
-        let handle = std::thread::Builder::new()
-            .name("locograph-data".into())
-            .spawn(move || {
-                let pool = match rayon::ThreadPoolBuilder::new()
-                    .num_threads(workers)
-                    .thread_name(|i| format!("locograph-data-{i}"))
-                    .build()
-                {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = tx.send(Err(DataError::Config(vec![format!(
-                            "cannot start {workers} data worker threads: {e}"
-                        )])));
-                        return;
-                    }
-                };
-                for idx in batches {
-                    let item = pool
-                        .install(|| assemble(ds.as_ref(), &idx, views, (c, h, w), make.as_ref()));
-                    let failed = item.is_err();
-                    // A send error means the loader was dropped: stop quietly.
-                    if tx.send(item).is_err() || failed {
-                        return;
-                    }
+        let handle = std::thread::Builder::new().name("locograph-data".into()).spawn(move || {
+            let pool = match rayon::ThreadPoolBuilder::new()
+                .num_threads(workers)
+                .thread_name(|i| format!("locograph-data-{i}"))
+                .build()
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(DataError::Config(vec![format!("cannot start {workers} data worker threads: {e}")])));
+                    return;
                 }
-            });
+            };
+            for idx in batches {
+                let item = pool.install(|| assemble(ds.as_ref(), &idx, views, (c, h, w), make.as_ref()));
+                let failed = item.is_err();
+                // A send error means the loader was dropped: stop quietly.
+                if tx.send(item).is_err() || failed {
+                    return;
+                }
+            }
+        });
         match handle {
-            Ok(handle) => Pipeline {
-                rx: Some(rx),
-                handle: Some(handle),
-                early: None,
-                batches: n_batches,
-                done: false,
-            },
-            Err(e) => Pipeline::failed(DataError::Config(vec![format!(
-                "cannot start the data thread: {e}"
-            )])),
+            Ok(handle) => Pipeline { rx: Some(rx), handle: Some(handle), early: None, batches: n_batches, done: false },
+            Err(e) => Pipeline::failed(DataError::Config(vec![format!("cannot start the data thread: {e}")])),
         }
     }
 
@@ -189,13 +161,7 @@ impl Drop for Pipeline {
 }
 
 /// Builds one batch: views of every index in parallel, then laid out view-major.
-fn assemble(
-    ds: &dyn Dataset,
-    idx: &[usize],
-    views: usize,
-    (c, h, w): (usize, usize, usize),
-    make: &MakeViews,
-) -> Item {
+fn assemble(ds: &dyn Dataset, idx: &[usize], views: usize, (c, h, w): (usize, usize, usize), make: &MakeViews) -> Item {
     let per_image: Vec<Vec<Image>> = idx.par_iter().map(|&i| make(i)).collect::<Result<_, _>>()?;
     let n = idx.len();
     let size = c * h * w;
@@ -216,17 +182,11 @@ fn assemble(
         }
     }
     let labels: Option<Vec<u32>> = idx.iter().map(|&i| ds.label(i)).collect();
-    Ok(Batch {
-        data,
-        shape: [views * n, c, h, w],
-        labels: labels.unwrap_or_default(),
-        indices: idx.to_vec(),
-    })
+    Ok(Batch { data, shape: [views * n, c, h, w], labels: labels.unwrap_or_default(), indices: idx.to_vec() })
 }
 
 fn batch_size_error(batch_size: usize, len: usize) -> Option<DataError> {
-    (batch_size == 0)
-        .then(|| DataError::Config(vec![format!("batch size 0 (dataset of {len} images)")]))
+    (batch_size == 0).then(|| DataError::Config(vec![format!("batch size 0 (dataset of {len} images)")]))
 }
 
 /// Two augmented views per image, for contrastive training. Shuffled with `(seed, epoch)`;
@@ -237,31 +197,18 @@ pub struct PairLoader {
 
 impl PairLoader {
     /// Starts producing the epoch's batches in the background.
-    pub fn new(
-        ds: Arc<dyn Dataset>,
-        cfg: &DataConfig,
-        batch_size: usize,
-        seed: u64,
-        epoch: usize,
-    ) -> Self {
+    pub fn new(ds: Arc<dyn Dataset>, cfg: &DataConfig, batch_size: usize, seed: u64, epoch: usize) -> Self {
         if let Some(e) = batch_size_error(batch_size, ds.len()) {
-            return PairLoader {
-                inner: Pipeline::failed(e),
-            };
+            return PairLoader { inner: Pipeline::failed(e) };
         }
         if let Err(e) = check(cfg, ds.as_ref()) {
-            return PairLoader {
-                inner: Pipeline::failed(e),
-            };
+            return PairLoader { inner: Pipeline::failed(e) };
         }
         let epoch = epoch as u64;
         let mut order: Vec<usize> = (0..ds.len()).collect();
         // Index u64::MAX is never a dataset index, so the shuffle stream is apart from the views.
         order.shuffle(&mut sample_rng(seed, epoch, u64::MAX, 1));
-        let batches: Vec<Vec<usize>> = order
-            .chunks_exact(batch_size)
-            .map(<[usize]>::to_vec)
-            .collect();
+        let batches: Vec<Vec<usize>> = order.chunks_exact(batch_size).map(<[usize]>::to_vec).collect();
         let (_, h, w) = cfg.output_shape(ds.as_ref());
         let aug = cfg.augment.clone();
         let src = ds.clone();
@@ -272,9 +219,7 @@ impl PairLoader {
             let v2 = aug.apply(img, h, w, &mut rng);
             Ok(vec![v1, v2])
         };
-        PairLoader {
-            inner: Pipeline::spawn(ds, cfg, batches, 2, Arc::new(make)),
-        }
+        PairLoader { inner: Pipeline::spawn(ds, cfg, batches, 2, Arc::new(make)) }
     }
 
     /// Number of batches this epoch.
@@ -300,26 +245,18 @@ impl EvalLoader {
     /// Starts producing batches in the background.
     pub fn new(ds: Arc<dyn Dataset>, cfg: &DataConfig, batch_size: usize) -> Self {
         if let Some(e) = batch_size_error(batch_size, ds.len()) {
-            return EvalLoader {
-                inner: Pipeline::failed(e),
-            };
+            return EvalLoader { inner: Pipeline::failed(e) };
         }
         if let Err(e) = check(cfg, ds.as_ref()) {
-            return EvalLoader {
-                inner: Pipeline::failed(e),
-            };
+            return EvalLoader { inner: Pipeline::failed(e) };
         }
         let order: Vec<usize> = (0..ds.len()).collect();
         let batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
         let (_, h, w) = cfg.output_shape(ds.as_ref());
         let aug = cfg.augment.clone();
         let src = ds.clone();
-        let make = move |i: usize| -> Result<Vec<Image>, DataError> {
-            Ok(vec![aug.eval(src.image(i)?, h, w)])
-        };
-        EvalLoader {
-            inner: Pipeline::spawn(ds, cfg, batches, 1, Arc::new(make)),
-        }
+        let make = move |i: usize| -> Result<Vec<Image>, DataError> { Ok(vec![aug.eval(src.image(i)?, h, w)]) };
+        EvalLoader { inner: Pipeline::spawn(ds, cfg, batches, 1, Arc::new(make)) }
     }
 
     /// Number of batches.

@@ -47,11 +47,7 @@ pub enum DataError {
     /// label out of range, ...). `offset` is the byte where the problem was found; for a
     /// gzip-compressed file it counts decompressed bytes.
     #[error("{path}: at byte {offset}: {msg}")]
-    Format {
-        path: PathBuf,
-        offset: u64,
-        msg: String,
-    },
+    Format { path: PathBuf, offset: u64, msg: String },
     /// An image file the `image` crate could not decode (it reports no byte offset).
     #[error("{path}: cannot decode image: {msg}")]
     Decode { path: PathBuf, msg: String },
@@ -67,35 +63,20 @@ pub enum DataError {
 }
 
 fn numbered(problems: &[String]) -> String {
-    problems
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("  {}. {p}", i + 1))
-        .collect::<Vec<_>>()
-        .join("\n")
+    problems.iter().enumerate().map(|(i, p)| format!("  {}. {p}", i + 1)).collect::<Vec<_>>().join("\n")
 }
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
 
     pub(crate) fn format(path: impl Into<PathBuf>, offset: u64, msg: impl Into<String>) -> Self {
-        DataError::Format {
-            path: path.into(),
-            offset,
-            msg: msg.into(),
-        }
+        DataError::Format { path: path.into(), offset, msg: msg.into() }
     }
 
     pub(crate) fn invalid(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        DataError::Invalid {
-            path: path.into(),
-            msg: msg.into(),
-        }
+        DataError::Invalid { path: path.into(), msg: msg.into() }
     }
 }
 
@@ -269,44 +250,25 @@ pub trait Dataset: Send + Sync {
 /// Opens the dataset described by `cfg`. `base_dir` resolves a relative `cfg.path` (the
 /// experiment file's folder); `split_override` replaces `cfg.split` (evaluation reads `test`).
 /// `cfg.limit` is applied here.
-pub fn open(
-    cfg: &DataConfig,
-    base_dir: &Path,
-    split_override: Option<Split>,
-) -> Result<Arc<dyn Dataset>, DataError> {
+pub fn open(cfg: &DataConfig, base_dir: &Path, split_override: Option<Split>) -> Result<Arc<dyn Dataset>, DataError> {
     cfg.validate()?;
     let split = split_override.unwrap_or(cfg.split);
     if split == Split::Unlabeled && cfg.format != DataFormat::Stl10 {
-        return Err(DataError::Config(vec![
-            "split `unlabeled` exists only for stl10".to_string(),
-        ]));
+        return Err(DataError::Config(vec!["split `unlabeled` exists only for stl10".to_string()]));
     }
-    let path = cfg.path.as_ref().map(|p| {
-        if p.is_absolute() {
-            p.clone()
-        } else {
-            base_dir.join(p)
-        }
-    });
+    let path = cfg.path.as_ref().map(|p| if p.is_absolute() { p.clone() } else { base_dir.join(p) });
     // validate() guarantees a path for every format but synthetic.
     let path = || path.clone().unwrap_or_default();
     let ds: Arc<dyn Dataset> = match cfg.format {
         DataFormat::Idx => Arc::new(idx::IdxDataset::open(&path(), split)?),
         DataFormat::Cifar10 => Arc::new(cifar::CifarDataset::open_cifar10(&path(), split)?),
-        DataFormat::Cifar100 => Arc::new(cifar::CifarDataset::open_cifar100(
-            &path(),
-            split,
-            cfg.cifar100_labels,
-        )?),
+        DataFormat::Cifar100 => Arc::new(cifar::CifarDataset::open_cifar100(&path(), split, cfg.cifar100_labels)?),
         DataFormat::Stl10 => Arc::new(stl10::Stl10Dataset::open(&path(), split)?),
         DataFormat::ImageFolder => Arc::new(image_folder::ImageFolder::open(&path(), split)?),
         DataFormat::Synthetic => Arc::new(synthetic::SyntheticDataset::new(&cfg.synthetic, split)),
     };
     if ds.is_empty() {
-        return Err(DataError::invalid(
-            path(),
-            format!("{} holds no images", ds.name()),
-        ));
+        return Err(DataError::invalid(path(), format!("{} holds no images", ds.name())));
     }
     loader::check(cfg, ds.as_ref())?;
     Ok(match cfg.limit {
@@ -349,18 +311,13 @@ pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
         use std::io::Read;
         let mut out = Vec::new();
         // A truncated gzip stream surfaces here as UnexpectedEof; report how far we got.
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| {
-                DataError::format(
-                    path,
-                    out.len() as u64,
-                    format!(
-                        "gzip stream broken after {} decompressed bytes: {e}",
-                        out.len()
-                    ),
-                )
-            })?;
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| {
+            DataError::format(
+                path,
+                out.len() as u64,
+                format!("gzip stream broken after {} decompressed bytes: {e}", out.len()),
+            )
+        })?;
         Ok(out)
     } else {
         Ok(raw)

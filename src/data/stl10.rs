@@ -33,11 +33,7 @@ impl Stl10Dataset {
             Split::Unlabeled => "unlabeled",
         };
         let x_name = format!("{stem}_X.bin");
-        let d = if dir.join(&x_name).exists() {
-            dir.to_path_buf()
-        } else {
-            dir.join("stl10_binary")
-        };
+        let d = if dir.join(&x_name).exists() { dir.to_path_buf() } else { dir.join("stl10_binary") };
         let path = d.join(&x_name);
         let file = File::open(&path).map_err(|e| DataError::io(&path, e))?;
         let size = file.metadata().map_err(|e| DataError::io(&path, e))?.len();
@@ -59,11 +55,7 @@ impl Stl10Dataset {
                 return Err(DataError::format(
                     &y_path,
                     y.len().min(len) as u64,
-                    format!(
-                        "{} labels but {} holds {len} images",
-                        y.len(),
-                        path.display()
-                    ),
+                    format!("{} labels but {} holds {len} images", y.len(), path.display()),
                 ));
             }
             if let Some(i) = y.iter().position(|&l| !(1..=10).contains(&l)) {
@@ -76,13 +68,7 @@ impl Stl10Dataset {
             // Stored 1-based; the rest of locograph counts classes from 0.
             Some(y.into_iter().map(|l| l - 1).collect())
         };
-        Ok(Stl10Dataset {
-            name: format!("stl10:{} ({stem})", dir.display()),
-            path,
-            file,
-            len,
-            labels,
-        })
+        Ok(Stl10Dataset { name: format!("stl10:{} ({stem})", dir.display()), path, file, len, labels })
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -113,9 +99,8 @@ impl Dataset for Stl10Dataset {
         let offset = (i * BYTES) as u64;
         let mut raw = vec![0u8; BYTES];
         // The file may have shrunk since `open` checked its size.
-        self.read_at(&mut raw, offset).map_err(|e| {
-            DataError::format(&self.path, offset, format!("cannot read image {i}: {e}"))
-        })?;
+        self.read_at(&mut raw, offset)
+            .map_err(|e| DataError::format(&self.path, offset, format!("cannot read image {i}: {e}")))?;
         let mut chw = vec![0u8; BYTES];
         let plane = SIDE * SIDE;
         for c in 0..3 {
@@ -128,10 +113,7 @@ impl Dataset for Stl10Dataset {
         Ok(Image::from_u8_chw(3, SIDE, SIDE, &chw))
     }
     fn label(&self, i: usize) -> Option<u32> {
-        self.labels
-            .as_ref()
-            .and_then(|l| l.get(i))
-            .map(|&l| u32::from(l))
+        self.labels.as_ref().and_then(|l| l.get(i)).map(|&l| u32::from(l))
     }
     fn num_classes(&self) -> Option<usize> {
         self.labels.as_ref().map(|_| 10)

@@ -70,16 +70,10 @@ impl SyntheticConfig {
     pub(crate) fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         if self.classes == 0 || self.classes > 256 {
-            p.push(format!(
-                "synthetic.classes = {}: must be in 1..=256",
-                self.classes
-            ));
+            p.push(format!("synthetic.classes = {}: must be in 1..=256", self.classes));
         }
         if self.channels != 1 && self.channels != 3 {
-            p.push(format!(
-                "synthetic.channels = {}: must be 1 or 3",
-                self.channels
-            ));
+            p.push(format!("synthetic.channels = {}: must be 1 or 3", self.channels));
         }
         if self.side < 4 {
             p.push(format!("synthetic.side = {}: must be >= 4", self.side));
@@ -101,11 +95,7 @@ impl SyntheticDataset {
             Split::Train => cfg.train_size,
             _ => cfg.test_size,
         };
-        SyntheticDataset {
-            cfg: cfg.clone(),
-            split,
-            len,
-        }
+        SyntheticDataset { cfg: cfg.clone(), split, len }
     }
 
     /// Class `k`'s colour: a hue wheel position turned into RGB weights in `[0.2, 1]`.
@@ -152,12 +142,7 @@ impl Dataset for SyntheticDataset {
                 }
             }
         }
-        Ok(Image {
-            channels: c,
-            height: n,
-            width: n,
-            data,
-        })
+        Ok(Image { channels: c, height: n, width: n, data })
     }
     fn label(&self, i: usize) -> Option<u32> {
         (i < self.len).then(|| (i % self.cfg.classes) as u32)
@@ -166,9 +151,6 @@ impl Dataset for SyntheticDataset {
         Some(self.cfg.classes)
     }
     fn name(&self) -> String {
-        format!(
-            "synthetic (GENERATED, seed {}, {} classes, {:?})",
-            self.cfg.seed, self.cfg.classes, self.split
-        )
+        format!("synthetic (GENERATED, seed {}, {} classes, {:?})", self.cfg.seed, self.cfg.classes, self.split)
     }
 }

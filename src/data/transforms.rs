@@ -20,12 +20,7 @@ impl Image {
     /// An image from 8-bit CHW values (0..=255 → 0..=1, like `ToTensor`).
     pub fn from_u8_chw(channels: usize, height: usize, width: usize, bytes: &[u8]) -> Self {
         debug_assert_eq!(bytes.len(), channels * height * width);
-        Image {
-            channels,
-            height,
-            width,
-            data: bytes.iter().map(|&b| f32::from(b) / 255.0).collect(),
-        }
+        Image { channels, height, width, data: bytes.iter().map(|&b| f32::from(b) / 255.0).collect() }
     }
 
     /// An image from 8-bit interleaved HWC values (the layout of decoded PNG/JPEG).
@@ -35,17 +30,11 @@ impl Image {
         for y in 0..height {
             for x in 0..width {
                 for c in 0..channels {
-                    data[(c * height + y) * width + x] =
-                        f32::from(bytes[(y * width + x) * channels + c]) / 255.0;
+                    data[(c * height + y) * width + x] = f32::from(bytes[(y * width + x) * channels + c]) / 255.0;
                 }
             }
         }
-        Image {
-            channels,
-            height,
-            width,
-            data,
-        }
+        Image { channels, height, width, data }
     }
 
     fn plane(&self, c: usize) -> &[f32] {
@@ -62,11 +51,7 @@ impl Image {
         for _ in 0..3 {
             data.extend_from_slice(&self.data);
         }
-        Image {
-            channels: 3,
-            data,
-            ..self
-        }
+        Image { channels: 3, data, ..self }
     }
 }
 
@@ -118,12 +103,7 @@ pub fn resize(img: &Image, out_h: usize, out_w: usize) -> Image {
                 *d = s as f32;
             }
         }
-        cur = Image {
-            channels: c,
-            height: h,
-            width: out_w,
-            data,
-        };
+        cur = Image { channels: c, height: h, width: out_w, data };
     }
     if out_h != h {
         let cw = cur.width;
@@ -147,12 +127,7 @@ pub fn resize(img: &Image, out_h: usize, out_w: usize) -> Image {
                 }
             }
         }
-        cur = Image {
-            channels: c,
-            height: out_h,
-            width: cw,
-            data,
-        };
+        cur = Image { channels: c, height: out_h, width: cw, data };
     }
     cur
 }
@@ -166,24 +141,11 @@ pub fn crop(img: &Image, top: usize, left: usize, h: usize, w: usize) -> Image {
             data.extend_from_slice(&p[y * img.width + left..y * img.width + left + w]);
         }
     }
-    Image {
-        channels: img.channels,
-        height: h,
-        width: w,
-        data,
-    }
+    Image { channels: img.channels, height: h, width: w, data }
 }
 
 /// `F.resized_crop`: crop, then resize the crop (pixels outside the window are never read).
-pub fn resized_crop(
-    img: &Image,
-    top: usize,
-    left: usize,
-    h: usize,
-    w: usize,
-    out_h: usize,
-    out_w: usize,
-) -> Image {
+pub fn resized_crop(img: &Image, top: usize, left: usize, h: usize, w: usize, out_h: usize, out_w: usize) -> Image {
     resize(&crop(img, top, left, h, w), out_h, out_w)
 }
 
@@ -195,11 +157,7 @@ pub fn center_resize(img: &Image, size: usize) -> Image {
     if h == size && w == size {
         return img.clone();
     }
-    let (rh, rw) = if h <= w {
-        (size, (size * w / h).max(size))
-    } else {
-        ((size * h / w).max(size), size)
-    };
+    let (rh, rw) = if h <= w { (size, (size * w / h).max(size)) } else { ((size * h / w).max(size), size) };
     let r = resize(img, rh, rw);
     // Python's round (half to even), as torchvision's `center_crop`: (5 - 4) / 2 → 0.
     let top = ((rh - size) as f64 / 2.0).round_ties_even() as usize;
@@ -232,9 +190,7 @@ fn luma(img: &Image) -> Vec<f32> {
         return img.plane(0).to_vec();
     }
     let (r, g, b) = (img.plane(0), img.plane(1), img.plane(2));
-    (0..r.len())
-        .map(|i| LUMA[0] * r[i] + LUMA[1] * g[i] + LUMA[2] * b[i])
-        .collect()
+    (0..r.len()).map(|i| LUMA[0] * r[i] + LUMA[1] * g[i] + LUMA[2] * b[i]).collect()
 }
 
 /// `F.adjust_brightness`: `_blend(img, zeros, f)`.
@@ -366,11 +322,7 @@ pub fn gaussian_blur(img: &mut Image, ksize: usize, sigma: f32) {
                 *p = src[i];
             }
             for (x, d) in dst.iter_mut().enumerate() {
-                *d = k
-                    .iter()
-                    .zip(&padded[x..x + ksize])
-                    .map(|(a, b)| a * b)
-                    .sum();
+                *d = k.iter().zip(&padded[x..x + ksize]).map(|(a, b)| a * b).sum();
             }
         }
         for (y, dst) in plane.chunks_exact_mut(w).enumerate() {

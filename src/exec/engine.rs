@@ -124,7 +124,8 @@ pub fn run_step(c: &Compiled, model: &Model, batch: &Tensor) -> Result<StepOutpu
                         }
                     }
                     cots[m.index()] = rest;
-                    let cot = cot.ok_or_else(|| candle_core::Error::Msg(format!("no cotangent reached `{}`", c.id(m))))?;
+                    let cot =
+                        cot.ok_or_else(|| candle_core::Error::Msg(format!("no cotangent reached `{}`", c.id(m))))?;
                     out.mul(&cot.detach())?.sum_all()?.backward()?
                 };
                 for &pi in &model.node_params[m.index()] {
@@ -138,9 +139,9 @@ pub fn run_step(c: &Compiled, model: &Model, batch: &Tensor) -> Result<StepOutpu
                 for &e in &g.input_edges {
                     let (p, _) = c.graph.edge_endpoints(e).expect("edge exists");
                     let leaf = leaves[e.index()].as_ref().expect("a leaf exists where gradient flows");
-                    let gin = gs
-                        .get(leaf.as_tensor())
-                        .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached the input of `{}`", c.id(m))))?;
+                    let gin = gs.get(leaf.as_tensor()).ok_or_else(|| {
+                        candle_core::Error::Msg(format!("no gradient reached the input of `{}`", c.id(m)))
+                    })?;
                     cots[p.index()].push((g.losses.clone(), gin.clone()));
                 }
                 passes[m.index()] += 1;
@@ -155,8 +156,8 @@ pub fn run_step(c: &Compiled, model: &Model, batch: &Tensor) -> Result<StepOutpu
                 release(m.index(), &mut values, &consumers_left, &groups_left);
             }
         }
-        let live: usize = held.iter().sum::<usize>()
-            + cots.iter().flat_map(|v| v.iter().map(|(_, t)| bytes(t))).sum::<usize>();
+        let live: usize =
+            held.iter().sum::<usize>() + cots.iter().flat_map(|v| v.iter().map(|(_, t)| bytes(t))).sum::<usize>();
         peak = peak.max(live);
     }
     Ok(StepOutput { losses, grads, passes, peak_held_bytes: peak })

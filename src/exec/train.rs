@@ -51,9 +51,9 @@ pub fn device(kind: DeviceKind) -> Result<Device> {
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => Ok(Device::new_cuda(0)?),
         #[cfg(not(feature = "cuda"))]
-        DeviceKind::Cuda => Err(Error::Msg(
-            "`device: cuda` needs a build with `--features cuda` (this binary is CPU-only)".into(),
-        )),
+        DeviceKind::Cuda => {
+            Err(Error::Msg("`device: cuda` needs a build with `--features cuda` (this binary is CPU-only)".into()))
+        }
     }
 }
 
@@ -234,7 +234,7 @@ pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
             }
             step += 1;
             window.1 += batch_size;
-            if step % exp.train.log_every == 0 || step == total {
+            if step.is_multiple_of(exp.train.log_every) || step == total {
                 let dt = window.0.elapsed().as_secs_f64();
                 ips = window.1 as f64 / dt.max(1e-9);
                 window = (Instant::now(), 0);
@@ -251,7 +251,7 @@ pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
                 bar.set_message(format!("{}  {ips:.1} img/s", msg.join("  ")));
             }
             bar.inc(1);
-            if exp.train.checkpoint_every.is_some_and(|k| step % k == 0 && step < total) {
+            if exp.train.checkpoint_every.is_some_and(|k| step.is_multiple_of(k) && step < total) {
                 run_dir::save(&dir, loaded, &compiled, &model, step)?;
             }
         }
@@ -261,7 +261,14 @@ pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
     run_dir::save(&dir, loaded, &compiled, &model, step)?;
     let seconds = start.elapsed().as_secs_f64();
     eprintln!("done: {step} steps in {seconds:.1} s; weights in {}", dir.join(run_dir::WEIGHTS).display());
-    Ok(TrainSummary { run_dir: dir, steps: step, final_losses: last, first_losses: first, images_per_sec: ips, seconds })
+    Ok(TrainSummary {
+        run_dir: dir,
+        steps: step,
+        final_losses: last,
+        first_losses: first,
+        images_per_sec: ips,
+        seconds,
+    })
 }
 
 /// Compiles without training: what `locograph validate` runs.

@@ -89,10 +89,12 @@ pub fn compile(loaded: &Loaded) -> Result<Compiled, GraphErrors> {
     let mut graph: DiGraph<GNode, GEdge> = DiGraph::new();
     let mut ids: IndexMap<String, NodeIndex> = IndexMap::new();
     let input_shape = vec![exp.input.channels, exp.input.size, exp.input.size];
-    let input = graph.add_node(GNode { id: INPUT.into(), config: None, shape: input_shape, location: loc.path("input") });
+    let input =
+        graph.add_node(GNode { id: INPUT.into(), config: None, shape: input_shape, location: loc.path("input") });
     ids.insert(INPUT.into(), input);
     for (id, cfg) in &exp.nodes {
-        let n = graph.add_node(GNode { id: id.clone(), config: Some(cfg.clone()), shape: vec![], location: loc.node(id) });
+        let n =
+            graph.add_node(GNode { id: id.clone(), config: Some(cfg.clone()), shape: vec![], location: loc.node(id) });
         ids.insert(id.clone(), n);
     }
     let loss_ids: Vec<&String> = exp.nodes.iter().filter(|(_, c)| c.is_loss()).map(|(id, _)| id).collect();
@@ -123,7 +125,8 @@ pub fn compile(loaded: &Loaded) -> Result<Compiled, GraphErrors> {
             for l in ls {
                 if !loss_ids.contains(&l) {
                     let what = if exp.nodes.contains_key(l) { "is not a loss" } else { "does not exist" };
-                    push(&mut errors, 
+                    push(
+                        &mut errors,
                         at.clone(),
                         format!(
                             "edge `{e}`: stop names `{l}`, which {what}; the losses are: {}",
@@ -152,9 +155,17 @@ pub fn compile(loaded: &Loaded) -> Result<Compiled, GraphErrors> {
         let k = graph.edges_directed(n, Direction::Incoming).count();
         let what = if graph[n].is_loss() { "loss" } else { "node" };
         if k == 0 {
-            push(&mut errors, graph[n].location.clone(), format!("{what} `{id}` has no input: add an edge `{{from: …, to: {id}}}`"));
+            push(
+                &mut errors,
+                graph[n].location.clone(),
+                format!("{what} `{id}` has no input: add an edge `{{from: …, to: {id}}}`"),
+            );
         } else if k > 1 {
-            push(&mut errors, graph[n].location.clone(), format!("{what} `{id}` has {k} inputs; every node takes exactly one"));
+            push(
+                &mut errors,
+                graph[n].location.clone(),
+                format!("{what} `{id}` has {k} inputs; every node takes exactly one"),
+            );
         }
     }
 
@@ -186,7 +197,11 @@ pub fn compile(loaded: &Loaded) -> Result<Compiled, GraphErrors> {
             Ok(s) => graph[n].shape = s,
             Err(why) => {
                 broken[n.index()] = true;
-                push(&mut errors, graph[n].location.clone(), format!("node `{}` ({}): {why}", graph[n].id, cfg.op_name()));
+                push(
+                    &mut errors,
+                    graph[n].location.clone(),
+                    format!("node `{}` ({}): {why}", graph[n].id, cfg.op_name()),
+                );
             }
         }
     }
@@ -198,9 +213,13 @@ pub fn compile(loaded: &Loaded) -> Result<Compiled, GraphErrors> {
     for &n in &order {
         if graph[n].is_trainable() && reach.reached_by(n).is_empty() {
             let why = reach.why_unreached(&graph, n);
-            push(&mut errors, 
+            push(
+                &mut errors,
                 graph[n].location.clone(),
-                format!("trainable node `{}` is reached by no loss ({why}); connect it to a loss, or set `frozen: true`", graph[n].id),
+                format!(
+                    "trainable node `{}` is reached by no loss ({why}); connect it to a loss, or set `frozen: true`",
+                    graph[n].id
+                ),
             );
         }
     }

@@ -38,7 +38,13 @@ fn pad(rows: &[Vec<String>]) -> String {
 pub fn table(c: &Compiled) -> String {
     let losses: Vec<&str> = c.reach.losses.iter().map(|&l| c.id(l)).collect();
     let mut out = String::new();
-    let _ = writeln!(out, "Gradient reachability ({} loss{}: {})\n", losses.len(), if losses.len() == 1 { "" } else { "es" }, losses.join(", "));
+    let _ = writeln!(
+        out,
+        "Gradient reachability ({} loss{}: {})\n",
+        losses.len(),
+        if losses.len() == 1 { "" } else { "es" },
+        losses.join(", ")
+    );
     let mut rows = vec![vec!["node".to_string(), "op".into(), "updated by".into(), "not updated by".into()]];
     for n in c.trainable_nodes() {
         let node = &c.graph[n];
@@ -59,7 +65,12 @@ pub fn table(c: &Compiled) -> String {
     }
     out.push_str(&pad(&rows));
 
-    let frozen: Vec<&str> = c.graph.node_weights().filter(|n| n.config.as_ref().is_some_and(|x| x.is_frozen())).map(|n| n.id.as_str()).collect();
+    let frozen: Vec<&str> = c
+        .graph
+        .node_weights()
+        .filter(|n| n.config.as_ref().is_some_and(|x| x.is_frozen()))
+        .map(|n| n.id.as_str())
+        .collect();
     if !frozen.is_empty() {
         let _ = writeln!(out, "\nFrozen (not optimised; gradients still pass through): {}", frozen.join(", "));
     }
@@ -80,11 +91,19 @@ pub fn table(c: &Compiled) -> String {
                     .iter()
                     .map(|&e| c.graph.edge_endpoints(e).map(|(a, _)| c.id(a).to_string()).unwrap_or_default())
                     .collect();
-                let dest = if to.is_empty() { "parameters only".to_string() } else { format!("gradient to {}", to.join(", ")) };
+                let dest = if to.is_empty() {
+                    "parameters only".to_string()
+                } else {
+                    format!("gradient to {}", to.join(", "))
+                };
                 format!("{{{}}} → {dest}", ls.join(" + "))
             })
             .collect();
-        rows.push(vec![format!("  {}", c.id(n)), format!("{} pass{}", groups.len(), if groups.len() == 1 { "" } else { "es" }), parts.join("; ")]);
+        rows.push(vec![
+            format!("  {}", c.id(n)),
+            format!("{} pass{}", groups.len(), if groups.len() == 1 { "" } else { "es" }),
+            parts.join("; "),
+        ]);
     }
     out.push_str(&pad(&rows));
 

@@ -91,15 +91,15 @@ impl Reachability {
         // Keys, producers first, then groups.
         let mut keys: Vec<Vec<BTreeSet<usize>>> = vec![vec![BTreeSet::new(); nn]; r.losses.len()];
         for &n in &order {
-            for li in 0..r.losses.len() {
+            for (flows, keys) in r.flows.iter().zip(keys.iter_mut()) {
                 let mut k = BTreeSet::new();
                 for e in graph.edges_directed(n, Direction::Incoming) {
-                    if r.flows[li][e.id().index()] {
+                    if flows[e.id().index()] {
                         k.insert(e.id().index());
-                        k.extend(keys[li][e.source().index()].iter().copied());
+                        k.extend(keys[e.source().index()].iter().copied());
                     }
                 }
-                keys[li][n.index()] = k;
+                keys[n.index()] = k;
             }
             let mut groups: Vec<(BTreeSet<usize>, BackwardGroup)> = vec![];
             for (li, &l) in r.losses.iter().enumerate() {

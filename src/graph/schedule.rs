@@ -19,7 +19,10 @@ use super::reach::Reachability;
 pub enum Step {
     Forward(NodeIndex),
     /// Backward group `group` of `node` (an index into `Reachability::groups(node)`).
-    Backward { node: NodeIndex, group: usize },
+    Backward {
+        node: NodeIndex,
+        group: usize,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -59,7 +62,8 @@ impl Schedule {
             graph.node_indices().map(|n| graph.neighbors_directed(n, Direction::Incoming).count()).collect();
         let mut ready: Vec<NodeIndex> = vec![input];
         while !ready.is_empty() {
-            let (pos, _) = ready.iter().enumerate().min_by_key(|(_, n)| (prio[n.index()], n.index())).expect("non-empty");
+            let (pos, _) =
+                ready.iter().enumerate().min_by_key(|(_, n)| (prio[n.index()], n.index())).expect("non-empty");
             let n = ready.swap_remove(pos);
             steps.push(Step::Forward(n));
             forwarded[n.index()] = true;

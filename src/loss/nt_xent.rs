@@ -37,10 +37,7 @@ pub fn nt_xent(z: &Tensor, temperature: f64) -> Result<Tensor> {
 pub fn contrastive_accuracy(z: &Tensor) -> Result<f32> {
     let (logits, positive) = logits_without_self(&z.detach(), 1.0)?;
     let best = logits.argmax(D::Minus1)?;
-    best.eq(&positive.squeeze(1)?)?
-        .to_dtype(DType::F32)?
-        .mean_all()?
-        .to_scalar::<f32>()
+    best.eq(&positive.squeeze(1)?)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()
 }
 
 /// Cosine similarity / τ of every row with every *other* row, and where each row's positive
@@ -52,10 +49,7 @@ pub fn contrastive_accuracy(z: &Tensor) -> Result<f32> {
 fn logits_without_self(z: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
     let (rows, _dim) = z.dims2()?;
     if rows < 2 || rows % 2 != 0 {
-        bail!(
-            "nt_xent: expected [2N, D] with N >= 1 (two views per image), got {:?}",
-            z.shape()
-        );
+        bail!("nt_xent: expected [2N, D] with N >= 1 (two views per image), got {:?}", z.shape());
     }
     if !(temperature.is_finite() && temperature > 0.0) {
         bail!("nt_xent: temperature must be a positive number, got {temperature}");
@@ -68,11 +62,7 @@ fn logits_without_self(z: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)>
 
     // max(‖z‖, eps) written as sqrt(max(‖z‖², eps²)): sqrt of an exact 0 would give an
     // infinite derivative and a NaN gradient through the zero row.
-    let norm = z
-        .sqr()?
-        .sum_keepdim(1)?
-        .maximum(NORM_EPS * NORM_EPS)?
-        .sqrt()?;
+    let norm = z.sqr()?.sum_keepdim(1)?.maximum(NORM_EPS * NORM_EPS)?.sqrt()?;
     let unit = z.broadcast_div(&norm)?;
     let logits = (unit.matmul(&unit.t()?)? / temperature)?;
 
@@ -91,10 +81,7 @@ fn off_diagonal_indices(rows: usize, n: usize, device: &Device) -> Result<(Tenso
         // dropping column i shifts every later column one to the left
         positive.push(if p > i { p - 1 } else { p } as u32);
     }
-    Ok((
-        Tensor::from_vec(others, (rows, rows - 1), device)?,
-        Tensor::from_vec(positive, (rows, 1), device)?,
-    ))
+    Ok((Tensor::from_vec(others, (rows, rows - 1), device)?, Tensor::from_vec(positive, (rows, 1), device)?))
 }
 
 #[cfg(test)]
@@ -125,32 +112,11 @@ mod tests {
         for i in 0..rows {
             let logits: Vec<(usize, f64)> = (0..rows)
                 .filter(|&j| j != i)
-                .map(|j| {
-                    (
-                        j,
-                        unit[i]
-                            .iter()
-                            .zip(&unit[j])
-                            .map(|(a, b)| a * b)
-                            .sum::<f64>()
-                            / tau,
-                    )
-                })
+                .map(|j| (j, unit[i].iter().zip(&unit[j]).map(|(a, b)| a * b).sum::<f64>() / tau))
                 .collect();
-            let max = logits
-                .iter()
-                .map(|&(_, l)| l)
-                .fold(f64::NEG_INFINITY, f64::max);
-            let lse = max
-                + logits
-                    .iter()
-                    .map(|&(_, l)| (l - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            let pos = logits
-                .iter()
-                .find(|&&(j, _)| j == (i + n) % rows)
-                .map(|&(_, l)| l);
+            let max = logits.iter().map(|&(_, l)| l).fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + logits.iter().map(|&(_, l)| (l - max).exp()).sum::<f64>().ln();
+            let pos = logits.iter().find(|&&(j, _)| j == (i + n) % rows).map(|&(_, l)| l);
             total += lse - pos.expect("positive is among the others");
         }
         total / rows as f64
@@ -164,20 +130,12 @@ mod tests {
     #[test]
     fn equals_naive_double_loop() -> Result<()> {
         let mut worst: f64 = 0.0;
-        for (n, dim, tau, seed) in [
-            (1, 3, 0.5, 0),
-            (2, 5, 0.1, 1),
-            (5, 7, 0.5, 2),
-            (16, 8, 0.07, 3),
-        ] {
+        for (n, dim, tau, seed) in [(1, 3, 0.5, 0), (2, 5, 0.1, 1), (5, 7, 0.5, 2), (16, 8, 0.07, 3)] {
             let z = random(2 * n, dim, seed);
             let got = loss_of(&z, 2 * n, dim, tau)?;
             let want = naive(&z, 2 * n, dim, tau);
             worst = worst.max((got - want).abs());
-            assert!(
-                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
-                "N={n}: {got} vs {want}"
-            );
+            assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "N={n}: {got} vs {want}");
         }
         // f32 input, checked against the f64 definition
         let z = random(10, 6, 4);
@@ -216,8 +174,7 @@ mod tests {
             let (mut plus, mut minus) = (z.clone(), z.clone());
             plus[k] += h;
             minus[k] -= h;
-            let numeric =
-                (loss_of(&plus, 2 * n, dim, tau)? - loss_of(&minus, 2 * n, dim, tau)?) / (2.0 * h);
+            let numeric = (loss_of(&plus, 2 * n, dim, tau)? - loss_of(&minus, 2 * n, dim, tau)?) / (2.0 * h);
             worst = worst.max((numeric - analytic[k]).abs());
         }
         eprintln!("nt_xent gradient vs central differences: max abs error {worst:.3e}");
@@ -243,10 +200,7 @@ mod tests {
         // −log(e^{1/τ} / (e^{1/τ} + (2N−2)·e^{cos/τ}))
         let want = (1.0 + (2.0 * n as f64 - 2.0) * ((neg_cos - 1.0) / tau).exp()).ln();
         assert!((got - want).abs() <= 1e-12, "{got} vs {want}");
-        assert!(
-            got < 1e-3,
-            "a perfectly separated batch should have a near-zero loss"
-        );
+        assert!(got < 1e-3, "a perfectly separated batch should have a near-zero loss");
         let t = Tensor::from_vec(z, (2 * n, n), &Device::Cpu)?;
         assert_eq!(contrastive_accuracy(&t)?, 1.0);
         Ok(())
@@ -284,10 +238,7 @@ mod tests {
     #[test]
     fn accuracy_counts_anchors_whose_positive_ranks_first() -> Result<()> {
         // rows 0/2 are a matching pair; row 1's nearest other row is row 0, not its pair 3
-        let z = Tensor::new(
-            &[[1.0f32, 0.0], [0.9, 0.1], [1.0, 0.0], [0.0, 1.0]],
-            &Device::Cpu,
-        )?;
+        let z = Tensor::new(&[[1.0f32, 0.0], [0.9, 0.1], [1.0, 0.0], [0.0, 1.0]], &Device::Cpu)?;
         // anchor 0: others 1 (cos≈.99), 2 (1.0), 3 (0) → positive 2 ranks first: hit
         // anchor 1: others 0 (.99), 2 (.99), 3 (.11) → positive 3 is last: miss
         // anchor 2: positive 0 (1.0) first: hit; anchor 3: positive 1 (.11) vs 0, 2 (0): hit

@@ -59,7 +59,10 @@ impl BatchNorm2d {
             let (n, _, h, w) = x.dims4()?;
             let count = (n * h * w) as f64;
             if count < 2.0 {
-                candle_core::bail!("batch norm in training mode needs more than one value per channel, got {:?}", x.shape());
+                candle_core::bail!(
+                    "batch norm in training mode needs more than one value per channel, got {:?}",
+                    x.shape()
+                );
             }
             // Reduce W then (N, H): candle reduces one contiguous axis fastest.
             let mean = (x.sum_keepdim(D::Minus1)?.sum_keepdim(2)?.sum_keepdim(0)? / count)?;
@@ -108,7 +111,8 @@ mod tests {
         let x = Tensor::from_vec(vals.clone(), (2, 2, 2, 2), &Device::Cpu)?;
         let y = bn.forward_t(&x, true)?;
         for ch in 0..2 {
-            let xs: Vec<f64> = (0..2).flat_map(|n| (0..4).map(move |k| (n, k))).map(|(n, k)| vals[n * 8 + ch * 4 + k]).collect();
+            let xs: Vec<f64> =
+                (0..2).flat_map(|n| (0..4).map(move |k| (n, k))).map(|(n, k)| vals[n * 8 + ch * 4 + k]).collect();
             let mean = xs.iter().sum::<f64>() / 8.0;
             let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 8.0;
             let rm = bn.running_mean().to_vec1::<f64>()?[ch];

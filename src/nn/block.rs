@@ -78,7 +78,12 @@ pub fn block(spec: BlockSpec, pb: &ParamBuilder) -> Result<Block> {
     let convs = specs
         .iter()
         .enumerate()
-        .map(|(i, s)| Ok((conv2d(*s, &pb.pp(format!("conv{}", i + 1)))?, batch_norm2d(s.out_channels, false, &pb.pp(format!("bn{}", i + 1)))?)))
+        .map(|(i, s)| {
+            Ok((
+                conv2d(*s, &pb.pp(format!("conv{}", i + 1)))?,
+                batch_norm2d(s.out_channels, false, &pb.pp(format!("bn{}", i + 1)))?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(Block { spec, convs, projection })
 }

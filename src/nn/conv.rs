@@ -44,7 +44,10 @@ pub struct Conv2d {
 /// Creates `{path}.weight` of shape `[out, in/groups, k, k]`, Kaiming-normal (fan-out), as
 /// torchvision initialises ResNets.
 pub fn conv2d(spec: ConvSpec, pb: &ParamBuilder) -> Result<Conv2d> {
-    if spec.groups == 0 || spec.in_channels % spec.groups != 0 || spec.out_channels % spec.groups != 0 {
+    if spec.groups == 0
+        || !spec.in_channels.is_multiple_of(spec.groups)
+        || !spec.out_channels.is_multiple_of(spec.groups)
+    {
         candle_core::bail!(
             "conv {}: groups {} must divide in_channels {} and out_channels {}",
             pb.name("weight"),

@@ -145,7 +145,11 @@ pub fn decoder(cfg: &DecoderConfig, in_channels: usize, pb: &ParamBuilder) -> Re
         let last = i + 1 == cfg.mlp.depth;
         let d_out = if last { cfg.mlp.out } else { hidden };
         let lin = linear(d_in, d_out, &pb.pp(format!("mlp{i}")))?;
-        let bn = if cfg.mlp.batch_norm && !last { Some(batch_norm2d(d_out, false, &pb.pp(format!("mlp_bn{i}")))?) } else { None };
+        let bn = if cfg.mlp.batch_norm && !last {
+            Some(batch_norm2d(d_out, false, &pb.pp(format!("mlp_bn{i}")))?)
+        } else {
+            None
+        };
         layers.push((lin, bn));
     }
     Ok(Decoder { blocks, layers })

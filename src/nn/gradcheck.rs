@@ -39,12 +39,7 @@ impl fmt::Display for GradCheck {
         write!(
             f,
             "max rel err {:.3e}, max abs err {:.3e} over {} elements (worst at {}: analytic {}, numeric {})",
-            self.max_rel_err,
-            self.max_abs_err,
-            self.checked,
-            self.worst,
-            self.worst_analytic,
-            self.worst_numeric
+            self.max_rel_err, self.max_abs_err, self.checked, self.worst, self.worst_analytic, self.worst_numeric
         )
     }
 }
@@ -80,15 +75,10 @@ where
     let var = Var::from_tensor(&x)?;
     let y = f(var.as_tensor())?;
     if y.dtype() != DType::F64 {
-        candle_core::bail!(
-            "gradcheck: f must compute in f64, it returned {:?}",
-            y.dtype()
-        )
+        candle_core::bail!("gradcheck: f must compute in f64, it returned {:?}", y.dtype())
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let w: Vec<f64> = (0..y.elem_count())
-        .map(|_| StandardNormal.sample(&mut rng))
-        .collect();
+    let w: Vec<f64> = (0..y.elem_count()).map(|_| StandardNormal.sample(&mut rng)).collect();
     let w = Tensor::from_vec(w, y.shape(), x.device())?;
     let grads = project(&y, &w)?.backward()?;
     let analytic = match grads.get(var.as_tensor()) {
@@ -139,9 +129,7 @@ mod tests {
     fn spaced(shape: &[usize]) -> Result<Tensor> {
         let len: usize = shape.iter().product();
         // 7919 is prime and does not divide the lengths used here: i ↦ 7919·i mod len permutes.
-        let v: Vec<f64> = (0..len)
-            .map(|i| ((i * 7919) % len) as f64 * 0.01 - 0.5)
-            .collect();
+        let v: Vec<f64> = (0..len).map(|i| ((i * 7919) % len) as f64 * 0.01 - 0.5).collect();
         Tensor::from_vec(v, shape, &Device::Cpu)
     }
 

@@ -208,6 +208,53 @@ impl ParamBuilder {
     }
 }
 
+impl ParamStore {
+    /// Writes every parameter and buffer as safetensors; keys are the dotted names.
+    pub fn save_safetensors(&self, path: &std::path::Path) -> Result<()> {
+        let map: std::collections::HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
+        candle_core::safetensors::save(&map, path)
+    }
+
+    /// Loads values saved by [`Self::save_safetensors`] into the existing variables.
+    /// Refuses a file that does not match (missing, unexpected or misshapen keys), listing them.
+    pub fn load_safetensors(&self, path: &std::path::Path) -> Result<()> {
+        let loaded = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read weights: {e}", path.display())))?;
+        let mut problems = vec![];
+        let targets: Vec<(&String, &Var)> = self
+            .params
+            .iter()
+            .map(|p| (&p.name, &p.var))
+            .chain(self.buffers.iter().map(|b| (&b.name, &b.var)))
+            .collect();
+        for (name, var) in &targets {
+            match loaded.get(*name) {
+                None => problems.push(format!("missing `{name}`")),
+                Some(t) if t.dims() != var.dims() => problems.push(format!(
+                    "`{name}` has shape {:?} in the file, the graph needs {:?}",
+                    t.dims(),
+                    var.dims()
+                )),
+                Some(_) => {}
+            }
+        }
+        for k in loaded.keys() {
+            if !targets.iter().any(|(n, _)| *n == k) {
+                problems.push(format!("unexpected `{k}`"));
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort();
+            candle_core::bail!("{}: the weights do not match the graph:\n  {}", path.display(), problems.join("\n  "));
+        }
+        for (name, var) in targets {
+            let t = &loaded[name.as_str()];
+            var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,47 +284,6 @@ mod tests {
         let store = a.store();
         assert_eq!(store.trainable().count(), 1);
         assert_eq!(store.params.len(), 2);
-        Ok(())
-    }
-}
-
-impl ParamStore {
-    /// Writes every parameter and buffer as safetensors; keys are the dotted names.
-    pub fn save_safetensors(&self, path: &std::path::Path) -> Result<()> {
-        let map: std::collections::HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
-        candle_core::safetensors::save(&map, path)
-    }
-
-    /// Loads values saved by [`Self::save_safetensors`] into the existing variables.
-    /// Refuses a file that does not match (missing, unexpected or misshapen keys), listing them.
-    pub fn load_safetensors(&self, path: &std::path::Path) -> Result<()> {
-        let loaded = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read weights: {e}", path.display())))?;
-        let mut problems = vec![];
-        let targets: Vec<(&String, &Var)> =
-            self.params.iter().map(|p| (&p.name, &p.var)).chain(self.buffers.iter().map(|b| (&b.name, &b.var))).collect();
-        for (name, var) in &targets {
-            match loaded.get(*name) {
-                None => problems.push(format!("missing `{name}`")),
-                Some(t) if t.dims() != var.dims() => {
-                    problems.push(format!("`{name}` has shape {:?} in the file, the graph needs {:?}", t.dims(), var.dims()))
-                }
-                Some(_) => {}
-            }
-        }
-        for k in loaded.keys() {
-            if !targets.iter().any(|(n, _)| *n == k) {
-                problems.push(format!("unexpected `{k}`"));
-            }
-        }
-        if !problems.is_empty() {
-            problems.sort();
-            candle_core::bail!("{}: the weights do not match the graph:\n  {}", path.display(), problems.join("\n  "));
-        }
-        for (name, var) in targets {
-            let t = &loaded[name.as_str()];
-            var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
-        }
         Ok(())
     }
 }

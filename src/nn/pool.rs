@@ -47,17 +47,7 @@ impl Pool {
         }
         let oh = (h + 2 * p - k) / s + 1;
         let ow = (w + 2 * p - k) / s + 1;
-        Ok(Self {
-            n,
-            c,
-            h,
-            w,
-            k,
-            s,
-            p,
-            oh,
-            ow,
-        })
+        Ok(Self { n, c, h, w, k, s, p, oh, ow })
     }
 
     /// First row (or column) of output window `o` in input coordinates; negative in the padding.
@@ -91,9 +81,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
         Device::Cpu => argmax_cpu(x, &g)?,
         _ => argmax_tensor_ops(x, &g)?,
     };
-    x.reshape((g.n * g.c, g.h * g.w))?
-        .gather(&positions, 1)?
-        .reshape((g.n, g.c, g.oh, g.ow))
+    x.reshape((g.n * g.c, g.h * g.w))?.gather(&positions, 1)?.reshape((g.n, g.c, g.oh, g.ow))
 }
 
 /// Global average pooling: the mean over H and W.
@@ -140,27 +128,25 @@ fn argmax_planes<T: WithDType>(data: &[T], g: &Pool) -> Vec<u32> {
     };
     let rows: Vec<_> = (0..g.oh).map(|o| clip(o, g.h)).collect();
     let cols: Vec<_> = (0..g.ow).map(|o| clip(o, g.w)).collect();
-    out.par_chunks_mut(g.oh * g.ow)
-        .zip(data.par_chunks(g.h * g.w))
-        .for_each(|(out, plane)| {
-            for (oy, &(y0, y1)) in rows.iter().enumerate() {
-                for (ox, &(x0, x1)) in cols.iter().enumerate() {
-                    // PyTorch's loop: start at the first real element, take strictly greater
-                    // values (first maximum wins ties) or NaN.
-                    let mut best_at = y0 * g.w + x0;
-                    let mut best = plane[best_at];
-                    for y in y0..y1 {
-                        for (i, &v) in plane[y * g.w + x0..y * g.w + x1].iter().enumerate() {
-                            if v > best || v.partial_cmp(&v).is_none() {
-                                best = v;
-                                best_at = y * g.w + x0 + i;
-                            }
+    out.par_chunks_mut(g.oh * g.ow).zip(data.par_chunks(g.h * g.w)).for_each(|(out, plane)| {
+        for (oy, &(y0, y1)) in rows.iter().enumerate() {
+            for (ox, &(x0, x1)) in cols.iter().enumerate() {
+                // PyTorch's loop: start at the first real element, take strictly greater
+                // values (first maximum wins ties) or NaN.
+                let mut best_at = y0 * g.w + x0;
+                let mut best = plane[best_at];
+                for y in y0..y1 {
+                    for (i, &v) in plane[y * g.w + x0..y * g.w + x1].iter().enumerate() {
+                        if v > best || v.partial_cmp(&v).is_none() {
+                            best = v;
+                            best_at = y * g.w + x0 + i;
                         }
                     }
-                    out[oy * g.ow + ox] = best_at as u32;
                 }
+                out[oy * g.ow + ox] = best_at as u32;
             }
-        });
+        }
+    });
     out
 }
 
@@ -184,14 +170,12 @@ fn argmax_tensor_ops(x: &Tensor, g: &Pool) -> Result<Tensor> {
         let mut parts = vec![];
         if p > 0 {
             shape[dim] = p;
-            parts
-                .push(Tensor::full(f64::NEG_INFINITY, shape.as_slice(), dev)?.to_dtype(t.dtype())?);
+            parts.push(Tensor::full(f64::NEG_INFINITY, shape.as_slice(), dev)?.to_dtype(t.dtype())?);
         }
         parts.push(t.clone());
         if total > p + keep {
             shape[dim] = total - p - keep;
-            parts
-                .push(Tensor::full(f64::NEG_INFINITY, shape.as_slice(), dev)?.to_dtype(t.dtype())?);
+            parts.push(Tensor::full(f64::NEG_INFINITY, shape.as_slice(), dev)?.to_dtype(t.dtype())?);
         }
         Tensor::cat(&parts, dim)
     };
@@ -210,9 +194,7 @@ fn argmax_tensor_ops(x: &Tensor, g: &Pool) -> Result<Tensor> {
                 }
             }
         }
-        Tensor::from_vec(t, (1, g.oh, g.ow), dev)?
-            .broadcast_as((nc, g.oh, g.ow))?
-            .contiguous()
+        Tensor::from_vec(t, (1, g.oh, g.ow), dev)?.broadcast_as((nc, g.oh, g.ow))?.contiguous()
     };
     let mut best = Tensor::full(f64::NEG_INFINITY, (nc, g.oh, g.ow), dev)?.to_dtype(x.dtype())?;
     // Starts at each window's first real element, as PyTorch's loop does.
@@ -224,9 +206,7 @@ fn argmax_tensor_ops(x: &Tensor, g: &Pool) -> Result<Tensor> {
                 t[oy * g.ow + ox] = y as i64 * g.w as i64 + xx as i64;
             }
         }
-        Tensor::from_vec(t, (1, g.oh, g.ow), dev)?
-            .broadcast_as((nc, g.oh, g.ow))?
-            .contiguous()?
+        Tensor::from_vec(t, (1, g.oh, g.ow), dev)?.broadcast_as((nc, g.oh, g.ow))?.contiguous()?
     };
     for di in 0..k {
         for dj in 0..k {
@@ -318,30 +298,13 @@ mod tests {
                 let y = max_pool2d(&x, case.k, case.s, case.p)?;
                 assert_eq!(y.dims(), &[1, 2, case.out_hw.0, case.out_hw.1]);
                 let out = y.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                assert_eq!(
-                    out,
-                    as_f64(case.out),
-                    "k={} s={} p={}",
-                    case.k,
-                    case.s,
-                    case.p
-                );
+                assert_eq!(out, as_f64(case.out), "k={} s={} p={}", case.k, case.s, case.p);
                 let w: Vec<f64> = (0..y.elem_count()).map(|j| (j % 5 + 1) as f64).collect();
                 let w = Tensor::from_vec(w, y.shape(), &Device::Cpu)?.to_dtype(dtype)?;
                 let grads = y.mul(&w)?.sum_all()?.backward()?;
-                let Some(g) = grads.get(&x) else {
-                    panic!("no gradient reached the input")
-                };
+                let Some(g) = grads.get(&x) else { panic!("no gradient reached the input") };
                 let g = g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                assert_eq!(
-                    g,
-                    as_f64(case.grad),
-                    "k={} s={} p={} ties={}",
-                    case.k,
-                    case.s,
-                    case.p,
-                    case.ties
-                );
+                assert_eq!(g, as_f64(case.grad), "k={} s={} p={} ties={}", case.k, case.s, case.p, case.ties);
             }
         }
         Ok(())
@@ -350,9 +313,7 @@ mod tests {
     /// A permutation of 0.01·k: distinct values 0.01 apart, far beyond the 1e-4 step.
     fn spaced(shape: (usize, usize, usize, usize)) -> Result<Tensor> {
         let len = shape.0 * shape.1 * shape.2 * shape.3;
-        let v: Vec<f64> = (0..len)
-            .map(|i| ((i * 7919) % len) as f64 * 0.01 - 1.0)
-            .collect();
+        let v: Vec<f64> = (0..len).map(|i| ((i * 7919) % len) as f64 * 0.01 - 1.0).collect();
         Tensor::from_vec(v, shape, &Device::Cpu)
     }
 
@@ -379,19 +340,9 @@ mod tests {
         let x = Tensor::from_vec(v, x.shape(), &Device::Cpu)?;
         for dtype in [DType::F32, DType::F64] {
             let x = x.to_dtype(dtype)?;
-            for (k, s, p) in [
-                (2, 2, 0),
-                (3, 2, 1),
-                (3, 1, 1),
-                (3, 2, 0),
-                (4, 3, 2),
-                (1, 1, 0),
-            ] {
+            for (k, s, p) in [(2, 2, 0), (3, 2, 1), (3, 1, 1), (3, 2, 0), (4, 3, 2), (1, 1, 0)] {
                 let g = Pool::new(&x, k, s, p)?;
-                let a = argmax_cpu(&x, &g)?
-                    .to_dtype(DType::I64)?
-                    .flatten_all()?
-                    .to_vec1::<i64>()?;
+                let a = argmax_cpu(&x, &g)?.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
                 let b = argmax_tensor_ops(&x, &g)?.flatten_all()?.to_vec1::<i64>()?;
                 assert_eq!(a, b, "k={k} s={s} p={p} {dtype:?}");
             }
@@ -435,19 +386,11 @@ mod tests {
             Ok(())
         };
         time("argmax, CPU loop", &|| argmax_cpu(&x, &g).map(drop))?;
-        time("argmax, tensor ops", &|| {
-            argmax_tensor_ops(&x, &g).map(drop)
-        })?;
+        time("argmax, tensor ops", &|| argmax_tensor_ops(&x, &g).map(drop))?;
         time("forward", &|| max_pool2d(&x, 3, 2, 1).map(drop))?;
-        time("forward + backward", &|| {
-            max_pool2d(&x, 3, 2, 1)?.sum_all()?.backward().map(drop)
-        })?;
-        time("candle max_pool2d(2), forward + backward", &|| {
-            x.max_pool2d(2)?.sum_all()?.backward().map(drop)
-        })?;
-        time("forward + backward, k=s=2", &|| {
-            max_pool2d(&x, 2, 2, 0)?.sum_all()?.backward().map(drop)
-        })?;
+        time("forward + backward", &|| max_pool2d(&x, 3, 2, 1)?.sum_all()?.backward().map(drop))?;
+        time("candle max_pool2d(2), forward + backward", &|| x.max_pool2d(2)?.sum_all()?.backward().map(drop))?;
+        time("forward + backward, k=s=2", &|| max_pool2d(&x, 2, 2, 0)?.sum_all()?.backward().map(drop))?;
         Ok(())
     }
 }

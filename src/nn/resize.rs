@@ -50,16 +50,9 @@ pub struct BilinearResize {
 
 impl BilinearResize {
     /// Precomputes the interpolation matrices for `in_hw → out_hw` in `dtype` on `device`.
-    pub fn new(
-        in_hw: (usize, usize),
-        out_hw: (usize, usize),
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn new(in_hw: (usize, usize), out_hw: (usize, usize), device: &Device, dtype: DType) -> Result<Self> {
         if in_hw.0 == 0 || in_hw.1 == 0 || out_hw.0 == 0 || out_hw.1 == 0 {
-            candle_core::bail!(
-                "bilinear resize: sizes must be positive, got {in_hw:?} -> {out_hw:?}"
-            )
+            candle_core::bail!("bilinear resize: sizes must be positive, got {in_hw:?} -> {out_hw:?}")
         }
         let matrix = |input: usize, output: usize| -> Result<Option<Tensor>> {
             if input == output {
@@ -73,12 +66,7 @@ impl BilinearResize {
             Some(a) => Some(a.t()?.contiguous()?),
             None => None,
         };
-        Ok(Self {
-            in_hw,
-            out_hw,
-            a_h: matrix(in_hw.0, out_hw.0)?,
-            a_w_t,
-        })
+        Ok(Self { in_hw, out_hw, a_h: matrix(in_hw.0, out_hw.0)?, a_w_t })
     }
 
     pub fn in_hw(&self) -> (usize, usize) {
@@ -108,18 +96,13 @@ impl BilinearResize {
         let mut y = x.clone();
         if let Some(a_w_t) = &self.a_w_t {
             // W is the contiguous dim: one [N·C·H, W] × [W, OW] matmul, no copy.
-            y = y
-                .reshape((n * c * h, w))?
-                .matmul(a_w_t)?
-                .reshape((n, c, h, ow))?;
+            y = y.reshape((n * c * h, w))?.matmul(a_w_t)?.reshape((n, c, h, ow))?;
         }
         if let Some(a_h) = &self.a_h {
             // A_h [OH, H] times each [H, OW] map: a batched gemm with A_h broadcast (stride 0)
             // over the N·C maps. Measured faster here than moving H last with two transpose
             // copies to make this pass a single 2-D gemm (bench_resize).
-            y = a_h
-                .broadcast_matmul(&y.reshape((n * c, h, ow))?)?
-                .reshape((n, c, oh, ow))?;
+            y = a_h.broadcast_matmul(&y.reshape((n * c, h, ow))?)?.reshape((n, c, oh, ow))?;
         }
         Ok(y)
     }
@@ -177,9 +160,7 @@ mod tests {
 
     fn input(shape: (usize, usize, usize, usize), dtype: DType) -> Result<Tensor> {
         let len = shape.0 * shape.1 * shape.2 * shape.3;
-        let v: Vec<f64> = (0..len)
-            .map(|i| (0.37 * i as f64).sin() + 0.1 * (i % 7) as f64)
-            .collect();
+        let v: Vec<f64> = (0..len).map(|i| (0.37 * i as f64).sin() + 0.1 * (i % 7) as f64).collect();
         Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
     }
 
@@ -188,20 +169,10 @@ mod tests {
         for case in CASES {
             let x = input(case.shape, DType::F32)?;
             let y = resize_bilinear(&x, case.out_hw.0, case.out_hw.1)?;
-            assert_eq!(
-                y.dims(),
-                &[case.shape.0, case.shape.1, case.out_hw.0, case.out_hw.1]
-            );
+            assert_eq!(y.dims(), &[case.shape.0, case.shape.1, case.out_hw.0, case.out_hw.1]);
             let y = y.flatten_all()?.to_vec1::<f32>()?;
-            let err = y
-                .iter()
-                .zip(case.out)
-                .map(|(&a, &b)| (a as f64 - b).abs())
-                .fold(0.0, f64::max);
-            println!(
-                "bilinear {:?} -> {:?}: max abs err {err:.2e} (f32)",
-                case.shape, case.out_hw
-            );
+            let err = y.iter().zip(case.out).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
+            println!("bilinear {:?} -> {:?}: max abs err {err:.2e} (f32)", case.shape, case.out_hw);
             assert!(err <= 1e-5, "{:?} -> {:?}: {err}", case.shape, case.out_hw);
         }
         Ok(())
@@ -209,11 +180,7 @@ mod tests {
 
     #[test]
     fn gradcheck_f64() -> Result<()> {
-        for (shape, out_hw) in [
-            ((2, 3, 9, 7), (5, 4)),
-            ((1, 2, 3, 4), (7, 9)),
-            ((1, 2, 6, 3), (4, 5)),
-        ] {
+        for (shape, out_hw) in [((2, 3, 9, 7), (5, 4)), ((1, 2, 3, 4), (7, 9)), ((1, 2, 6, 3), (4, 5))] {
             let r = BilinearResize::new((shape.2, shape.3), out_hw, &Device::Cpu, DType::F64)?;
             let res = gradcheck(|x| r.forward(x), &input(shape, DType::F64)?, 1e-5, 3)?;
             println!("bilinear {shape:?} -> {out_hw:?}: {res}");
@@ -226,10 +193,7 @@ mod tests {
     fn same_size_is_identity_and_wrong_input_is_rejected() -> Result<()> {
         let x = input((1, 2, 5, 6), DType::F32)?;
         let y = resize_bilinear(&x, 5, 6)?;
-        assert_eq!(
-            y.flatten_all()?.to_vec1::<f32>()?,
-            x.flatten_all()?.to_vec1::<f32>()?
-        );
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, x.flatten_all()?.to_vec1::<f32>()?);
         let r = BilinearResize::new((5, 6), (3, 3), &Device::Cpu, DType::F32)?;
         assert!(r.forward(&input((1, 2, 6, 5), DType::F32)?).is_err());
         assert!(BilinearResize::new((0, 6), (3, 3), &Device::Cpu, DType::F32).is_err());
@@ -239,16 +203,7 @@ mod tests {
     /// The rows of every interpolation matrix sum to 1 (a constant image stays constant).
     #[test]
     fn interpolation_rows_sum_to_one() {
-        for (i, o) in [
-            (56, 36),
-            (36, 24),
-            (24, 16),
-            (16, 12),
-            (12, 8),
-            (3, 7),
-            (1, 4),
-            (7, 1),
-        ] {
+        for (i, o) in [(56, 36), (36, 24), (24, 16), (16, 12), (12, 8), (3, 7), (1, 4), (7, 1)] {
             let a = interp_matrix(i, o);
             for row in a.chunks(i) {
                 assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12, "{i} -> {o}");
@@ -263,15 +218,10 @@ mod tests {
     fn bench_resize() -> Result<()> {
         let x = candle_core::Var::from_tensor(&input((16, 256, 56, 56), DType::F32)?)?;
         let r = BilinearResize::new((56, 56), (36, 36), &Device::Cpu, DType::F32)?;
-        let a_t = Tensor::from_vec(interp_matrix(56, 36), (36, 56), &Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .t()?
-            .contiguous()?;
+        let a_t =
+            Tensor::from_vec(interp_matrix(56, 36), (36, 56), &Device::Cpu)?.to_dtype(DType::F32)?.t()?.contiguous()?;
         let transposed = |x: &Tensor| -> Result<Tensor> {
-            let y = x
-                .reshape((16 * 256 * 56, 56))?
-                .matmul(&a_t)?
-                .reshape((16, 256, 56, 36))?;
+            let y = x.reshape((16 * 256 * 56, 56))?.matmul(&a_t)?.reshape((16, 256, 56, 36))?;
             y.transpose(2, 3)?
                 .contiguous()?
                 .reshape((16 * 256 * 36, 56))?
@@ -280,10 +230,7 @@ mod tests {
                 .transpose(2, 3)?
                 .contiguous()
         };
-        let diff = (r.forward(&x)? - transposed(&x)?)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let diff = (r.forward(&x)? - transposed(&x)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         let time = |name: &str, f: &dyn Fn() -> Result<()>| -> Result<()> {
             f()?;
@@ -295,13 +242,9 @@ mod tests {
             Ok(())
         };
         time("BilinearResize, forward", &|| r.forward(&x).map(drop))?;
-        time("BilinearResize, forward + backward", &|| {
-            r.forward(&x)?.sum_all()?.backward().map(drop)
-        })?;
+        time("BilinearResize, forward + backward", &|| r.forward(&x)?.sum_all()?.backward().map(drop))?;
         time("H pass transposed, forward", &|| transposed(&x).map(drop))?;
-        time("H pass transposed, forward + backward", &|| {
-            transposed(&x)?.sum_all()?.backward().map(drop)
-        })?;
+        time("H pass transposed, forward + backward", &|| transposed(&x)?.sum_all()?.backward().map(drop))?;
         Ok(())
     }
 }

@@ -59,10 +59,7 @@ impl AdamWConfig {
             errors.push(format!("adamw: eps must be > 0, got {}", self.eps));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            errors.push(format!(
-                "adamw: weight_decay must be >= 0, got {}",
-                self.weight_decay
-            ));
+            errors.push(format!("adamw: weight_decay must be >= 0, got {}", self.weight_decay));
         }
         errors
     }
@@ -79,10 +76,7 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(config: AdamWConfig) -> Self {
-        Self {
-            config,
-            slots: Slots::new(&["exp_avg", "exp_avg_sq", "step"]),
-        }
+        Self { config, slots: Slots::new(&["exp_avg", "exp_avg_sq", "step"]) }
     }
 }
 
@@ -133,13 +127,7 @@ mod tests {
     fn matches_pytorch_reference() -> Result<()> {
         let mut worst: f64 = 0.0;
         for (config, want) in [
-            (
-                AdamWConfig {
-                    weight_decay: 0.05,
-                    ..AdamWConfig::default()
-                },
-                ADAMW,
-            ),
+            (AdamWConfig { weight_decay: 0.05, ..AdamWConfig::default() }, ADAMW),
             (
                 AdamWConfig {
                     betas: [0.8, 0.99],
@@ -160,10 +148,7 @@ mod tests {
 
     #[test]
     fn state_round_trips_with_per_parameter_step_counts() -> Result<()> {
-        let config = AdamWConfig {
-            weight_decay: 0.05,
-            ..AdamWConfig::default()
-        };
+        let config = AdamWConfig { weight_decay: 0.05, ..AdamWConfig::default() };
         let params = params()?;
         let mut first = AdamW::new(config.clone());
         first.step(&params, &grads(0)?, LRS[0])?;
@@ -190,16 +175,11 @@ mod tests {
         let params: Vec<Param> = params64
             .iter()
             .map(|p| -> Result<Param> {
-                let var = candle_core::Var::from_tensor(
-                    &p.var.as_tensor().to_dtype(candle_core::DType::F32)?,
-                )?;
+                let var = candle_core::Var::from_tensor(&p.var.as_tensor().to_dtype(candle_core::DType::F32)?)?;
                 Ok(Param { var, ..p.clone() })
             })
             .collect::<Result<_>>()?;
-        let mut opt = AdamW::new(AdamWConfig {
-            weight_decay: 0.05,
-            ..AdamWConfig::default()
-        });
+        let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.05, ..AdamWConfig::default() });
         for (t, lr) in LRS.iter().enumerate() {
             let g: Vec<Option<Tensor>> = grads(t)?
                 .into_iter()
@@ -210,11 +190,7 @@ mod tests {
         let mut worst: f64 = 0.0;
         for (p, want) in params.iter().zip(ADAMW) {
             let got = p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            worst = got
-                .iter()
-                .zip(want)
-                .map(|(a, b)| (*a as f64 - b).abs())
-                .fold(worst, f64::max);
+            worst = got.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs()).fold(worst, f64::max);
         }
         eprintln!("adamw f32 vs f64 reference: max abs error {worst:.3e}");
         assert!(worst <= 1e-6, "{worst}");

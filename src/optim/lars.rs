@@ -59,22 +59,13 @@ impl LarsConfig {
     pub fn validate(&self) -> Vec<String> {
         let mut errors = vec![];
         if !(0.0..1.0).contains(&self.momentum) {
-            errors.push(format!(
-                "lars: momentum must be in [0, 1), got {}",
-                self.momentum
-            ));
+            errors.push(format!("lars: momentum must be in [0, 1), got {}", self.momentum));
         }
         if !(self.trust_coefficient > 0.0 && self.trust_coefficient.is_finite()) {
-            errors.push(format!(
-                "lars: trust_coefficient must be > 0, got {}",
-                self.trust_coefficient
-            ));
+            errors.push(format!("lars: trust_coefficient must be > 0, got {}", self.trust_coefficient));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            errors.push(format!(
-                "lars: weight_decay must be >= 0, got {}",
-                self.weight_decay
-            ));
+            errors.push(format!("lars: weight_decay must be >= 0, got {}", self.weight_decay));
         }
         errors
     }
@@ -96,20 +87,13 @@ pub struct Lars {
 
 impl Lars {
     pub fn new(config: LarsConfig) -> Self {
-        Self {
-            config,
-            slots: Slots::new(&["momentum"]),
-        }
+        Self { config, slots: Slots::new(&["momentum"]) }
     }
 }
 
 /// ‖t‖₂ of the whole tensor, accumulated in f64.
 fn norm(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .to_scalar::<f64>()?
-        .sqrt())
+    Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
 }
 
 impl Optimizer for Lars {
@@ -133,11 +117,7 @@ impl Optimizer for Lars {
                 None => scaled_g.clone(),
                 Some(v) => ((v * c.momentum)? + &scaled_g)?,
             };
-            let update = if c.nesterov {
-                ((&v * c.momentum)? + scaled_g)?
-            } else {
-                v.clone()
-            };
+            let update = if c.nesterov { ((&v * c.momentum)? + scaled_g)? } else { v.clone() };
             p.var.set(&(w - update)?)?;
             self.slots.set("momentum", p, v);
         }
@@ -191,10 +171,7 @@ mod tests {
         let params = params()?;
         let mut opt = Lars::new(LarsConfig::default());
         opt.step(&params, &grads(0)?, 0.5)?;
-        for (p, (w0, g)) in params[1..]
-            .iter()
-            .zip([(&B0[..], &GB[0].unwrap_or_default()[..]), (&N0, &GN[0])])
-        {
+        for (p, (w0, g)) in params[1..].iter().zip([(&B0[..], &GB[0].unwrap_or_default()[..]), (&N0, &GN[0])]) {
             assert!(p.kind != ParamKind::Weight);
             let got = p.var.as_tensor().to_vec1::<f64>()?;
             for ((a, w), g) in got.iter().zip(w0).zip(g) {
@@ -209,13 +186,8 @@ mod tests {
         // a zero-initialised weight (the last BN's scale in some ResNets, a fresh head) must
         // still move: ‖w‖ = 0 gives trust 1, not 0
         let params = params()?;
-        params[0]
-            .var
-            .set(&Tensor::zeros((2, 3), DType::F64, &Device::Cpu)?)?;
-        let mut opt = Lars::new(LarsConfig {
-            weight_decay: 0.0,
-            ..LarsConfig::default()
-        });
+        params[0].var.set(&Tensor::zeros((2, 3), DType::F64, &Device::Cpu)?)?;
+        let mut opt = Lars::new(LarsConfig { weight_decay: 0.0, ..LarsConfig::default() });
         opt.step(&params, &grads(0)?, 0.1)?;
         let got = params[0].var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         for (a, g) in got.iter().zip(GW[0]) {

@@ -98,31 +98,23 @@ fn updates<'a>(
     grads: &'a [Option<Tensor>],
 ) -> Result<impl Iterator<Item = Result<(&'a Param, Tensor, Tensor)>> + 'a> {
     if params.len() != grads.len() {
-        bail!(
-            "optimizer step: {} parameters but {} gradients",
-            params.len(),
-            grads.len()
-        );
+        bail!("optimizer step: {} parameters but {} gradients", params.len(), grads.len());
     }
-    Ok(params
-        .iter()
-        .zip(grads)
-        .filter(|(p, _)| p.trainable)
-        .filter_map(|(p, g)| {
-            let g = g.as_ref()?;
-            let w = p.var.as_detached_tensor();
-            if g.shape() != w.shape() || g.dtype() != w.dtype() {
-                return Some(Err(candle_core::Error::Msg(format!(
-                    "optimizer step: gradient of `{}` is {:?} {:?}, the parameter is {:?} {:?}",
-                    p.name,
-                    g.shape(),
-                    g.dtype(),
-                    w.shape(),
-                    w.dtype()
-                ))));
-            }
-            Some(Ok((p, w, g.detach())))
-        }))
+    Ok(params.iter().zip(grads).filter(|(p, _)| p.trainable).filter_map(|(p, g)| {
+        let g = g.as_ref()?;
+        let w = p.var.as_detached_tensor();
+        if g.shape() != w.shape() || g.dtype() != w.dtype() {
+            return Some(Err(candle_core::Error::Msg(format!(
+                "optimizer step: gradient of `{}` is {:?} {:?}, the parameter is {:?} {:?}",
+                p.name,
+                g.shape(),
+                g.dtype(),
+                w.shape(),
+                w.dtype()
+            ))));
+        }
+        Some(Ok((p, w, g.detach())))
+    }))
 }
 
 /// Per-parameter state tensors under slot names (`momentum`, `exp_avg`, ...), keyed
@@ -135,10 +127,7 @@ struct Slots {
 
 impl Slots {
     fn new(names: &'static [&'static str]) -> Self {
-        Self {
-            names,
-            tensors: BTreeMap::new(),
-        }
+        Self { names, tensors: BTreeMap::new() }
     }
 
     /// The state of `param` in `slot`, checked against the parameter's shape (a checkpoint
@@ -162,16 +151,10 @@ impl Slots {
         match self.tensors.get(&format!("{slot}.{}", param.name)) {
             None => Ok(0),
             Some(t) => {
-                let v = t
-                    .flatten_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_vec1::<f64>()?;
+                let v = t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
                 match v.as_slice() {
                     [c] if *c >= 0.0 && c.fract() == 0.0 => Ok(*c as u64),
-                    _ => bail!(
-                        "optimizer state `{slot}.{}` is not a step count: {v:?}",
-                        param.name
-                    ),
+                    _ => bail!("optimizer state `{slot}.{}` is not a step count: {v:?}", param.name),
                 }
             }
         }
@@ -188,28 +171,17 @@ impl Slots {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        self.tensors
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        self.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     fn load(&mut self, state: &[(String, Tensor)]) -> Result<()> {
         let bad: Vec<&str> = state
             .iter()
             .map(|(k, _)| k.as_str())
-            .filter(|k| {
-                !self
-                    .names
-                    .iter()
-                    .any(|s| k.strip_prefix(s).is_some_and(|r| r.starts_with('.')))
-            })
+            .filter(|k| !self.names.iter().any(|s| k.strip_prefix(s).is_some_and(|r| r.starts_with('.'))))
             .collect();
         if !bad.is_empty() {
-            bail!(
-                "optimizer state: keys {bad:?} do not start with one of {:?}",
-                self.names
-            );
+            bail!("optimizer state: keys {bad:?} do not start with one of {:?}", self.names);
         }
         self.tensors = state.iter().cloned().collect();
         Ok(())
@@ -226,13 +198,9 @@ pub(crate) mod test_util {
     pub const W0: [f64; 6] = [0.5, -0.3, 0.8, -0.1, 0.4, -0.7];
     pub const B0: [f64; 3] = [0.05, -0.02, 0.1];
     pub const N0: [f64; 2] = [1.0, 0.9];
-    pub const GW: [[f64; 6]; 3] = [
-        [0.1, -0.2, 0.3, 0.05, 0.0, -0.1],
-        [-0.2, 0.1, 0.0, 0.3, -0.1, 0.2],
-        [0.05, 0.05, -0.05, 0.1, 0.2, -0.3],
-    ];
-    pub const GB: [Option<[f64; 3]>; 3] =
-        [Some([0.01, -0.03, 0.02]), None, Some([0.02, 0.0, -0.01])];
+    pub const GW: [[f64; 6]; 3] =
+        [[0.1, -0.2, 0.3, 0.05, 0.0, -0.1], [-0.2, 0.1, 0.0, 0.3, -0.1, 0.2], [0.05, 0.05, -0.05, 0.1, 0.2, -0.3]];
+    pub const GB: [Option<[f64; 3]>; 3] = [Some([0.01, -0.03, 0.02]), None, Some([0.02, 0.0, -0.01])];
     pub const GN: [[f64; 2]; 3] = [[0.1, -0.1], [0.0, 0.0], [0.2, 0.05]];
     pub const LRS: [f64; 3] = [0.1, 0.05, 0.2];
 
@@ -325,32 +293,15 @@ pub(crate) mod test_util {
     //     fmt = lambda a: ", ".join(repr(float(x)) for x in a.ravel())
     //     print(f"const {name}: [&[f64]; 3] = [&[{fmt(w)}], &[{fmt(b)}], &[{fmt(n)}]];")
     // ```
-    pub const SGD_PLAIN: [&[f64]; 3] = [
-        &[0.49, -0.295, 0.78, -0.14, 0.365, -0.6399999999999999],
-        &[0.045, -0.017, 0.1],
-        &[0.95, 0.9],
-    ];
+    pub const SGD_PLAIN: [&[f64]; 3] =
+        [&[0.49, -0.295, 0.78, -0.14, 0.365, -0.6399999999999999], &[0.045, -0.017, 0.1], &[0.95, 0.9]];
     pub const SGD_MOMENTUM_WD: [&[f64]; 3] = [
-        &[
-            0.5016500895,
-            -0.2694848397,
-            0.7121649292,
-            -0.2035576249,
-            0.38004447960000004,
-            -0.6501773292999999,
-        ],
+        &[0.5016500895, -0.2694848397, 0.7121649292, -0.2035576249, 0.38004447960000004, -0.6501773292999999],
         &[0.0429621, -0.011510040000000003, 0.0959242],
         &[0.921988189, 0.9140205891000001],
     ];
     pub const SGD_NESTEROV_EXCLUDE: [&[f64]; 3] = [
-        &[
-            0.4897762739805,
-            -0.2666418763623,
-            0.6984264503428,
-            -0.23272694880910003,
-            0.3456175980564,
-            -0.5927531230087,
-        ],
+        &[0.4897762739805, -0.2666418763623, 0.6984264503428, -0.23272694880910003, 0.3456175980564, -0.5927531230087],
         &[0.038880000000000005, -0.00944, 0.09676000000000001],
         &[0.88637, 0.9186300000000001],
     ];
@@ -363,11 +314,7 @@ pub(crate) mod test_util {
             0.3670124885268088,
             -0.5385325829360594,
         ],
-        &[
-            -0.24278368409590545,
-            0.21331055463784326,
-            -0.053762324737802306,
-        ],
+        &[-0.24278368409590545, 0.21331055463784326, -0.053762324737802306],
         &[0.6900793105582608, 1.0517024406352846],
     ];
     pub const ADAMW_EXCLUDE: [&[f64]; 3] = [
@@ -379,11 +326,7 @@ pub(crate) mod test_util {
             0.3559433828508185,
             -0.5327162880944956,
         ],
-        &[
-            -0.24644557807449707,
-            0.2060156277327585,
-            -0.042219735292212186,
-        ],
+        &[-0.24644557807449707, 0.2060156277327585, -0.042219735292212186],
         &[0.7013833677688723, 1.049335826937198],
     ];
     pub const LARS: [&[f64]; 3] = [
@@ -407,11 +350,7 @@ pub(crate) mod test_util {
             0.39740791364452016,
             -0.6952287616545745,
         ],
-        &[
-            0.04947084442108037,
-            -0.019753412405937604,
-            0.09980105018076414,
-        ],
+        &[0.04947084442108037, -0.019753412405937604, 0.09980105018076414],
         &[0.9894089361668137, 0.8968537652157973],
     ];
 
@@ -422,15 +361,9 @@ pub(crate) mod test_util {
         b.param("bias", 3, ParamKind::Bias, Init::Const(0.0))?;
         b.param("bn", 2, ParamKind::Norm, Init::Const(0.0))?;
         let params = b.store().params;
-        params[0]
-            .var
-            .set(&Tensor::from_slice(&W0, (2, 3), &Device::Cpu)?)?;
-        params[1]
-            .var
-            .set(&Tensor::from_slice(&B0, 3, &Device::Cpu)?)?;
-        params[2]
-            .var
-            .set(&Tensor::from_slice(&N0, 2, &Device::Cpu)?)?;
+        params[0].var.set(&Tensor::from_slice(&W0, (2, 3), &Device::Cpu)?)?;
+        params[1].var.set(&Tensor::from_slice(&B0, 3, &Device::Cpu)?)?;
+        params[2].var.set(&Tensor::from_slice(&N0, 2, &Device::Cpu)?)?;
         Ok(params)
     }
 
@@ -457,11 +390,7 @@ pub(crate) mod test_util {
         for (p, w) in params.iter().zip(want) {
             let got = p.var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
             assert_eq!(got.len(), w.len());
-            worst = got
-                .iter()
-                .zip(w)
-                .map(|(a, b)| (a - b).abs())
-                .fold(worst, f64::max);
+            worst = got.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(worst, f64::max);
         }
         Ok(worst)
     }
@@ -477,22 +406,16 @@ mod tests {
     #[test]
     fn yaml_picks_the_optimizer_and_fills_defaults() {
         let c: OptimizerConfig = serde_yaml::from_str(YAML_SGD).expect("valid yaml");
-        let OptimizerConfig::Sgd(s) = &c else {
-            panic!("expected sgd, got {c:?}")
-        };
+        let OptimizerConfig::Sgd(s) = &c else { panic!("expected sgd, got {c:?}") };
         assert_eq!((s.momentum, s.nesterov, s.weight_decay), (0.9, true, 0.0));
         let c: OptimizerConfig = serde_yaml::from_str("kind: lars\n").expect("valid yaml");
         assert_eq!(c, OptimizerConfig::default());
-        let c: OptimizerConfig =
-            serde_yaml::from_str("kind: adamw\nbetas: [0.9, 0.95]\n").expect("valid yaml");
-        let OptimizerConfig::Adamw(a) = &c else {
-            panic!("expected adamw, got {c:?}")
-        };
+        let c: OptimizerConfig = serde_yaml::from_str("kind: adamw\nbetas: [0.9, 0.95]\n").expect("valid yaml");
+        let OptimizerConfig::Adamw(a) = &c else { panic!("expected adamw, got {c:?}") };
         assert_eq!((a.betas, a.eps, a.weight_decay), ([0.9, 0.95], 1e-8, 0.01));
         // what goes into the run directory reads back the same
         let back: OptimizerConfig =
-            serde_yaml::from_str(&serde_yaml::to_string(&c).expect("serialises"))
-                .expect("reads back");
+            serde_yaml::from_str(&serde_yaml::to_string(&c).expect("serialises")).expect("reads back");
         assert_eq!(back, c);
     }
 
@@ -500,10 +423,7 @@ mod tests {
     fn yaml_rejects_typos_unknown_kinds_and_wrong_types() {
         for (yaml, needle) in [
             ("kind: sgd\nmomentun: 0.9\n", "momentun"),
-            (
-                "kind: adamw\nweight_decay: 0.1\nbeta: [0.9, 0.99]\n",
-                "beta",
-            ),
+            ("kind: adamw\nweight_decay: 0.1\nbeta: [0.9, 0.99]\n", "beta"),
             ("kind: lars\ntrust_coeficient: 0.001\n", "trust_coeficient"),
             // a key of another optimizer is a typo too
             ("kind: sgd\ntrust_coefficient: 0.001\n", "trust_coefficient"),
@@ -515,10 +435,7 @@ mod tests {
                 Ok(c) => panic!("accepted {yaml:?} as {c:?}"),
                 Err(e) => e.to_string(),
             };
-            assert!(
-                err.contains(needle),
-                "error for {yaml:?} does not name `{needle}`: {err}"
-            );
+            assert!(err.contains(needle), "error for {yaml:?} does not name `{needle}`: {err}");
         }
     }
 
@@ -536,15 +453,8 @@ mod tests {
 
     #[test]
     fn schema_carries_the_doc_comments_and_defaults() {
-        let schema = serde_json::to_string(&schemars::schema_for!(OptimizerConfig))
-            .expect("schema serialises");
-        for needle in [
-            "trust_coefficient",
-            "Trust coefficient",
-            "\"default\":0.001",
-            "lars",
-            "nesterov",
-        ] {
+        let schema = serde_json::to_string(&schemars::schema_for!(OptimizerConfig)).expect("schema serialises");
+        for needle in ["trust_coefficient", "Trust coefficient", "\"default\":0.001", "lars", "nesterov"] {
             assert!(schema.contains(needle), "schema lacks {needle}: {schema}");
         }
     }
@@ -564,10 +474,7 @@ mod tests {
     fn frozen_parameters_are_not_updated() -> Result<()> {
         let mut params = params()?;
         params[0].trainable = false;
-        let mut opt = Sgd::new(SgdConfig {
-            weight_decay: 0.1,
-            ..SgdConfig::default()
-        });
+        let mut opt = Sgd::new(SgdConfig { weight_decay: 0.1, ..SgdConfig::default() });
         opt.step(&params, &grads(0)?, 0.1)?;
         let w = params[0].var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         assert_eq!(w, W0.to_vec());
@@ -578,10 +485,7 @@ mod tests {
     fn load_state_rejects_other_optimizers_slots() -> Result<()> {
         let mut adam = AdamW::new(AdamWConfig::default());
         adam.step(&params()?, &grads(0)?, 0.1)?;
-        let mut sgd = Sgd::new(SgdConfig {
-            momentum: 0.9,
-            ..SgdConfig::default()
-        });
+        let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, ..SgdConfig::default() });
         assert!(sgd.load_state(&adam.state()).is_err());
         Ok(())
     }

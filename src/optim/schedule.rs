@@ -35,32 +35,17 @@ pub struct LrSchedule {
 
 impl LrSchedule {
     pub fn constant(lr: f64) -> Self {
-        Self {
-            peak_lr: lr,
-            warmup_steps: 0,
-            total_steps: 0,
-            decay: Decay::Constant,
-        }
+        Self { peak_lr: lr, warmup_steps: 0, total_steps: 0, decay: Decay::Constant }
     }
 
     /// Warm-up over `warmup_steps`, then cosine decay to `final_lr` at `total_steps`.
     pub fn cosine(peak_lr: f64, warmup_steps: usize, total_steps: usize, final_lr: f64) -> Self {
-        Self {
-            peak_lr,
-            warmup_steps,
-            total_steps,
-            decay: Decay::Cosine { final_lr },
-        }
+        Self { peak_lr, warmup_steps, total_steps, decay: Decay::Cosine { final_lr } }
     }
 
     /// Warm-up over `warmup_steps`, then `peak_lr · gamma^(milestones passed)`.
     pub fn step(peak_lr: f64, warmup_steps: usize, milestones: Vec<usize>, gamma: f64) -> Self {
-        Self {
-            peak_lr,
-            warmup_steps,
-            total_steps: 0,
-            decay: Decay::Step { milestones, gamma },
-        }
+        Self { peak_lr, warmup_steps, total_steps: 0, decay: Decay::Step { milestones, gamma } }
     }
 
     /// The same schedule with a linear warm-up over `warmup_steps`.
@@ -92,12 +77,8 @@ impl LrSchedule {
                 if decay_steps == 0 {
                     return self.peak_lr;
                 }
-                let progress =
-                    (step - self.warmup_steps).min(decay_steps) as f64 / decay_steps as f64;
-                final_lr
-                    + (self.peak_lr - final_lr)
-                        * 0.5
-                        * (1.0 + (std::f64::consts::PI * progress).cos())
+                let progress = (step - self.warmup_steps).min(decay_steps) as f64 / decay_steps as f64;
+                final_lr + (self.peak_lr - final_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
             Decay::Step { milestones, gamma } => {
                 let passed = milestones.iter().filter(|&&m| step >= m).count();
@@ -174,23 +155,9 @@ pub enum ScheduleConfig {
 impl ScheduleConfig {
     fn common(&self) -> (f64, bool, f64) {
         match *self {
-            ScheduleConfig::Cosine {
-                lr,
-                scale_with_batch,
-                warmup_epochs,
-                ..
-            }
-            | ScheduleConfig::Constant {
-                lr,
-                scale_with_batch,
-                warmup_epochs,
-            }
-            | ScheduleConfig::Step {
-                lr,
-                scale_with_batch,
-                warmup_epochs,
-                ..
-            } => (lr, scale_with_batch, warmup_epochs),
+            ScheduleConfig::Cosine { lr, scale_with_batch, warmup_epochs, .. }
+            | ScheduleConfig::Constant { lr, scale_with_batch, warmup_epochs }
+            | ScheduleConfig::Step { lr, scale_with_batch, warmup_epochs, .. } => (lr, scale_with_batch, warmup_epochs),
         }
     }
 
@@ -207,28 +174,18 @@ impl ScheduleConfig {
 
     /// The schedule for a run of `total_steps` optimizer steps, `steps_per_epoch` per epoch.
     /// Epoch counts become steps by rounding.
-    pub fn build(
-        &self,
-        batch_size: usize,
-        total_steps: usize,
-        steps_per_epoch: usize,
-    ) -> LrSchedule {
+    pub fn build(&self, batch_size: usize, total_steps: usize, steps_per_epoch: usize) -> LrSchedule {
         let peak = self.peak_lr(batch_size);
         let to_steps = |epochs: f64| (epochs * steps_per_epoch as f64).round().max(0.0) as usize;
         let warmup = to_steps(self.common().2);
         match self {
-            ScheduleConfig::Cosine {
-                final_lr_fraction, ..
-            } => LrSchedule::cosine(peak, warmup, total_steps, peak * final_lr_fraction),
+            ScheduleConfig::Cosine { final_lr_fraction, .. } => {
+                LrSchedule::cosine(peak, warmup, total_steps, peak * final_lr_fraction)
+            }
             ScheduleConfig::Constant { .. } => LrSchedule::constant(peak).with_warmup(warmup),
-            ScheduleConfig::Step {
-                milestones, gamma, ..
-            } => LrSchedule::step(
-                peak,
-                warmup,
-                milestones.iter().map(|&m| to_steps(m)).collect(),
-                *gamma,
-            ),
+            ScheduleConfig::Step { milestones, gamma, .. } => {
+                LrSchedule::step(peak, warmup, milestones.iter().map(|&m| to_steps(m)).collect(), *gamma)
+            }
         }
     }
 
@@ -240,31 +197,18 @@ impl ScheduleConfig {
             errors.push(format!("schedule: lr must be > 0, got {lr}"));
         }
         if !(warmup_epochs >= 0.0 && warmup_epochs.is_finite()) {
-            errors.push(format!(
-                "schedule: warmup_epochs must be >= 0, got {warmup_epochs}"
-            ));
+            errors.push(format!("schedule: warmup_epochs must be >= 0, got {warmup_epochs}"));
         }
         match self {
-            ScheduleConfig::Cosine {
-                final_lr_fraction: f,
-                ..
-            } if !(0.0..=1.0).contains(f) => {
-                errors.push(format!(
-                    "schedule: final_lr_fraction must be in [0, 1], got {f}"
-                ));
+            ScheduleConfig::Cosine { final_lr_fraction: f, .. } if !(0.0..=1.0).contains(f) => {
+                errors.push(format!("schedule: final_lr_fraction must be in [0, 1], got {f}"));
             }
-            ScheduleConfig::Step {
-                milestones, gamma, ..
-            } => {
+            ScheduleConfig::Step { milestones, gamma, .. } => {
                 if milestones.iter().any(|m| !(*m >= 0.0 && m.is_finite())) {
-                    errors.push(format!(
-                        "schedule: milestones must be epochs >= 0, got {milestones:?}"
-                    ));
+                    errors.push(format!("schedule: milestones must be epochs >= 0, got {milestones:?}"));
                 }
                 if milestones.windows(2).any(|w| w[0] >= w[1]) {
-                    errors.push(format!(
-                        "schedule: milestones must be strictly ascending, got {milestones:?}"
-                    ));
+                    errors.push(format!("schedule: milestones must be strictly ascending, got {milestones:?}"));
                 }
                 if !(*gamma > 0.0 && gamma.is_finite()) {
                     errors.push(format!("schedule: gamma must be > 0, got {gamma}"));
@@ -293,10 +237,7 @@ mod tests {
         assert!(close(s.lr(5), 2.4)); // warm-up middle
         assert!(close(s.lr(10), 4.8)); // warm-up end = peak
         assert!(close(s.lr(60), 2.4)); // half-way through the cosine
-        assert!(close(
-            s.lr(35),
-            4.8 * 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())
-        ));
+        assert!(close(s.lr(35), 4.8 * 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())));
         assert!(s.lr(109) > 0.0 && s.lr(109) < 1e-2);
         assert!(close(s.lr(110), 0.0)); // end
         assert!(close(s.lr(500), 0.0)); // past the end: stays at the floor
@@ -307,10 +248,7 @@ mod tests {
     #[test]
     fn step_and_constant() {
         let s = LrSchedule::step(30.0, 0, vec![30, 60, 90], 0.1);
-        let got: Vec<f64> = [0, 29, 30, 59, 60, 90, 99]
-            .iter()
-            .map(|&i| s.lr(i))
-            .collect();
+        let got: Vec<f64> = [0, 29, 30, 59, 60, 90, 99].iter().map(|&i| s.lr(i)).collect();
         let want = [30.0, 30.0, 3.0, 3.0, 0.3, 0.03, 0.03];
         assert!(got.iter().zip(want).all(|(a, b)| close(*a, b)), "{got:?}");
         let c = LrSchedule::constant(0.5).with_warmup(4);
@@ -333,17 +271,10 @@ mod tests {
         // the linear probe: LR 30, ×0.1 at epochs 30/60/90 (the default milestones)
         let c: ScheduleConfig = serde_yaml::from_str("kind: step\nlr: 30\n").expect("valid yaml");
         let s = c.build(256, 100 * 20, 20);
-        assert_eq!(
-            s.decay(),
-            &Decay::Step {
-                milestones: vec![600, 1200, 1800],
-                gamma: 0.1
-            }
-        );
+        assert_eq!(s.decay(), &Decay::Step { milestones: vec![600, 1200, 1800], gamma: 0.1 });
         assert!(close(s.lr(599), 30.0) && close(s.lr(600), 3.0));
 
-        let c: ScheduleConfig =
-            serde_yaml::from_str("kind: constant\nlr: 0.001\n").expect("valid yaml");
+        let c: ScheduleConfig = serde_yaml::from_str("kind: constant\nlr: 0.001\n").expect("valid yaml");
         assert!(close(c.build(4096, 10, 1).lr(3), 0.001));
     }
 
@@ -352,10 +283,7 @@ mod tests {
         for (yaml, needle) in [
             ("kind: cosine\nlr: 0.3\nwarmup_epoch: 10\n", "warmup_epoch"),
             // milestones belong to `step`: under `cosine` they are a mistake, not ignored
-            (
-                "kind: cosine\nlr: 0.3\nmilestones: [30, 60]\n",
-                "milestones",
-            ),
+            ("kind: cosine\nlr: 0.3\nmilestones: [30, 60]\n", "milestones"),
             ("kind: step\nlr: 0.3\ngama: 0.5\n", "gama"),
             ("kind: cosine\n", "lr"),
             ("kind: linear\nlr: 0.1\n", "linear"),
@@ -365,10 +293,7 @@ mod tests {
                 Ok(c) => panic!("accepted {yaml:?} as {c:?}"),
                 Err(e) => e.to_string(),
             };
-            assert!(
-                err.contains(needle),
-                "error for {yaml:?} does not name `{needle}`: {err}"
-            );
+            assert!(err.contains(needle), "error for {yaml:?} does not name `{needle}`: {err}");
         }
     }
 
@@ -386,16 +311,8 @@ mod tests {
 
     #[test]
     fn schema_documents_every_kind() {
-        let schema = serde_json::to_string(&schemars::schema_for!(ScheduleConfig))
-            .expect("schema serialises");
-        for needle in [
-            "cosine",
-            "constant",
-            "step",
-            "warmup_epochs",
-            "linear scaling rule",
-            "milestones",
-        ] {
+        let schema = serde_json::to_string(&schemars::schema_for!(ScheduleConfig)).expect("schema serialises");
+        for needle in ["cosine", "constant", "step", "warmup_epochs", "linear scaling rule", "milestones"] {
             assert!(schema.contains(needle), "schema lacks {needle}: {schema}");
         }
     }

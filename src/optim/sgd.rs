@@ -48,19 +48,13 @@ impl SgdConfig {
     pub fn validate(&self) -> Vec<String> {
         let mut errors = vec![];
         if !(0.0..1.0).contains(&self.momentum) {
-            errors.push(format!(
-                "sgd: momentum must be in [0, 1), got {}",
-                self.momentum
-            ));
+            errors.push(format!("sgd: momentum must be in [0, 1), got {}", self.momentum));
         }
         if self.nesterov && self.momentum == 0.0 {
             errors.push("sgd: nesterov needs a momentum > 0 (PyTorch refuses it too)".to_string());
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            errors.push(format!(
-                "sgd: weight_decay must be >= 0, got {}",
-                self.weight_decay
-            ));
+            errors.push(format!("sgd: weight_decay must be >= 0, got {}", self.weight_decay));
         }
         errors
     }
@@ -77,10 +71,7 @@ pub struct Sgd {
 
 impl Sgd {
     pub fn new(config: SgdConfig) -> Self {
-        Self {
-            config,
-            slots: Slots::new(&["momentum"]),
-        }
+        Self { config, slots: Slots::new(&["momentum"]) }
     }
 }
 
@@ -99,11 +90,7 @@ impl Optimizer for Sgd {
                     None => d.clone(),
                     Some(buf) => ((buf * c.momentum)? + &d)?,
                 };
-                d = if c.nesterov {
-                    (d + (&buf * c.momentum)?)?
-                } else {
-                    buf.clone()
-                };
+                d = if c.nesterov { (d + (&buf * c.momentum)?)? } else { buf.clone() };
                 self.slots.set("momentum", p, buf);
             }
             p.var.set(&(w - (d * lr)?)?)?;
@@ -126,12 +113,7 @@ mod tests {
     use super::*;
 
     fn sgd(momentum: f64, weight_decay: f64, nesterov: bool, exclude: bool) -> Sgd {
-        Sgd::new(SgdConfig {
-            momentum,
-            nesterov,
-            weight_decay,
-            exclude_bias_and_norm_from_weight_decay: exclude,
-        })
+        Sgd::new(SgdConfig { momentum, nesterov, weight_decay, exclude_bias_and_norm_from_weight_decay: exclude })
     }
 
     #[test]
@@ -163,10 +145,7 @@ mod tests {
         first.step(&params, &grads(1)?, LRS[1])?;
         let state = first.state();
         let keys: Vec<&str> = state.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(
-            keys,
-            ["momentum.fc.bias", "momentum.fc.bn", "momentum.fc.weight"]
-        );
+        assert_eq!(keys, ["momentum.fc.bias", "momentum.fc.bn", "momentum.fc.weight"]);
         let mut resumed = sgd(0.9, 0.01, true, true);
         resumed.load_state(&state)?;
         resumed.step(&params, &grads(2)?, LRS[2])?;
@@ -185,10 +164,7 @@ mod tests {
         assert_eq!(params[1].var.as_tensor().to_vec1::<f64>()?, bias);
         for ((k1, t1), (k2, t2)) in before.iter().zip(opt.state()) {
             assert_eq!(k1, &k2);
-            assert_eq!(
-                t1.flatten_all()?.to_vec1::<f64>()?,
-                t2.flatten_all()?.to_vec1::<f64>()?
-            );
+            assert_eq!(t1.flatten_all()?.to_vec1::<f64>()?, t2.flatten_all()?.to_vec1::<f64>()?);
         }
         Ok(())
     }
