@@ -21,9 +21,9 @@ pub fn tiny(nodes: &str, edges: &str) -> String {
 name: tiny
 input: {{channels: 1, size: 8}}
 nodes:
-  stem: {{op: stem, kind: small, channels: 4}}
-  res2: {{op: stage, block: basic, blocks: 1, channels: 4}}
-  res3: {{op: stage, block: basic, blocks: 1, channels: 8, stride: 2}}
+  stem: {{op: stem, kind: small, channels: 8}}
+  res2: {{op: stage, block: basic, blocks: 1, channels: 8}}
+  res3: {{op: stage, block: basic, blocks: 1, channels: 16, stride: 2}}
   res4: {{op: stage, block: bottleneck, blocks: 1, channels: 16, width: 4, stride: 2}}
   res5: {{op: stage, block: basic, blocks: 1, channels: 16, stride: 2}}
 {nodes}

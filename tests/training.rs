@@ -1,0 +1,131 @@
+//! Training end to end: each method overfits a fixed batch; a run writes a complete run
+//! directory whose weights load back.
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use locograph::exec::run_dir::open_run;
+use locograph::exec::{forward_to, run_step, Model};
+use locograph::optim::OptimizerConfig;
+
+/// 8 fixed images, each seen as two slightly different views.
+fn fixed_batch() -> Tensor {
+    let mut x: u64 = 12345;
+    let mut rnd = move || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    };
+    let base: Vec<f32> = (0..8 * 64).map(|_| rnd()).collect();
+    let v1: Vec<f32> = base.iter().map(|v| v + 0.05 * rnd()).collect();
+    let v2: Vec<f32> = base.iter().map(|v| v + 0.05 * rnd()).collect();
+    Tensor::from_vec([v1, v2].concat(), (16, 1, 8, 8), &Device::Cpu).expect("batch")
+}
+
+fn overfit(text: &str) -> (Vec<f32>, Vec<f32>) {
+    let (_, c) = common::compiled(text);
+    let model = Model::new(&c, 0, &Device::Cpu).expect("model");
+    let cfg: OptimizerConfig = serde_yaml::from_str("{kind: adamw, weight_decay: 0.0}").expect("optimizer");
+    let mut opt = cfg.build();
+    let x = fixed_batch();
+    let mut first = vec![];
+    let mut last = vec![];
+    for step in 0..40 {
+        let out = run_step(&c, &model, &x).expect("step");
+        last = out.losses.iter().map(|(_, v)| *v).collect();
+        if step == 0 {
+            first = last.clone();
+        }
+        opt.step(&model.params.params, &out.grads, 1e-2).expect("optimizer step");
+    }
+    (first, last)
+}
+
+fn assert_halved(name: &str, (first, last): (Vec<f32>, Vec<f32>)) {
+    for (i, (a, b)) in first.iter().zip(&last).enumerate() {
+        assert!(b <= &(a * 0.5), "{name} loss {i}: {a} → {b} did not fall by half in 40 steps");
+    }
+}
+
+#[test]
+fn simclr_overfits_a_fixed_batch() {
+    assert_halved("simclr", overfit(&common::simclr()));
+}
+
+#[test]
+fn gim_overfits_a_fixed_batch() {
+    assert_halved("gim", overfit(&common::gim()));
+}
+
+#[test]
+fn loco_overfits_a_fixed_batch() {
+    assert_halved("loco", overfit(&common::loco()));
+}
+
+#[test]
+fn run_writes_a_complete_run_directory_that_opens_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = common::loco()
+        .replace("train: {batch_size: 4, steps: 1}", "train: {batch_size: 8, steps: 4, log_every: 2}")
+        .replace("data: {format: synthetic,", "data: {format: synthetic, synthetic: {train_size: 64, channels: 1, side: 8},");
+    let file = dir.path().join("loco_tiny.yaml");
+    std::fs::write(&file, &text).expect("write");
+    let runs = dir.path().join("runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_locograph"))
+        .args(["run", "--quiet", "--runs-dir"])
+        .arg(&runs)
+        .arg(&file)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let run = std::fs::read_dir(&runs).expect("runs").next().expect("one run").expect("entry").path();
+    for f in ["config.yaml", "explain.txt", "derived.json", "metrics.csv", "weights.safetensors", "meta.json"] {
+        assert!(run.join(f).exists(), "{f} missing in {}", run.display());
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).expect("metrics");
+    let mut lines = metrics.lines();
+    assert_eq!(lines.next(), Some("step,epoch,lr,L1,L2,L3,images_per_sec,elapsed_s"));
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 2, "{metrics}");
+    assert!(rows[1].starts_with("4,"));
+    let derived: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("derived.json")).expect("derived")).expect("json");
+    assert_eq!(derived["method"], "loco");
+    assert_eq!(derived["views_per_step"], 16);
+    // The weights load back under the node-id keys, and a changed graph is refused.
+    let opened = open_run(&run, &Device::Cpu).expect("open");
+    assert_eq!(opened.meta["step"], 4);
+    let x = fixed_batch();
+    let res5 = opened.compiled.ids["res5"];
+    let y = forward_to(&opened.compiled, &opened.model, &x, res5).expect("forward");
+    assert_eq!(y.dims(), &[16, 16, 1, 1]);
+    let names: Vec<&str> = opened.model.params.params.iter().map(|p| p.name.as_str()).collect();
+    assert!(names.contains(&"res3.block0.conv1.weight") && names.contains(&"dec2.mlp1.bias"), "{names:?}");
+    let cfg = run.join("config.yaml");
+    let changed = std::fs::read_to_string(&cfg).expect("config").replace("channels: 16", "channels: 24");
+    std::fs::write(&cfg, changed).expect("write");
+    let err = open_run(&run, &Device::Cpu).err().expect("a mismatch").to_string();
+    assert!(err.contains("do not match the graph") && err.contains("res4."), "{err}");
+}
+
+#[test]
+fn nan_loss_stops_the_run_naming_loss_and_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = common::simclr()
+        .replace("schedule: {kind: constant, lr: 0.1}", "schedule: {kind: constant, lr: 1.0e30}")
+        .replace("train: {batch_size: 4, steps: 1}", "train: {batch_size: 8, steps: 20}")
+        .replace("data: {format: synthetic,", "data: {format: synthetic, synthetic: {train_size: 64, channels: 1, side: 8},");
+    let file = dir.path().join("nan.yaml");
+    std::fs::write(&file, &text).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_locograph"))
+        .args(["run", "--quiet", "--runs-dir"])
+        .arg(dir.path().join("runs"))
+        .arg(&file)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("loss `L` is") && stderr.contains("at step"), "{stderr}");
+}
