@@ -292,3 +292,33 @@ fn onnx_checker_accepts_the_exports() {
     println!("{text}");
     assert!(out.status.success(), "onnx.checker failed:\n{text}");
 }
+
+/// `TORCH_PYTHON=/path/to/python cargo test --test export_onnx -- --ignored torchvision_script`:
+/// loads the torchvision-named ResNet-50 weights into `torchvision.models.resnet50` and
+/// compares its feature maps with the ONNX outputs (needs torch, torchvision, onnxruntime).
+#[test]
+#[ignore]
+fn torchvision_script_matches_onnx() {
+    let Some(python) = std::env::var_os("TORCH_PYTHON") else {
+        eprintln!("note: set TORCH_PYTHON to a python with torch, torchvision and onnxruntime");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = trained_run(RESNET50, 64, &tmp.path().join("r50"));
+    let (onnx, tv) = (tmp.path().join("r50.onnx"), tmp.path().join("tv.safetensors"));
+    export_onnx(&run, &[], &onnx).expect("export");
+    let n = locograph::export::write_torchvision(&run, &tv).expect("torchvision weights");
+    assert_eq!(n, 318);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_torchvision.py");
+    for size in ["64", "96"] {
+        let out = std::process::Command::new(&python)
+            .arg(&script)
+            .args([tv.as_os_str(), onnx.as_os_str()])
+            .args(["--size", size, "--batch", "3"])
+            .output()
+            .expect("run check_torchvision.py");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        println!("{text}");
+        assert!(out.status.success(), "check_torchvision.py failed:\n{text}");
+    }
+}

@@ -318,11 +318,8 @@ impl Builder<'_> {
             self.node("Shape", &[&h], &nc, vec![int("start", 0), int("end", 2)]);
             self.int64s(&rr, &[r as i64, r as i64]);
             self.node("Concat", &[&nc, &rr], &sizes, vec![int("axis", 0)]);
-            let attrs = vec![
-                string("mode", "linear"),
-                string("coordinate_transformation_mode", "half_pixel"),
-                int("antialias", 0),
-            ];
+            // No antialiasing (PyTorch's default; the attribute only exists from opset 18).
+            let attrs = vec![string("mode", "linear"), string("coordinate_transformation_mode", "half_pixel")];
             // Resize-13+ inputs: X, roi, scales, sizes; roi and scales are unused.
             self.node("Resize", &[&h, "", "", &sizes], &out, attrs);
             h = out;
