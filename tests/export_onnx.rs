@@ -94,10 +94,19 @@ fn trained_run(encoder: &str, size: usize, dir: &Path) -> OpenRun {
         let n = p.var.elem_count();
         let v: Vec<f32> = (0..n).map(|k| ((k * 7 + i * 3) % 11) as f32 / 11.0).collect();
         let t = Tensor::from_vec(v, n, &Device::Cpu).expect("values");
-        let t = if p.name.ends_with(".weight") { t.affine(0.5, 0.75).expect("gamma") } else { t.affine(1.0, -0.5).expect("beta") };
+        let t = if p.name.ends_with(".weight") {
+            t.affine(0.5, 0.75).expect("gamma")
+        } else {
+            t.affine(1.0, -0.5).expect("beta")
+        };
         p.var.set(&t).expect("set");
     }
-    let enc: Vec<_> = c.schedule.forward_order().into_iter().filter(|&n| matches!(model.module(n), Some(NodeModule::Stem(_) | NodeModule::Stage(_)))).collect();
+    let enc: Vec<_> = c
+        .schedule
+        .forward_order()
+        .into_iter()
+        .filter(|&n| matches!(model.module(n), Some(NodeModule::Stem(_) | NodeModule::Stage(_))))
+        .collect();
     for seed in 0..3 {
         let mut x = ((images(seed, 2, size) * 1.5).expect("scale") + 0.3).expect("shift");
         for &n in &enc {
@@ -132,12 +141,14 @@ fn check_parity(name: &str, encoder: &str, sizes: [usize; 2]) {
     if !ort_available(name) {
         return;
     }
-    let inputs: Vec<Tensor> =
-        sizes.iter().flat_map(|&s| [1, 3].map(|n| images(s as u64 + n as u64, n, s))).collect();
+    let inputs: Vec<Tensor> = sizes.iter().flat_map(|&s| [1, 3].map(|n| images(s as u64 + n as u64, n, s))).collect();
     let diffs = parity(&run, &path, &inputs).expect("parity");
     assert_eq!(diffs.len(), 5 * inputs.len());
     for d in &diffs {
-        println!("{name} {:?} {}: max |ort - candle| {:.2e} (max |value| {:.2})", d.input_shape, d.output, d.max_abs_diff, d.max_abs);
+        println!(
+            "{name} {:?} {}: max |ort - candle| {:.2e} (max |value| {:.2})",
+            d.input_shape, d.output, d.max_abs_diff, d.max_abs
+        );
     }
     let worst = verify(&run, &path, &inputs).unwrap_or_else(|e| panic!("{e}"));
     println!("{name}: worst {worst:.2e} (tolerance {TOLERANCE:e})");
@@ -213,8 +224,9 @@ fn missing_or_corrupt_weights_write_no_file() {
     let err = export_onnx(&run, &[], &out).expect_err("NaN weights");
     assert!(err.to_string().contains(&p.name) && err.to_string().contains("non-finite"), "{err}");
     assert!(!out.exists());
-    let leftovers: Vec<PathBuf> = std::fs::read_dir(tmp.path()).expect("ls").map(|e| e.expect("entry").path()).collect();
-    assert_eq!(leftovers, [dir.clone()], "no temporary files either");
+    let leftovers: Vec<PathBuf> =
+        std::fs::read_dir(tmp.path()).expect("ls").map(|e| e.expect("entry").path()).collect();
+    assert_eq!(leftovers, std::slice::from_ref(&dir), "no temporary files either");
 
     // A truncated weights file: open_run refuses it.
     let w = dir.join("weights.safetensors");

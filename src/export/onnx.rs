@@ -186,7 +186,11 @@ pub fn build_model(run: &OpenRun, outputs: &[String]) -> Result<ModelProto> {
         initializer: b.inits,
         input: vec![value_info(ONNX_INPUT, &[Dim::Param("N"), Dim::Value(in_ch), Dim::Param("H"), Dim::Param("W")])],
         output: graph_outputs,
-        doc_string: format!("encoder of `{}`; `embedding` = GlobalAveragePool(`{}`)", run.loaded.experiment.name, c.id(last)),
+        doc_string: format!(
+            "encoder of `{}`; `embedding` = GlobalAveragePool(`{}`)",
+            run.loaded.experiment.name,
+            c.id(last)
+        ),
         ..Default::default()
     };
     let method = run.meta.get("method").and_then(|v| v.as_str()).unwrap_or(method_name(c)).to_string();
@@ -313,8 +317,12 @@ impl Builder<'_> {
         let mut h = x.to_string();
         if let Some(r) = s.resize() {
             // sizes = [N, C] ++ [r, r]: batch and channels stay symbolic.
-            let (nc, rr, sizes, out) =
-                (format!("{id}.resize.nc"), format!("{id}.resize.hw"), format!("{id}.resize.sizes"), format!("{id}.resize"));
+            let (nc, rr, sizes, out) = (
+                format!("{id}.resize.nc"),
+                format!("{id}.resize.hw"),
+                format!("{id}.resize.sizes"),
+                format!("{id}.resize"),
+            );
             self.node("Shape", &[&h], &nc, vec![int("start", 0), int("end", 2)]);
             self.int64s(&rr, &[r as i64, r as i64]);
             self.node("Concat", &[&nc, &rr], &sizes, vec![int("axis", 0)]);

@@ -102,7 +102,12 @@ pub fn verify(run: &OpenRun, onnx_path: &Path, inputs: &[Tensor]) -> Result<f32>
     let bad: Vec<String> = diffs
         .iter()
         .filter(|d| d.max_abs_diff.is_nan() || d.max_abs_diff > TOLERANCE)
-        .map(|d| format!("`{}` on input {:?}: max |diff| {:e} (max |value| {})", d.output, d.input_shape, d.max_abs_diff, d.max_abs))
+        .map(|d| {
+            format!(
+                "`{}` on input {:?}: max |diff| {:e} (max |value| {})",
+                d.output, d.input_shape, d.max_abs_diff, d.max_abs
+            )
+        })
         .collect();
     if !bad.is_empty() {
         return Err(ExportError::Mismatch { tolerance: TOLERANCE, diffs: bad });
