@@ -334,3 +334,21 @@ fn torchvision_script_matches_onnx() {
         assert!(out.status.success(), "check_torchvision.py failed:\n{text}");
     }
 }
+
+#[test]
+fn verify_fails_when_the_file_and_the_model_disagree() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = trained_run(PRESNET_LIKE, 64, &tmp.path().join("p"));
+    let path = tmp.path().join("p.onnx");
+    export_onnx(&run, &[], &path).expect("export");
+    if !ort_available("verify_fails_when_the_file_and_the_model_disagree") {
+        return;
+    }
+    let x = images(5, 2, 64);
+    assert!(verify(&run, &path, std::slice::from_ref(&x)).expect("same weights") <= TOLERANCE);
+    // Shift one BatchNorm bias of res4 in the model only: res4, res5 and embedding disagree.
+    let p = run.model.params.params.iter().find(|p| p.name == "res4.block1.bn1.bias").expect("param");
+    p.var.set(&(p.var.as_tensor() + 0.5).expect("shift")).expect("set");
+    let msg = verify(&run, &path, &[x]).expect_err("mismatch").to_string();
+    assert!(msg.contains("`res4`") && msg.contains("`embedding`") && !msg.contains("`res3`"), "{msg}");
+}
