@@ -98,7 +98,10 @@ pub fn default_outputs(run: &OpenRun) -> Vec<String> {
 pub fn export_onnx(run: &OpenRun, outputs: &[String], path: &Path) -> Result<ExportReport> {
     let model = build_model(run, outputs)?;
     let report_outputs: Vec<String> = model.graph.output.iter().map(|o| o.name.clone()).collect();
-    let bytes = model.write_to_bytes().map_err(|e| ExportError::Runtime(format!("protobuf encoding failed: {e}")))?;
+    let bytes = model.write_to_bytes().map_err(|e| ExportError::BadModel {
+        path: path.to_path_buf(),
+        message: format!("protobuf encoding failed: {e}"),
+    })?;
     write_atomically(path, &bytes)?;
     let g = &model.graph;
     let embedding_of = model.metadata_props.iter().find(|p| p.key == "embedding_of").map(|p| p.value.clone());
@@ -163,7 +166,8 @@ pub fn build_model(run: &OpenRun, outputs: &[String]) -> Result<ModelProto> {
         match m.module(n) {
             Some(NodeModule::Stem(s)) => b.stem(&x, id, s)?,
             Some(NodeModule::Stage(s)) => b.stage(&x, id, s)?,
-            _ => unreachable!("encoder_nodes returns stems and stages only"),
+            // encoder_nodes returns stems and stages only.
+            _ => continue,
         }
     }
     let mut graph_outputs = vec![];
