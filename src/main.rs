@@ -42,6 +42,23 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Export a trained encoder to ONNX (C2..C5 feature maps and the pooled embedding).
+    Export {
+        /// The run directory.
+        run: PathBuf,
+        /// Where to write the ONNX file.
+        #[arg(long)]
+        onnx: PathBuf,
+        /// Outputs, comma-separated node ids and/or `embedding` (default: every stage + embedding).
+        #[arg(long, value_delimiter = ',')]
+        outputs: Vec<String>,
+        /// Also write the weights under torchvision's ResNet names (safetensors).
+        #[arg(long)]
+        torchvision: Option<PathBuf>,
+        /// Run the file with ONNX Runtime on real images and compare with candle (fails above 1e-4).
+        #[arg(long)]
+        verify: bool,
+    },
     /// Print the JSON Schema of experiment files (for editors' YAML language servers).
     Schema,
     /// Datasets from package registries.
@@ -64,6 +81,17 @@ enum DataCommand {
 
 fn load(file: &Path) -> anyhow::Result<config::Loaded> {
     Ok(config::load(file)?)
+}
+
+/// A few evaluation-transformed images from the run's dataset (test split when it has one).
+fn real_images(run: &locograph::exec::run_dir::OpenRun, n: usize) -> anyhow::Result<candle_core::Tensor> {
+    use locograph::data::{self, EvalLoader, Split};
+    let cfg = &run.loaded.experiment.data;
+    let ds = data::open(cfg, &run.loaded.base_dir, Some(Split::Test))
+        .or_else(|_| data::open(cfg, &run.loaded.base_dir, None))
+        .context("opening the run's dataset for --verify")?;
+    let batch = EvalLoader::new(ds, cfg, n).next().context("the dataset is empty")??;
+    Ok(batch.to_tensor(&candle_core::Device::Cpu)?)
 }
 
 fn main() -> ExitCode {
@@ -118,6 +146,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|((id, a), (_, b))| format!("{id} {a:.4} → {b:.4}"))
                 .collect();
             println!("{}: {} steps, {:.1} s, {}", s.run_dir.display(), s.steps, s.seconds, l.join(", "));
+        }
+        Command::Export { run, onnx, outputs, torchvision, verify } => {
+            let opened = locograph::exec::run_dir::open_run(&run, &candle_core::Device::Cpu)?;
+            let report = locograph::export::export_onnx(&opened, &outputs, &onnx)?;
+            println!("{report}");
+            if let Some(tv) = torchvision {
+                let n = locograph::export::write_torchvision(&opened, &tv)?;
+                println!("{}: {n} tensors under torchvision names", tv.display());
+            }
+            if verify {
+                let batch = real_images(&opened, 3)?;
+                let d = locograph::export::verify(&opened, &onnx, &[batch])?;
+                println!("verified with ONNX Runtime: max |ort - candle| = {d:.3e} (limit 1e-4)");
+            }
         }
         Command::Schema => {
             let schema = schemars::schema_for!(Experiment);
