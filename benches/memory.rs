@@ -113,7 +113,11 @@ fn measure(file: &Path, images: usize, steps: usize, verbose: bool) -> Result<Me
                     Step::Forward(n) => format!("F:{}", c.id(n)),
                     Step::Backward { node, group } => format!("B:{}[{group}]", c.id(node)),
                 };
-                println!("    {s:<12} peak {:>8.1} MB (engine {:>8.1} MB)", (p - base) as f64 / 1e6, *held as f64 / 1e6);
+                println!(
+                    "    {s:<12} peak {:>8.1} MB (engine {:>8.1} MB)",
+                    (p - base) as f64 / 1e6,
+                    *held as f64 / 1e6
+                );
             }
         }
         let secs = t.elapsed().as_secs_f64();
@@ -148,7 +152,10 @@ fn forward_trace(file: &Path, images: usize) -> Result<(), String> {
         // The node's own backward on a detached input: its transient peak.
         let leaf = candle_core::Var::from_tensor(&x.detach()).map_err(|e| e.to_string())?;
         let base = reset_peak();
-        let out = model.forward_node(n, leaf.as_tensor(), true).and_then(|y| y.sum_all()?.backward()).map_err(|e| e.to_string())?;
+        let out = model
+            .forward_node(n, leaf.as_tensor(), true)
+            .and_then(|y| y.sum_all()?.backward())
+            .map_err(|e| e.to_string())?;
         let bwd = PEAK.load(Ordering::Relaxed) - base;
         drop(out);
         println!(
@@ -194,7 +201,16 @@ fn main() {
     println!("One training step, {images} images = {} views of 224², f32, CPU; best of {steps} step(s)", 2 * images);
     println!(
         "{:<10} {:<7} {:>14} {:>8} {:>15} {:>8} {:>13} {:>8} {:>7} {:>9}",
-        "model", "method", "step peak MB", "saving", "process peak MB", "saving", "engine est MB", "saving", "paper", "step s"
+        "model",
+        "method",
+        "step peak MB",
+        "saving",
+        "process peak MB",
+        "saving",
+        "engine est MB",
+        "saving",
+        "paper",
+        "step s"
     );
     for model in models.split(',') {
         let paper = match model {

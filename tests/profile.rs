@@ -1,6 +1,11 @@
 //! Profile goldens (ResNet-50, Progressive ResNet-50) and every shipped file compiles.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use locograph::exec::{run_step, Model};
 
 use locograph::config::load;
 use locograph::eval::profile::profile;
@@ -105,4 +110,28 @@ fn presnet50_matches_the_supplementary() {
         assert!((15.0 - 0.2..23.0).contains(got) && (got - paper).abs() < 6.0, "{got} vs the paper's {paper}");
     }
     assert_eq!(p.rows[0].folded, ["stem"]);
+}
+
+fn tiny_step(text: &str) -> locograph::exec::StepOutput {
+    let (_, c) = common::compiled(text);
+    let model = Model::new(&c, 3, &Device::Cpu).expect("model");
+    let v: Vec<f32> = (0..8 * 64).map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5).collect();
+    let x = Tensor::from_vec(v, (8, 1, 8, 8), &Device::Cpu).expect("batch");
+    run_step(&c, &model, &x).expect("step")
+}
+
+#[test]
+fn local_methods_hold_less_than_simclr_and_gradients_carry_no_graph() {
+    let simclr = tiny_step(&common::simclr());
+    let gim = tiny_step(&common::gim());
+    let loco = tiny_step(&common::loco());
+    assert!(gim.peak_held_bytes < loco.peak_held_bytes, "{} vs {}", gim.peak_held_bytes, loco.peak_held_bytes);
+    assert!(loco.peak_held_bytes < simclr.peak_held_bytes, "{} vs {}", loco.peak_held_bytes, simclr.peak_held_bytes);
+    // A gradient that still records its op keeps the forward graph (every activation) alive
+    // until the step ends: the local methods' saving would vanish.
+    for out in [&simclr, &gim, &loco] {
+        for g in out.grads.iter().flatten() {
+            assert!(!g.track_op(), "a parameter gradient still holds its graph");
+        }
+    }
 }

@@ -61,8 +61,11 @@ pub struct Profile {
 /// The supplementary's per-stage table: (stage, memory %, FLOPs %), and total GFLOPs.
 type Reference = (&'static str, &'static [(&'static str, f64, f64)], f64);
 
-const RESNET50: Reference =
-    ("ResNet-50", &[("res2", 43.64, 19.39), ("res3", 29.09, 25.09), ("res4", 21.82, 35.80), ("res5", 5.45, 19.73)], 4.14);
+const RESNET50: Reference = (
+    "ResNet-50",
+    &[("res2", 43.64, 19.39), ("res3", 29.09, 25.09), ("res4", 21.82, 35.80), ("res5", 5.45, 19.73)],
+    4.14,
+);
 const PRESNET50: Reference = (
     "PResNet-50",
     &[
@@ -345,7 +348,8 @@ impl fmt::Display for Profile {
                 format!("{:.2}", sp[i]),
             ]);
         }
-        let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+        let widths: Vec<usize> =
+            (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
         for r in &rows {
             let line: Vec<String> = r.iter().zip(&widths).map(|(s, w)| format!("{s:>w$}")).collect();
             writeln!(f, "{}", line.join("  "))?;

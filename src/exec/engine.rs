@@ -59,7 +59,12 @@ pub fn run_step(c: &Compiled, model: &Model, batch: &Tensor) -> Result<StepOutpu
 
 /// [`run_step`], calling `after(step, held_bytes)` once each schedule step is done (and what it
 /// no longer needs is dropped): how the memory benchmark attributes its peaks to steps.
-pub fn run_step_traced(c: &Compiled, model: &Model, batch: &Tensor, after: &mut dyn FnMut(&Step, usize)) -> Result<StepOutput> {
+pub fn run_step_traced(
+    c: &Compiled,
+    model: &Model,
+    batch: &Tensor,
+    after: &mut dyn FnMut(&Step, usize),
+) -> Result<StepOutput> {
     let nn = c.graph.node_count();
     let mut values: Vec<Option<Tensor>> = vec![None; nn];
     let mut leaves: Vec<Option<Var>> = vec![None; c.graph.edge_count()];
@@ -76,7 +81,11 @@ pub fn run_step_traced(c: &Compiled, model: &Model, batch: &Tensor, after: &mut 
 
     // Drops what a node no longer needs: its graph once its backwards are done, its value once
     // its consumers have read it.
-    let release = |n: usize, values: &mut Vec<Option<Tensor>>, graph_bytes: &mut [usize], consumers_left: &[usize], groups_left: &[usize]| {
+    let release = |n: usize,
+                   values: &mut Vec<Option<Tensor>>,
+                   graph_bytes: &mut [usize],
+                   consumers_left: &[usize],
+                   groups_left: &[usize]| {
         if groups_left[n] == 0 {
             graph_bytes[n] = 0;
             if consumers_left[n] == 0 {
@@ -139,7 +148,8 @@ pub fn run_step_traced(c: &Compiled, model: &Model, batch: &Tensor, after: &mut 
                         }
                     }
                     cots[m.index()] = rest;
-                    let cot = cot.ok_or_else(|| candle_core::Error::Msg(format!("no cotangent reached `{}`", c.id(m))))?;
+                    let cot =
+                        cot.ok_or_else(|| candle_core::Error::Msg(format!("no cotangent reached `{}`", c.id(m))))?;
                     out.mul(&cot.detach())?.sum_all()?.backward()?
                 };
                 for &pi in &model.node_params[m.index()] {
@@ -157,9 +167,9 @@ pub fn run_step_traced(c: &Compiled, model: &Model, batch: &Tensor, after: &mut 
                 for &e in &g.input_edges {
                     let (p, _) = c.graph.edge_endpoints(e).expect("edge exists");
                     let leaf = leaves[e.index()].as_ref().expect("a leaf exists where gradient flows");
-                    let gin = gs
-                        .get(leaf.as_tensor())
-                        .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached the input of `{}`", c.id(m))))?;
+                    let gin = gs.get(leaf.as_tensor()).ok_or_else(|| {
+                        candle_core::Error::Msg(format!("no gradient reached the input of `{}`", c.id(m)))
+                    })?;
                     // Detached for the same reason: the leaf is a variable to candle.
                     cots[p.index()].push((g.losses.clone(), gin.detach()));
                 }
