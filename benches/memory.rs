@@ -158,12 +158,21 @@ fn forward_trace(file: &Path, images: usize) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let bwd = PEAK.load(Ordering::Relaxed) - base;
         drop(out);
+        // The same with an input that needs no gradient (a GIM stage's).
+        let base = reset_peak();
+        let out = model
+            .forward_node(n, &x.detach(), true)
+            .and_then(|y| y.sum_all()?.backward())
+            .map_err(|e| e.to_string())?;
+        let bwd_detached = PEAK.load(Ordering::Relaxed) - base;
+        drop(out);
         println!(
-            "{:<6} kept {:>8.1} MB, estimated {:>8.1} MB; forward + backward alone peaks at {:>8.1} MB",
+            "{:<6} kept {:>8.1} MB, estimated {:>8.1} MB; forward + backward alone peaks at {:>8.1} MB ({:>8.1} MB with a detached input)",
             c.id(n),
             grew as f64 / 1e6,
             est as f64 / 1e6,
-            bwd as f64 / 1e6
+            bwd as f64 / 1e6,
+            bwd_detached as f64 / 1e6
         );
         kept.push(y.clone());
         x = y;
