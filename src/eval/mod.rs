@@ -1,1 +1,5 @@
 //! (in progress)
+
+pub mod profile;
+
+pub use profile::{profile, Profile};

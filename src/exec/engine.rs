@@ -25,8 +25,11 @@ pub struct StepOutput {
     pub grads: Vec<Option<Tensor>>,
     /// Backward passes run through each node (graph node order).
     pub passes: Vec<usize>,
-    /// Largest number of activation bytes the engine held at once (outputs with their
-    /// saved graphs, leaf copies and cotangents), a lower bound of what candle keeps alive.
+    /// Largest number of activation bytes held at once: node outputs, leaf copies and
+    /// cotangents, measured, plus an *estimate* of the intermediates candle's autograd keeps
+    /// for each node whose backward is still to run (`eval::profile::saved_elems` from the
+    /// node's input shape; candle does not expose its graph). Parameters, gradients and
+    /// optimizer state are not included.
     pub peak_held_bytes: usize,
 }
 
@@ -51,6 +54,17 @@ fn add(acc: &mut Option<Tensor>, g: &Tensor) -> Result<()> {
 
 /// One forward and all backward passes of `batch` (`[2N, C, H, W]`, the two views stacked).
 pub fn run_step(c: &Compiled, model: &Model, batch: &Tensor) -> Result<StepOutput> {
+    run_step_traced(c, model, batch, &mut |_, _| {})
+}
+
+/// [`run_step`], calling `after(step, held_bytes)` once each schedule step is done (and what it
+/// no longer needs is dropped): how the memory benchmark attributes its peaks to steps.
+pub fn run_step_traced(
+    c: &Compiled,
+    model: &Model,
+    batch: &Tensor,
+    after: &mut dyn FnMut(&Step, usize),
+) -> Result<StepOutput> {
     let nn = c.graph.node_count();
     let mut values: Vec<Option<Tensor>> = vec![None; nn];
     let mut leaves: Vec<Option<Var>> = vec![None; c.graph.edge_count()];
@@ -61,13 +75,19 @@ pub fn run_step(c: &Compiled, model: &Model, batch: &Tensor) -> Result<StepOutpu
     let mut grads: Vec<Option<Tensor>> = vec![None; model.params.params.len()];
     let mut passes = vec![0usize; nn];
     let mut losses = vec![];
-    let mut held: Vec<usize> = vec![0; nn];
+    // Estimated bytes of each node's autograd graph beyond its output, while it is alive.
+    let mut graph_bytes: Vec<usize> = vec![0; nn];
     let mut peak = 0usize;
 
     // Drops what a node no longer needs: its graph once its backwards are done, its value once
     // its consumers have read it.
-    let release = |n: usize, values: &mut Vec<Option<Tensor>>, consumers_left: &[usize], groups_left: &[usize]| {
+    let release = |n: usize,
+                   values: &mut Vec<Option<Tensor>>,
+                   graph_bytes: &mut [usize],
+                   consumers_left: &[usize],
+                   groups_left: &[usize]| {
         if groups_left[n] == 0 {
+            graph_bytes[n] = 0;
             if consumers_left[n] == 0 {
                 values[n] = None;
             } else if let Some(v) = &values[n] {
@@ -87,22 +107,26 @@ pub fn run_step(c: &Compiled, model: &Model, batch: &Tensor) -> Result<StepOutpu
                     let _span = debug_span!("forward", node = %c.id(n)).entered();
                     let out = if c.reach.any_flows(e) {
                         let leaf = Var::from_tensor(&v.detach())?;
-                        held[n.index()] += bytes(leaf.as_tensor());
                         let out = model.forward_node(n, leaf.as_tensor(), true)?;
                         leaves[e.index()] = Some(leaf);
                         out
                     } else {
                         model.forward_node(n, &v.detach(), true)?
                     };
+                    if let Some(cfg) = &c.graph[n].config {
+                        let dims = v.dims();
+                        let per_image = crate::eval::profile::saved_elems(cfg, dims.get(1..).unwrap_or(&[])) as usize;
+                        let est = per_image * dims.first().copied().unwrap_or(0) * v.dtype().size_in_bytes();
+                        graph_bytes[n.index()] = est.saturating_sub(bytes(&out));
+                    }
                     consumers_left[p.index()] -= 1;
-                    release(p.index(), &mut values, &consumers_left, &groups_left);
+                    release(p.index(), &mut values, &mut graph_bytes, &consumers_left, &groups_left);
                     out
                 };
                 if c.graph[n].is_loss() {
                     let v = out.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
                     losses.push((n, v));
                 }
-                held[n.index()] += bytes(&out);
                 values[n.index()] = Some(out);
             }
             Step::Backward { node: m, group: gi } => {
@@ -132,7 +156,11 @@ pub fn run_step(c: &Compiled, model: &Model, batch: &Tensor) -> Result<StepOutpu
                     let p = &model.params.params[pi];
                     if p.trainable {
                         if let Some(gr) = gs.get(p.var.as_tensor()) {
-                            add(&mut grads[pi], gr)?;
+                            // candle detaches the gradient of every tensor it walks through but
+                            // not of variables: a weight's gradient (`x_tᵀ ⋆ g` for a conv) still
+                            // records the op that made it, and so keeps the node's whole forward
+                            // graph alive. Detach, or no activation is freed before the step ends.
+                            add(&mut grads[pi], &gr.detach())?;
                         }
                     }
                 }
@@ -142,7 +170,8 @@ pub fn run_step(c: &Compiled, model: &Model, batch: &Tensor) -> Result<StepOutpu
                     let gin = gs.get(leaf.as_tensor()).ok_or_else(|| {
                         candle_core::Error::Msg(format!("no gradient reached the input of `{}`", c.id(m)))
                     })?;
-                    cots[p.index()].push((g.losses.clone(), gin.clone()));
+                    // Detached for the same reason: the leaf is a variable to candle.
+                    cots[p.index()].push((g.losses.clone(), gin.detach()));
                 }
                 passes[m.index()] += 1;
                 groups_left[m.index()] -= 1;
@@ -151,14 +180,16 @@ pub fn run_step(c: &Compiled, model: &Model, batch: &Tensor) -> Result<StepOutpu
                         use petgraph::visit::EdgeRef;
                         leaves[e.id().index()] = None;
                     }
-                    held[m.index()] = 0;
                 }
-                release(m.index(), &mut values, &consumers_left, &groups_left);
+                release(m.index(), &mut values, &mut graph_bytes, &consumers_left, &groups_left);
             }
         }
-        let live: usize =
-            held.iter().sum::<usize>() + cots.iter().flat_map(|v| v.iter().map(|(_, t)| bytes(t))).sum::<usize>();
+        let live: usize = values.iter().flatten().map(bytes).sum::<usize>()
+            + graph_bytes.iter().sum::<usize>()
+            + leaves.iter().flatten().map(|l| bytes(l.as_tensor())).sum::<usize>()
+            + cots.iter().flat_map(|v| v.iter().map(|(_, t)| bytes(t))).sum::<usize>();
         peak = peak.max(live);
+        after(step, live);
     }
     Ok(StepOutput { losses, grads, passes, peak_held_bytes: peak })
 }

@@ -1,0 +1,372 @@
+//! `locograph profile`: parameters, FLOPs and activation memory of every encoder stage, from
+//! the shapes alone (nothing is allocated), printed beside the LoCo supplementary's table.
+//!
+//! What is counted, per image:
+//! - **Parameters**: convolution weights and BatchNorm scale/shift (not the running
+//!   statistics). The 1000-way classifier that torchvision's 25.6 M includes is not part of an
+//!   encoder graph; [`Profile::fc_params`] gives it separately.
+//! - **FLOPs**: multiply-accumulates of the convolutions (one MAC = one FLOP, the convention
+//!   behind ResNet-50's "4.1 GFLOPs"). BatchNorm, ReLU, pooling and resizing are left out,
+//!   as in the paper.
+//! - **Memory, paper-style**: one feature map per residual block (its output). This reproduces
+//!   the supplementary's ResNet-50 shares exactly (43.64 / 29.09 / 21.82 / 5.45 %).
+//! - **Memory, candle-saved**: every tensor candle's autograd keeps alive until the node's
+//!   backward, as this crate builds the node (see [`saved_elems`]). This is what the engine
+//!   holds per node while the node's graph is alive, and it is 5–7× the paper-style count
+//!   because a training-mode BatchNorm written with tensor ops keeps four full-size
+//!   intermediates, and a grouped convolution keeps every group's output *and* their `cat`.
+//!
+//! The stem is **folded into the first stage** (the paper's "conv1 + res2" row): its
+//! parameters, FLOPs and saved tensors are added to that row; it has no paper-style memory,
+//! since its output is the first block's input, which the paper does not count.
+
+use std::fmt;
+
+use crate::config::NodeConfig;
+use crate::graph::Compiled;
+use crate::nn::block::{BlockKind, BlockSpec};
+use crate::nn::conv::ConvSpec;
+use crate::nn::decoder::DecoderConfig;
+use crate::nn::stem::{StemConfig, StemKind};
+
+/// One row of the profile: an encoder stage (with the stem folded into the first one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeProfile {
+    /// The stage's node id.
+    pub id: String,
+    /// Other nodes whose numbers this row includes (the stem, for the first stage).
+    pub folded: Vec<String>,
+    /// Per-image output `[C, H, W]`.
+    pub output: Vec<usize>,
+    /// Trainable parameters (conv weights, BatchNorm scale and shift).
+    pub params: u64,
+    /// Multiply-accumulates per image.
+    pub macs: u64,
+    /// Paper-style activation memory: elements of one feature map per residual block.
+    pub paper_elems: u64,
+    /// Elements of every tensor candle keeps for the backward of this row's nodes.
+    pub saved_elems: u64,
+}
+
+/// Per-stage cost of an encoder at a given input size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Profile {
+    /// Side of the square input image.
+    pub input: usize,
+    pub rows: Vec<NodeProfile>,
+    /// Parameters of a 1000-way linear classifier on the pooled output (weights + biases).
+    pub fc_params: u64,
+}
+
+/// The supplementary's per-stage table: (stage, memory %, FLOPs %), and total GFLOPs.
+type Reference = (&'static str, &'static [(&'static str, f64, f64)], f64);
+
+const RESNET50: Reference = (
+    "ResNet-50",
+    &[("res2", 43.64, 19.39), ("res3", 29.09, 25.09), ("res4", 21.82, 35.80), ("res5", 5.45, 19.73)],
+    4.14,
+);
+const PRESNET50: Reference = (
+    "PResNet-50",
+    &[
+        ("res2", 15.46, 13.50),
+        ("res3", 10.96, 14.63),
+        ("res4", 19.48, 14.77),
+        ("res5", 17.31, 16.62),
+        ("res6", 19.48, 20.45),
+        ("res7", 17.31, 20.04),
+    ],
+    4.16,
+);
+
+fn conv_params(s: &ConvSpec) -> u64 {
+    (s.out_channels * (s.in_channels / s.groups) * s.kernel * s.kernel) as u64
+}
+
+/// Tensors of a conv's output size that candle keeps for conv + training-mode BatchNorm:
+/// the conv output (per group *and* concatenated when grouped), then BatchNorm's centred input,
+/// its square, the scaled and the shifted result.
+fn conv_bn_saved(s: &ConvSpec) -> u64 {
+    if s.groups > 1 {
+        6
+    } else {
+        5
+    }
+}
+
+/// Cost of one block on a `[C, H, W]` input: (params, macs, saved elems, output `[C, H, W]`).
+fn block_cost(spec: &BlockSpec, h: usize, w: usize) -> (u64, u64, u64, [usize; 3]) {
+    let mut convs = spec.convs();
+    let projection = if spec.has_projection() { convs.pop() } else { None };
+    let (mut params, mut macs, mut saved) = (0, 0, 0);
+    let (mut ch, mut cw) = (h, w);
+    let last = convs.len() - 1;
+    for (i, s) in convs.iter().enumerate() {
+        (ch, cw) = (s.out_size(ch), s.out_size(cw));
+        let out = (s.out_channels * ch * cw) as u64;
+        params += conv_params(s) + 2 * s.out_channels as u64;
+        macs += s.macs(ch, cw);
+        // ReLU after every BatchNorm but the last, whose ReLU comes after the residual add.
+        saved += out * (conv_bn_saved(s) + u64::from(i != last));
+    }
+    let out = (spec.out_channels * ch * cw) as u64;
+    if let Some(p) = projection {
+        let (ph, pw) = (p.out_size(h), p.out_size(w));
+        params += conv_params(&p) + 2 * p.out_channels as u64;
+        macs += p.macs(ph, pw);
+        saved += (p.out_channels * ph * pw) as u64 * conv_bn_saved(&p);
+    }
+    // The residual sum and its ReLU (the block's output).
+    saved += 2 * out;
+    (params, macs, saved, [spec.out_channels, ch, cw])
+}
+
+fn stem_cost(cfg: &StemConfig, input: [usize; 3]) -> (u64, u64, u64) {
+    let s = cfg.conv_spec(input[0]);
+    let (h, w) = (s.out_size(input[1]), s.out_size(input[2]));
+    let conv_out = (s.out_channels * h * w) as u64;
+    let mut saved = conv_out * (conv_bn_saved(&s) + 1);
+    if cfg.kind == StemKind::Imagenet {
+        // The max pool's output and the u32 argmax positions it gathers with (same size).
+        saved += 2 * (s.out_channels * ((h - 1) / 2 + 1) * ((w - 1) / 2 + 1)) as u64;
+    }
+    (conv_params(&s) + 2 * s.out_channels as u64, s.macs(h, w), saved)
+}
+
+fn decoder_saved(cfg: &DecoderConfig, input: &[usize]) -> u64 {
+    let mut saved = 0;
+    let mut pooled = input.first().copied().unwrap_or(0);
+    if let [c, h, w] = *input {
+        let (mut c, mut h, mut w) = (c, h, w);
+        for spec in decoder_block_specs(cfg, c) {
+            let (_, _, s, out) = block_cost(&spec, h, w);
+            saved += s;
+            [c, h, w] = out;
+        }
+        pooled = c;
+        saved += c as u64;
+    }
+    // Each linear layer keeps its matmul and bias-add outputs, a ReLU between layers.
+    let hidden = cfg.mlp.hidden.unwrap_or(pooled);
+    for i in 0..cfg.mlp.depth {
+        let last = i + 1 == cfg.mlp.depth;
+        let d = if last { cfg.mlp.out } else { hidden } as u64;
+        saved += d * (2 + u64::from(!last) + if cfg.mlp.batch_norm && !last { 4 } else { 0 });
+    }
+    saved
+}
+
+/// The decoder's conv blocks, as `DecoderConfig` builds them (kept private there).
+fn decoder_block_specs(cfg: &DecoderConfig, in_channels: usize) -> Vec<BlockSpec> {
+    let Some(cb) = &cfg.conv_block else { return vec![] };
+    let out = cb.channels.unwrap_or(2 * in_channels);
+    (0..cb.blocks)
+        .map(|i| BlockSpec {
+            kind: cb.block,
+            in_channels: if i == 0 { in_channels } else { out },
+            width: if cb.block == BlockKind::Basic { out } else { (out / 4).max(1) },
+            out_channels: out,
+            stride: if i == 0 { cb.stride } else { 1 },
+            groups: 1,
+            group_expand: false,
+        })
+        .collect()
+}
+
+/// Elements (per image) of every tensor candle's autograd keeps alive for the backward of a
+/// node built from `cfg` on a per-image `input` shape, the node's output included.
+///
+/// Counted: each conv output (each group's and their concatenation for a grouped conv), the
+/// four full-size intermediates of a training-mode BatchNorm, every ReLU output, each residual
+/// sum, a stage's bilinear resize (the row-resized intermediate and the output), the stem's max
+/// pool output and argmax positions, a decoder's pooled vector and MLP activations. Not
+/// counted: per-channel statistics, the node's input (its producer or the engine owns it), and
+/// the loss (its `[2N, 2N]` similarity matrix does not scale with the image).
+pub fn saved_elems(cfg: &NodeConfig, input: &[usize]) -> u64 {
+    match (cfg, input) {
+        (NodeConfig::Stem(s), &[c, h, w]) => stem_cost(s, [c, h, w]).2,
+        (NodeConfig::Stage(s), &[c, h, w]) => {
+            let mut saved = 0;
+            let (mut h, mut w) = (h, w);
+            if let Some(r) = s.resize {
+                // Columns first ([C, H, r]), then rows ([C, r, r]); a side already at r is skipped.
+                if w != r {
+                    saved += (c * h * r) as u64;
+                }
+                if h != r {
+                    saved += (c * r * r) as u64;
+                }
+                (h, w) = (r, r);
+            }
+            for spec in s.block_specs(c) {
+                let (_, _, sv, out) = block_cost(&spec, h, w);
+                saved += sv;
+                (h, w) = (out[1], out[2]);
+            }
+            saved
+        }
+        (NodeConfig::Decoder(d), _) => decoder_saved(d, input),
+        _ => 0,
+    }
+}
+
+/// Profiles the encoder of `c` (its stem and stage nodes, in forward order) for a square
+/// `input × input` image with the experiment's channel count. Decoders and losses are left out.
+///
+/// Shapes are inferred again for `input`; a stage that does not fit that size (a feature map
+/// that vanishes) ends the profile there.
+pub fn profile(c: &Compiled, input: usize) -> Profile {
+    let channels = c.graph[c.input].shape.first().copied().unwrap_or(3);
+    let mut shapes: Vec<Option<Vec<usize>>> = vec![None; c.graph.node_count()];
+    shapes[c.input.index()] = Some(vec![channels, input, input]);
+    let mut rows: Vec<NodeProfile> = vec![];
+    let mut stem: Option<(String, u64, u64, u64)> = None;
+    let mut last_channels = 0;
+    for n in c.schedule.forward_order() {
+        let Some(cfg) = &c.graph[n].config else { continue };
+        if !matches!(cfg, NodeConfig::Stem(_) | NodeConfig::Stage(_)) {
+            continue;
+        }
+        let Some(inp) = c.producer(n).and_then(|(_, p)| shapes[p.index()].clone()) else { continue };
+        let Ok(out) = crate::graph::shape::infer(cfg, &inp) else { break };
+        let &[ic, ih, iw] = inp.as_slice() else { break };
+        shapes[n.index()] = Some(out.clone());
+        last_channels = out[0];
+        match cfg {
+            NodeConfig::Stem(s) => {
+                let (p, m, sv) = stem_cost(s, [ic, ih, iw]);
+                stem = Some((c.id(n).to_string(), p, m, sv));
+            }
+            NodeConfig::Stage(s) => {
+                let mut row = NodeProfile {
+                    id: c.id(n).to_string(),
+                    folded: vec![],
+                    output: out.clone(),
+                    params: 0,
+                    macs: 0,
+                    paper_elems: 0,
+                    saved_elems: saved_elems(cfg, &inp),
+                };
+                let (mut h, mut w) = s.resize.map_or((ih, iw), |r| (r, r));
+                for spec in s.block_specs(ic) {
+                    let (p, m, _, o) = block_cost(&spec, h, w);
+                    row.params += p;
+                    row.macs += m;
+                    row.paper_elems += (o[0] * o[1] * o[2]) as u64;
+                    (h, w) = (o[1], o[2]);
+                }
+                if let Some((id, p, m, sv)) = stem.take() {
+                    row.folded.push(id);
+                    row.params += p;
+                    row.macs += m;
+                    row.saved_elems += sv;
+                }
+                rows.push(row);
+            }
+            _ => {}
+        }
+    }
+    Profile { input, rows, fc_params: (last_channels * 1000 + 1000) as u64 }
+}
+
+impl Profile {
+    /// Encoder parameters (without the classifier).
+    pub fn params(&self) -> u64 {
+        self.rows.iter().map(|r| r.params).sum()
+    }
+    /// Multiply-accumulates per image.
+    pub fn macs(&self) -> u64 {
+        self.rows.iter().map(|r| r.macs).sum()
+    }
+    pub fn paper_elems(&self) -> u64 {
+        self.rows.iter().map(|r| r.paper_elems).sum()
+    }
+    pub fn saved_elems(&self) -> u64 {
+        self.rows.iter().map(|r| r.saved_elems).sum()
+    }
+    /// Each row's share of the FLOPs, in percent.
+    pub fn macs_pct(&self) -> Vec<f64> {
+        pct(self.rows.iter().map(|r| r.macs), self.macs())
+    }
+    /// Each row's share of the paper-style activation memory, in percent.
+    pub fn paper_mem_pct(&self) -> Vec<f64> {
+        pct(self.rows.iter().map(|r| r.paper_elems), self.paper_elems())
+    }
+    /// Each row's share of the candle-saved activation memory, in percent.
+    pub fn saved_mem_pct(&self) -> Vec<f64> {
+        pct(self.rows.iter().map(|r| r.saved_elems), self.saved_elems())
+    }
+    /// The supplementary's table for this encoder, when it is ResNet-50 or PResNet-50.
+    fn reference(&self) -> Option<Reference> {
+        let ids: Vec<&str> = self.rows.iter().map(|r| r.id.as_str()).collect();
+        let out = self.rows.last().map(|r| r.output[0]);
+        [RESNET50, PRESNET50].into_iter().find(|(_, t, _)| {
+            let want: Vec<&str> = t.iter().map(|r| r.0).collect();
+            ids == want && out == Some(if t.len() == 4 { 2048 } else { 4096 })
+        })
+    }
+}
+
+fn pct(xs: impl Iterator<Item = u64>, total: u64) -> Vec<f64> {
+    xs.map(|x| if total == 0 { 0.0 } else { 100.0 * x as f64 / total as f64 }).collect()
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let reference = self.reference();
+        writeln!(f, "Encoder profile at {0}×{0} (per image; FLOPs = multiply-accumulates)", self.input)?;
+        if let Some((name, _, _)) = &reference {
+            writeln!(f, "`paper` columns: the LoCo supplementary's table for {name}")?;
+        }
+        let (mp, pp, sp) = (self.macs_pct(), self.paper_mem_pct(), self.saved_mem_pct());
+        let mut rows = vec![vec![
+            "stage".to_string(),
+            "output".into(),
+            "params".into(),
+            "MFLOPs".into(),
+            "FLOPs %".into(),
+            "paper".into(),
+            "mem %".into(),
+            "paper".into(),
+            "saved MB".into(),
+            "saved %".into(),
+        ]];
+        for (i, r) in self.rows.iter().enumerate() {
+            let paper = reference.and_then(|(_, t, _)| t.get(i).copied());
+            let name = if r.folded.is_empty() { r.id.clone() } else { format!("{}+{}", r.folded.join("+"), r.id) };
+            let out: Vec<String> = r.output.iter().map(usize::to_string).collect();
+            rows.push(vec![
+                name,
+                out.join("×"),
+                format!("{:.2} M", r.params as f64 / 1e6),
+                format!("{:.1}", r.macs as f64 / 1e6),
+                format!("{:.2}", mp[i]),
+                paper.map_or("-".into(), |p| format!("{:.2}", p.2)),
+                format!("{:.2}", pp[i]),
+                paper.map_or("-".into(), |p| format!("{:.2}", p.1)),
+                format!("{:.1}", r.saved_elems as f64 * 4.0 / 1e6),
+                format!("{:.2}", sp[i]),
+            ]);
+        }
+        let widths: Vec<usize> =
+            (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+        for r in &rows {
+            let line: Vec<String> = r.iter().zip(&widths).map(|(s, w)| format!("{s:>w$}")).collect();
+            writeln!(f, "{}", line.join("  "))?;
+        }
+        writeln!(
+            f,
+            "total: {:.2} M parameters ({:.2} M with a 1000-way fc), {:.3} GFLOPs{}",
+            self.params() as f64 / 1e6,
+            (self.params() + self.fc_params) as f64 / 1e6,
+            self.macs() as f64 / 1e9,
+            reference.map_or(String::new(), |(_, _, g)| format!(" (paper: {g} GFLOPs)"))
+        )?;
+        writeln!(
+            f,
+            "activations per image: {:.1} MB paper-style (one map per block), {:.1} MB kept by candle for the backward (f32)",
+            self.paper_elems() as f64 * 4.0 / 1e6,
+            self.saved_elems() as f64 * 4.0 / 1e6
+        )
+    }
+}
