@@ -59,6 +59,13 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Per stage: parameters, FLOPs and activation memory, beside the paper's table.
+    Profile {
+        file: PathBuf,
+        /// Input side in pixels.
+        #[arg(long, default_value_t = 224)]
+        input: usize,
+    },
     /// Print the JSON Schema of experiment files (for editors' YAML language servers).
     Schema,
     /// Datasets from package registries.
@@ -160,6 +167,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let d = locograph::export::verify(&opened, &onnx, &[batch])?;
                 println!("verified with ONNX Runtime: max |ort - candle| = {d:.3e} (limit 1e-4)");
             }
+        }
+        Command::Profile { file, input } => {
+            let mut loaded = load(&file)?;
+            loaded.experiment.input.size = input;
+            let c = locograph::graph::compile(&loaded)?;
+            print!("{}", locograph::eval::profile::profile(&c, input));
         }
         Command::Schema => {
             let schema = schemars::schema_for!(Experiment);
