@@ -145,3 +145,15 @@ fn schema_is_json_with_the_experiment_keys() {
     }
     assert_eq!(v["additionalProperties"], serde_json::Value::Bool(false));
 }
+
+#[test]
+fn cuda_device_in_a_cpu_build_is_a_clear_error() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let text = common::simclr().replace("name: tiny", "name: tiny\ndevice: cuda");
+    let (code, err) = validate(&text);
+    assert_eq!(code, 2);
+    assert!(err.contains("needs a build with `--features cuda`"), "{err}");
+    assert!(err.contains(&format!("bad.yaml:{}:", line_of(&text, "device: cuda"))), "{err}");
+}

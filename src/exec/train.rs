@@ -84,6 +84,10 @@ pub fn check_values(loaded: &Loaded) -> std::result::Result<(), ConfigErrors> {
     if t.log_every == 0 {
         errors.push(at("train.log_every", "must be at least 1".into()));
     }
+    if e.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
+        errors
+            .push(at("device", "`device: cuda` needs a build with `--features cuda` (this binary is CPU-only)".into()));
+    }
     if e.input.channels == 0 || e.input.size == 0 {
         errors.push(at("input", "channels and size must be at least 1".into()));
     }
