@@ -1,1 +1,14 @@
-//! (in progress)
+//! Evaluation of trained runs and the paper's figures.
+//!
+//! [`features`] (pooled node outputs of the frozen encoder) feed [`linear`] (the linear probe)
+//! and [`knn`]; [`report`] runs them on a run directory and writes `eval_<protocol>_<node>.json`.
+//! [`tsne`] and [`plot`] draw Fig. 1 (per-decoder loss curves) and Fig. 2 (t-SNE), composed
+//! from run directories by [`figures`].
+
+pub mod features;
+pub mod figures;
+pub mod knn;
+pub mod linear;
+pub mod plot;
+pub mod report;
+pub mod tsne;
