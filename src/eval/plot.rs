@@ -186,13 +186,15 @@ fn draw_line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &LinePa
     chart
         .configure_mesh()
         .x_desc(&p.x_label)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc(&p.y_label)
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 16))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(err)?;
-    for s in &p.series {
+    // A run with no curve here (no decoder on this stage) gets no legend entry.
+    for s in p.series.iter().filter(|s| s.points.iter().any(|(x, y)| x.is_finite() && y.is_finite())) {
         let c = color(s.color);
         let pts = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite());
         chart
