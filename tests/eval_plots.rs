@@ -12,7 +12,11 @@ fn line_panels() -> Vec<LinePanel> {
             x_label: "step".into(),
             y_label: "NT-Xent loss".into(),
             series: vec![
-                Series { name: "SimCLR (L)".into(), color: 0, points: if *stage == "res5" { curve(1.0) } else { vec![] } },
+                Series {
+                    name: "SimCLR (L)".into(),
+                    color: 0,
+                    points: if *stage == "res5" { curve(1.0) } else { vec![] },
+                },
                 Series { name: "GIM (L3)".into(), color: 1, points: curve(1.5) },
                 Series { name: "LoCo (L1)".into(), color: 2, points: curve(1.1) },
                 // a NaN row (a diverged log line) must be skipped, not break the axis range
@@ -23,9 +27,13 @@ fn line_panels() -> Vec<LinePanel> {
 }
 
 fn scatter_panels() -> Vec<ScatterPanel> {
-    let pts: Vec<[f64; 2]> = (0..100).map(|i| [(i % 10) as f64 * 3.0 + (i as f64 * 0.37).sin(), (i / 10) as f64]).collect();
+    let pts: Vec<[f64; 2]> =
+        (0..100).map(|i| [(i % 10) as f64 * 3.0 + (i as f64 * 0.37).sin(), (i / 10) as f64]).collect();
     let labels: Vec<u32> = (0..100).map(|i| (i % 10) as u32).collect();
-    ["SimCLR", "GIM", "LoCo"].iter().map(|t| ScatterPanel { title: t.to_string(), points: pts.clone(), labels: labels.clone() }).collect()
+    ["SimCLR", "GIM", "LoCo"]
+        .iter()
+        .map(|t| ScatterPanel { title: t.to_string(), points: pts.clone(), labels: labels.clone() })
+        .collect()
 }
 
 /// Width and height from the IHDR chunk, after checking the signature.
@@ -40,7 +48,12 @@ fn svg_texts(bytes: &[u8]) -> (roxmltree::Document<'_>, Vec<String>) {
     let text = std::str::from_utf8(bytes).expect("utf-8");
     let doc = roxmltree::Document::parse(text).expect("SVG parses as XML");
     assert_eq!(doc.root_element().tag_name().name(), "svg");
-    let texts = doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text()).map(|t| t.trim().to_string()).collect();
+    let texts = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text())
+        .map(|t| t.trim().to_string())
+        .collect();
     (doc, texts)
 }
 
@@ -59,7 +72,16 @@ fn loss_curve_figure_is_a_valid_png_and_svg() {
 
     let svg = plot::line_figure("Training loss of each decoder", &panels, 2, Format::Svg).expect("svg");
     let (_, texts) = svg_texts(&svg);
-    for want in ["Training loss of each decoder", "decoder on res3", "decoder on res5", "SimCLR (L)", "GIM (L3)", "LoCo (L1)", "step", "NT-Xent loss"] {
+    for want in [
+        "Training loss of each decoder",
+        "decoder on res3",
+        "decoder on res5",
+        "SimCLR (L)",
+        "GIM (L3)",
+        "LoCo (L1)",
+        "step",
+        "NT-Xent loss",
+    ] {
         assert!(texts.iter().any(|t| t == want), "`{want}` not among the SVG's texts: {texts:?}");
     }
     // SimCLR has a curve only on res5: one legend entry, not one per panel.

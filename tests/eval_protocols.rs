@@ -73,7 +73,7 @@ fn linear_probe_separates_linearly_separable_features() {
 fn linear_probe_refuses_bad_settings_listing_all() {
     let f = blobs(20, 4, 2, 1.0, 0.1, 1);
     let cfg = LinearConfig { epochs: 0, lr: -1.0, batch_size: 0, ..LinearConfig::default() };
-    let e = linear::probe(&f, &f, &cfg).err().expect("an error").to_string();
+    let e = linear::probe(&f, &f, &cfg).expect_err("an error").to_string();
     assert!(e.contains("1. epochs") && e.contains("2. batch_size") && e.contains("3. lr"), "{e}");
 }
 

@@ -146,9 +146,8 @@ pub fn extract(run: &OpenRun, node: &str, split: Split, opts: &FeatureOptions) -
         cfg.limit = opts.limit;
     }
     let ds = data::open(&cfg, &run.loaded.base_dir, Some(split))?;
-    let num_classes = ds
-        .num_classes()
-        .ok_or_else(|| Error::Msg(format!("{}: unlabeled data cannot be evaluated", ds.name())))?;
+    let num_classes =
+        ds.num_classes().ok_or_else(|| Error::Msg(format!("{}: unlabeled data cannot be evaluated", ds.name())))?;
     let mut x = Vec::new();
     let mut labels = Vec::new();
     let mut dim = 0;

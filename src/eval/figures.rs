@@ -56,8 +56,10 @@ pub fn read_loss_run(dir: &Path, label: &str) -> Result<LossRun> {
     let Some(step_col) = header.iter().position(|h| *h == "step") else {
         return Err(Error::Msg(format!("{}: no `step` column in the header", path.display())));
     };
-    let rows: Vec<Vec<f64>> =
-        lines.filter(|l| !l.trim().is_empty()).map(|l| l.split(',').map(|v| v.trim().parse().unwrap_or(f64::NAN)).collect()).collect();
+    let rows: Vec<Vec<f64>> = lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split(',').map(|v| v.trim().parse().unwrap_or(f64::NAN)).collect())
+        .collect();
     let mut curves = vec![];
     for &l in &c.losses {
         let id = c.id(l);
@@ -66,7 +68,12 @@ pub fn read_loss_run(dir: &Path, label: &str) -> Result<LossRun> {
         };
         let Some(src) = features::encoder_source(&c, l) else { continue };
         let points = rows.iter().filter_map(|r| Some((*r.get(step_col)?, *r.get(col)?))).collect();
-        curves.push(LossCurve { loss: id.to_string(), stage: c.id(src).to_string(), depth: features::depth(&c, src), points });
+        curves.push(LossCurve {
+            loss: id.to_string(),
+            stage: c.id(src).to_string(),
+            depth: features::depth(&c, src),
+            points,
+        });
     }
     Ok(LossRun { label: label.to_string(), curves })
 }

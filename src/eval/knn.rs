@@ -76,10 +76,8 @@ fn vote(sims: &[f32], labels: &[u32], classes: usize, k: usize, temperature: f64
 pub fn predict(train: &Features, test: &Features, cfg: &KnnConfig) -> Result<Vec<u32>> {
     train.validate()?;
     test.validate()?;
-    if cfg.k == 0 || cfg.chunk == 0 || !(cfg.temperature > 0.0) {
-        return Err(Error::Msg(format!(
-            "kNN: k and chunk must be at least 1 and the temperature > 0, got {cfg:?}"
-        )));
+    if cfg.k == 0 || cfg.chunk == 0 || cfg.temperature.is_nan() || cfg.temperature <= 0.0 {
+        return Err(Error::Msg(format!("kNN: k and chunk must be at least 1 and the temperature > 0, got {cfg:?}")));
     }
     if train.dim != test.dim || train.n == 0 {
         return Err(Error::Msg(format!("kNN: train is {}×{}, test {}×{}", train.n, train.dim, test.n, test.dim)));

@@ -116,11 +116,8 @@ fn moments(f: &Features) -> (Vec<f32>, Vec<f32>) {
     }
     let n = f.n.max(1) as f64;
     let m: Vec<f32> = mean.iter().map(|s| (s / n) as f32).collect();
-    let s: Vec<f32> = mean
-        .iter()
-        .zip(&sq)
-        .map(|(s, q)| ((q / n - (s / n) * (s / n)).max(0.0).sqrt().max(1e-6)) as f32)
-        .collect();
+    let s: Vec<f32> =
+        mean.iter().zip(&sq).map(|(s, q)| ((q / n - (s / n) * (s / n)).max(0.0).sqrt().max(1e-6)) as f32).collect();
     (m, s)
 }
 
@@ -175,7 +172,8 @@ pub fn probe(train: &Features, test: &Features, cfg: &LinearConfig) -> Result<Li
         exclude_bias_and_norm_from_weight_decay: true,
     });
     let steps_per_epoch = train.n.div_ceil(cfg.batch_size);
-    let milestones = cfg.milestones.iter().map(|m| (m * cfg.epochs as f64).round() as usize * steps_per_epoch).collect();
+    let milestones =
+        cfg.milestones.iter().map(|m| (m * cfg.epochs as f64).round() as usize * steps_per_epoch).collect();
     let schedule = LrSchedule::step(cfg.lr, 0, milestones, cfg.gamma);
 
     let mut order: Vec<usize> = (0..train.n).collect();

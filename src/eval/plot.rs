@@ -163,6 +163,16 @@ fn grid(n: usize, max_cols: usize) -> (usize, usize) {
     (n.div_ceil(cols).max(1), cols)
 }
 
+/// A tick label: integers without a decimal point, others with at most 3 decimals.
+fn tick(v: f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round())
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
 /// A range with some room around `lo..hi`, never empty.
 fn padded(lo: f64, hi: f64, frac: f64) -> std::ops::Range<f64> {
     if !(lo.is_finite() && hi.is_finite()) {
@@ -186,7 +196,8 @@ fn draw_line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &LinePa
     chart
         .configure_mesh()
         .x_desc(&p.x_label)
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_label_formatter(&|x| tick(*x))
+        .y_label_formatter(&|y| tick(*y))
         .y_desc(&p.y_label)
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 16))
@@ -256,7 +267,8 @@ fn draw_scatter_panel<DB: DrawingBackend>(
         // Room on the right for the legend, so it does not hide points.
         .build_cartesian_2d(padded(x0, x1 + if legend { 0.35 * (x1 - x0) } else { 0.0 }, 0.05), padded(y0, y1, 0.05))
         .map_err(err)?;
-    chart.configure_mesh().disable_mesh().label_style(("sans-serif", 12)).draw().map_err(err)?;
+    // t-SNE coordinates mean nothing in themselves: axes without tick labels.
+    chart.configure_mesh().disable_mesh().x_labels(0).y_labels(0).draw().map_err(err)?;
     let classes = p.labels.iter().copied().max().map_or(0, |m| m as usize + 1);
     for c in 0..classes {
         let col = color(c);

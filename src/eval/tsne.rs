@@ -20,8 +20,9 @@ pub struct TsneConfig {
     pub perplexity: f64,
     /// Gradient-descent iterations.
     pub iterations: usize,
-    /// Step size.
-    pub learning_rate: f64,
+    /// Step size; `None` = sklearn's "auto", max(n / early_exaggeration / 4, 50), which keeps
+    /// small sets (the paper's 500 points) from flinging points far out during exaggeration.
+    pub learning_rate: Option<f64>,
     /// P is multiplied by this during the first `exaggeration_iterations`, so clusters form
     /// before they settle.
     pub early_exaggeration: f64,
@@ -35,7 +36,7 @@ impl Default for TsneConfig {
         Self {
             perplexity: 30.0,
             iterations: 1000,
-            learning_rate: 200.0,
+            learning_rate: None,
             early_exaggeration: 12.0,
             exaggeration_iterations: 250,
             seed: 0,
@@ -67,10 +68,10 @@ fn conditional_row(d: &[f64], i: usize, beta: f64, row: &mut [f64]) -> f64 {
         sum += row[j];
     }
     let mut h = 0.0;
-    for j in 0..n {
-        row[j] /= sum;
-        if row[j] > 1e-300 {
-            h -= row[j] * row[j].ln();
+    for v in row.iter_mut() {
+        *v /= sum;
+        if *v > 1e-300 {
+            h -= *v * v.ln();
         }
     }
     h
@@ -125,6 +126,7 @@ pub fn tsne(x: &[f32], n: usize, dim: usize, cfg: &TsneConfig) -> Result<Vec<[f6
     if x.iter().any(|v| !v.is_finite()) {
         return Err(Error::Msg("t-SNE: the features contain NaN or infinity".into()));
     }
+    let lr = cfg.learning_rate.unwrap_or((n as f64 / cfg.early_exaggeration / 4.0).max(50.0));
     let p = joint_p(&sq_distances(x, n, dim), n, cfg.perplexity);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let normal = Normal::new(0.0, 1e-4).map_err(|e| Error::Msg(e.to_string()))?;
@@ -164,7 +166,7 @@ pub fn tsne(x: &[f32], n: usize, dim: usize, cfg: &TsneConfig) -> Result<Vec<[f6
                 } else {
                     (gains[i][k] * 0.8).max(0.01)
                 };
-                velocity[i][k] = momentum * velocity[i][k] - cfg.learning_rate * gains[i][k] * g[k];
+                velocity[i][k] = momentum * velocity[i][k] - lr * gains[i][k] * g[k];
             }
         }
         let mut mean = [0f64; 2];
