@@ -112,3 +112,16 @@ fn figure_format_comes_from_the_extension() {
     assert_eq!(Format::from_path("fig.svg".as_ref()).expect("svg"), Format::Svg);
     assert!(Format::from_path("fig.pdf".as_ref()).is_err());
 }
+
+#[test]
+fn label_run_pairs_parse() {
+    use locograph::eval::figures::label_run;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display().to_string();
+    let (l, p) = label_run(&format!("LoCo={d}")).expect("pair");
+    assert_eq!((l.as_str(), p), ("LoCo", dir.path().to_path_buf()));
+    let (l, _) = label_run(&d).expect("bare dir");
+    assert_eq!(Some(l.as_str()), dir.path().file_name().and_then(|n| n.to_str()));
+    assert!(label_run("=x").is_err());
+    assert!(label_run("LoCo=/no/such/run").expect_err("missing").to_string().contains("not a run directory"));
+}

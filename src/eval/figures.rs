@@ -24,6 +24,25 @@ use crate::{Error, Result};
 pub const FASHION_MNIST_CLASSES: [&str; 10] =
     ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
 
+/// Parses a command-line `LABEL=RUN_DIR` pair (a bare `RUN_DIR` is labelled by its folder name).
+pub fn label_run(arg: &str) -> Result<(String, PathBuf)> {
+    let (label, dir) = match arg.split_once('=') {
+        Some((l, d)) => (l.trim().to_string(), PathBuf::from(d)),
+        None => {
+            let d = PathBuf::from(arg);
+            let name = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| arg.to_string());
+            (name, d)
+        }
+    };
+    if label.is_empty() || dir.as_os_str().is_empty() {
+        return Err(Error::Msg(format!("`{arg}`: expected LABEL=RUN_DIR")));
+    }
+    if !dir.is_dir() {
+        return Err(Error::Msg(format!("{}: not a run directory", dir.display())));
+    }
+    Ok((label, dir))
+}
+
 /// One loss's curve from `metrics.csv`, with the encoder stage its decoder reads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossCurve {

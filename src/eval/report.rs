@@ -118,6 +118,14 @@ pub fn evaluate_run(
     Ok(out)
 }
 
+/// One line for the terminal: `linear res5: top-1 87.12 % (run …)`.
+pub fn summary(path: &Path, report: &serde_json::Value) -> String {
+    let top1 = report["result"]["test_top1"].as_f64().map_or("?".to_string(), |t| format!("{:.2} %", 100.0 * t));
+    let protocol = report["protocol"].as_str().unwrap_or("?");
+    let node = report["node"].as_str().unwrap_or("?");
+    format!("{protocol} {node}: top-1 {top1} ({})", path.display())
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
     serde_json::to_value(v).map_err(|e| Error::Msg(format!("cannot serialise the report: {e}")))
 }
