@@ -14,6 +14,7 @@
 #   LINEAR_LR      linear-probe initial LR on standardised features (default 0.1)
 #   KNN_K, KNN_T   kNN neighbours and temperature (default 200, 0.07: InstDisc)
 #   NODE           node to evaluate (default: the encoder output, res5)
+#   SMOOTHING      EMA smoothing of the loss curves, in [0, 1) (default 0.6; 0 = raw)
 #   RUNS           where runs go (default runs/results; each method in RUNS/<experiment>/)
 #   FIGURES        where figures go (default docs/figures)
 #   LOCOGRAPH      a locograph binary to use instead of building one (`cargo build --release`)
@@ -66,8 +67,8 @@ done
 
 # Fig. 1 (supplementary): per-decoder loss curves of the three methods, matched by stage.
 mkdir -p "$figures"
-lg plot losses --out "$figures/loss_curves.png" --out "$figures/loss_curves.svg" "${pairs[@]:0:3}"
-lg plot losses --out "$figures/loss_curves_ablations.png" --out "$figures/loss_curves_ablations.svg" \
+lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves.png" --out "$figures/loss_curves.svg" "${pairs[@]:0:3}"
+lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves_ablations.png" --out "$figures/loss_curves_ablations.svg" \
   "${pairs[1]}" "${pairs[3]}" "${pairs[2]}" "${pairs[4]}"
 # Fig. 2 (supplementary): t-SNE of 500 test images (first 50 of each of the 10 classes).
 lg plot tsne --out "$figures/tsne.png" --out "$figures/tsne.svg" "${node_args[@]}" "${pairs[@]:0:3}"

@@ -125,3 +125,17 @@ fn label_run_pairs_parse() {
     assert!(label_run("=x").is_err());
     assert!(label_run("LoCo=/no/such/run").expect_err("missing").to_string().contains("not a run directory"));
 }
+
+#[test]
+fn smoothing_is_a_debiased_moving_average() {
+    use locograph::eval::figures::smooth;
+    let pts = [(1.0, 4.0), (2.0, 2.0), (3.0, f64::NAN), (4.0, 2.0)];
+    assert_eq!(smooth(&pts, 0.0)[1], (2.0, 2.0));
+    let s = smooth(&pts, 0.5);
+    // debiased: the first value is itself, then (0.5·0.5·4 + 0.5·2) / (0.5·0.5 + 0.5); the NaN
+    // row is skipped, so the last is (0.5·2 + 0.5·2) / (0.5·0.75 + 0.5)
+    assert_eq!(s[0], (1.0, 4.0));
+    assert!((s[1].1 - 2.0 / 0.75).abs() < 1e-12, "{s:?}");
+    assert!(s[2].1.is_nan());
+    assert!((s[3].1 - 2.0 / 0.875).abs() < 1e-12, "{s:?}");
+}

@@ -138,7 +138,8 @@ fn figures_from_run_directories() {
     assert_eq!(stages, [("L1", "res3"), ("L2", "res4"), ("L3", "res5")]);
     assert_eq!(loco.curves[0].points.len(), 4);
     assert_eq!(loco.curves[0].points[3].0, 4.0);
-    let panels = figures::loss_panels(&loss_runs);
+    let panels = figures::loss_panels(&loss_runs, 0.0);
+    assert_eq!(panels[1].series[1].points, loco.curves[0].points);
     let titles: Vec<&str> = panels.iter().map(|p| p.title.as_str()).collect();
     assert_eq!(titles, ["decoder on res2", "decoder on res3", "decoder on res4", "decoder on res5"]);
     let res3: Vec<&str> = panels[1].series.iter().map(|s| s.name.as_str()).collect();
@@ -148,7 +149,7 @@ fn figures_from_run_directories() {
 
     let fig = dir.path().join("figures");
     let outs = [fig.join("loss_curves.png"), fig.join("loss_curves.svg")];
-    figures::loss_curves(&runs, &outs).expect("loss curves");
+    figures::loss_curves(&runs, 0.6, &outs).expect("loss curves");
     let svg = std::fs::read_to_string(&outs[1]).expect("svg");
     assert!(svg.contains("LoCo (L1)") && svg.contains("decoder on res2"));
     assert!(std::fs::read(&outs[0]).expect("png").starts_with(b"\x89PNG"));

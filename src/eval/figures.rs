@@ -97,9 +97,32 @@ pub fn read_loss_run(dir: &Path, label: &str) -> Result<LossRun> {
     Ok(LossRun { label: label.to_string(), curves })
 }
 
+/// Exponential moving average of the `y` values, debiased as TensorBoard's smoothing slider
+/// (`smoothing` in [0, 1); 0 = the raw values). Per-step contrastive losses are noisy at small
+/// batches; the smoothed curve shows the trend the paper's figure compares. Non-finite values
+/// are passed through and do not enter the average.
+pub fn smooth(points: &[(f64, f64)], smoothing: f64) -> Vec<(f64, f64)> {
+    if smoothing <= 0.0 || smoothing.is_nan() {
+        return points.to_vec();
+    }
+    let a = smoothing.min(0.999);
+    let (mut avg, mut weight) = (0.0, 0.0);
+    points
+        .iter()
+        .map(|&(x, y)| {
+            if !y.is_finite() {
+                return (x, y);
+            }
+            avg = a * avg + (1.0 - a) * y;
+            weight = a * weight + (1.0 - a);
+            (x, avg / weight)
+        })
+        .collect()
+}
+
 /// One panel per stage (shallow to deep), one series per run with a decoder there, named
-/// `label (loss id)`; a run keeps its colour in every panel.
-pub fn loss_panels(runs: &[LossRun]) -> Vec<LinePanel> {
+/// `label (loss id)`; a run keeps its colour in every panel. `smoothing`: see [`smooth`].
+pub fn loss_panels(runs: &[LossRun], smoothing: f64) -> Vec<LinePanel> {
     let mut stages: Vec<(usize, String)> =
         runs.iter().flat_map(|r| r.curves.iter().map(|c| (c.depth, c.stage.clone()))).collect();
     stages.sort();
@@ -117,7 +140,7 @@ pub fn loss_panels(runs: &[LossRun]) -> Vec<LinePanel> {
                     r.curves.iter().filter(|c| c.stage == stage).map(move |c| Series {
                         name: format!("{} ({})", r.label, c.loss),
                         color: i,
-                        points: c.points.clone(),
+                        points: smooth(&c.points, smoothing),
                     })
                 })
                 .collect(),
@@ -125,12 +148,18 @@ pub fn loss_panels(runs: &[LossRun]) -> Vec<LinePanel> {
         .collect()
 }
 
-/// Fig. 1 from `(label, run dir)` pairs, written to each of `outs` (`.png` / `.svg`).
-pub fn loss_curves(runs: &[(String, PathBuf)], outs: &[PathBuf]) -> Result<()> {
+/// Fig. 1 from `(label, run dir)` pairs, written to each of `outs` (`.png` / `.svg`);
+/// `smoothing` in [0, 1) (0 = raw; 0.6 reads well for a few hundred logged rows).
+pub fn loss_curves(runs: &[(String, PathBuf)], smoothing: f64, outs: &[PathBuf]) -> Result<()> {
     let runs: Vec<LossRun> = runs.iter().map(|(l, d)| read_loss_run(d, l)).collect::<Result<_>>()?;
-    let panels = loss_panels(&runs);
+    let panels = loss_panels(&runs, smoothing);
+    let title = if smoothing > 0.0 {
+        format!("Training loss of each decoder (EMA {smoothing})")
+    } else {
+        "Training loss of each decoder".to_string()
+    };
     for out in outs {
-        let bytes = plot::line_figure("Training loss of each decoder", &panels, 2, Format::from_path(out)?)?;
+        let bytes = plot::line_figure(&title, &panels, 2, Format::from_path(out)?)?;
         plot::save(out, &bytes)?;
     }
     Ok(())
