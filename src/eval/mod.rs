@@ -1,5 +1,17 @@
-//! (in progress)
+//! Evaluation of trained runs, the paper's figures, and encoder profiles.
+//!
+//! [`features`] (pooled node outputs of the frozen encoder) feed [`linear`] (the linear probe)
+//! and [`knn`]; [`report`] runs them on a run directory and writes `eval_<protocol>_<node>.json`.
+//! [`tsne`] and [`plot`] draw Fig. 1 (per-decoder loss curves) and Fig. 2 (t-SNE), composed
+//! from run directories by [`figures`]. [`profile`] counts parameters, FLOPs and activations.
 
+pub mod features;
+pub mod figures;
+pub mod knn;
+pub mod linear;
+pub mod plot;
 pub mod profile;
+pub mod report;
+pub mod tsne;
 
 pub use profile::{profile, Profile};

@@ -1,0 +1,340 @@
+//! Figures with `plotters`: panels of line series (the per-decoder loss curves of the
+//! supplementary's Fig. 1) and panels of class-coloured points (the t-SNE of Fig. 2), as PNG or
+//! SVG.
+//!
+//! Text is drawn by plotters' pure-Rust `ab_glyph` renderer with a TrueType font read at run
+//! time ([`font_path`]): no fontconfig or freetype is needed, and no font is bundled. PNGs are
+//! drawn into an RGB buffer and encoded by the `image` crate the data readers already use, so
+//! plotters' own (older) `image` dependency stays out of the build.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::{Error, Result};
+
+/// Output file type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Png,
+    Svg,
+}
+
+impl Format {
+    /// From a file name's extension (`.png` or `.svg`).
+    pub fn from_path(path: &Path) -> Result<Format> {
+        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("png") => Ok(Format::Png),
+            Some("svg") => Ok(Format::Svg),
+            _ => Err(Error::Msg(format!("{}: a figure must end in .png or .svg", path.display()))),
+        }
+    }
+}
+
+/// One line: a name for the legend, a colour slot (same slot = same colour in every panel) and
+/// its `(x, y)` points. Non-finite points are skipped.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub color: usize,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One chart of a figure.
+#[derive(Debug, Clone)]
+pub struct LinePanel {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+}
+
+/// One scatter chart: 2-D points and the class of each.
+#[derive(Debug, Clone)]
+pub struct ScatterPanel {
+    pub title: String,
+    pub points: Vec<[f64; 2]>,
+    pub labels: Vec<u32>,
+}
+
+/// Matplotlib's `tab10`: distinct, colour-blind-tolerable, familiar from papers.
+const TAB10: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Colour of slot `i` (cycles after 10).
+pub fn color(i: usize) -> RGBColor {
+    TAB10[i % TAB10.len()]
+}
+
+/// Where the figure font comes from: `$LOCOGRAPH_FONT`, else the first of some common
+/// locations of DejaVu Sans / Liberation Sans / Noto Sans / Arial that exists.
+pub fn font_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("LOCOGRAPH_FONT") {
+        return Some(PathBuf::from(p));
+    }
+    const CANDIDATES: &[&str] = &[
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+        "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
+        "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
+        "/usr/share/fonts/noto/NotoSans-Regular.ttf",
+        "/Library/Fonts/Arial.ttf",
+        "/System/Library/Fonts/Supplemental/Arial.ttf",
+        "C:\\Windows\\Fonts\\arial.ttf",
+    ];
+    CANDIDATES.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// Registers the font as `sans-serif` once per process (plotters keeps `'static` font bytes,
+/// hence the deliberate leak of one font file).
+fn ensure_font() -> Result<()> {
+    static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        let path = font_path().ok_or_else(|| {
+            "no TrueType font found for figure text: install fonts-dejavu-core or set LOCOGRAPH_FONT=/path/to/font.ttf"
+                .to_string()
+        })?;
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("{}: not a TrueType/OpenType font", path.display()))
+    })
+    .clone()
+    .map_err(Error::Msg)
+}
+
+fn err<E: std::fmt::Display>(e: E) -> Error {
+    Error::Msg(format!("plot: {e}"))
+}
+
+/// A whole figure, drawable on any backend (plotters backends are distinct types, and a
+/// closure cannot be generic over them).
+trait Figure {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()>;
+}
+
+/// Draws `fig` on a `size` canvas and returns the encoded file.
+fn render<F: Figure>(format: Format, size: (u32, u32), fig: &F) -> Result<Vec<u8>> {
+    ensure_font()?;
+    match format {
+        Format::Svg => {
+            let mut s = String::new();
+            {
+                let root = SVGBackend::with_string(&mut s, size).into_drawing_area();
+                fig.draw(&root)?;
+                root.present().map_err(err)?;
+            }
+            Ok(s.into_bytes())
+        }
+        Format::Png => {
+            let mut buf = vec![0u8; size.0 as usize * size.1 as usize * 3];
+            {
+                let root = BitMapBackend::with_buffer(&mut buf, size).into_drawing_area();
+                fig.draw(&root)?;
+                root.present().map_err(err)?;
+            }
+            let img = image::RgbImage::from_raw(size.0, size.1, buf).ok_or_else(|| err("buffer size"))?;
+            let mut out = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut out, image::ImageFormat::Png).map_err(err)?;
+            Ok(out.into_inner())
+        }
+    }
+}
+
+/// `(rows, cols)` for `n` panels: up to `max_cols` per row.
+fn grid(n: usize, max_cols: usize) -> (usize, usize) {
+    let cols = n.clamp(1, max_cols);
+    (n.div_ceil(cols).max(1), cols)
+}
+
+/// A tick label: integers without a decimal point, others with at most 3 decimals.
+fn tick(v: f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round())
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+/// A range with some room around `lo..hi`, never empty.
+fn padded(lo: f64, hi: f64, frac: f64) -> std::ops::Range<f64> {
+    if !(lo.is_finite() && hi.is_finite()) {
+        return 0.0..1.0;
+    }
+    let span = if hi > lo { hi - lo } else { lo.abs().max(1.0) };
+    (lo - frac * span)..(hi + frac * span)
+}
+
+fn draw_line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &LinePanel) -> Result<()> {
+    let finite = || p.series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
+    let (x0, x1) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
+    let (y0, y1) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (_, y)| (a.min(*y), b.max(*y)));
+    let mut chart = ChartBuilder::on(area)
+        .caption(&p.title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(42)
+        .y_label_area_size(58)
+        .build_cartesian_2d(padded(x0, x1, 0.0), padded(y0, y1, 0.05))
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(&p.x_label)
+        .x_label_formatter(&|x| tick(*x))
+        .y_label_formatter(&|y| tick(*y))
+        .y_desc(&p.y_label)
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 16))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(err)?;
+    // A run with no curve here (no decoder on this stage) gets no legend entry.
+    for s in p.series.iter().filter(|s| s.points.iter().any(|(x, y)| x.is_finite() && y.is_finite())) {
+        let c = color(s.color);
+        let pts = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite());
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+            .map_err(err)?
+            .label(&s.name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    if !p.series.is_empty() {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+struct Lines<'a> {
+    title: &'a str,
+    panels: &'a [LinePanel],
+    grid: (usize, usize),
+}
+
+impl Figure for Lines<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+        root.fill(&WHITE).map_err(err)?;
+        let body = root.titled(self.title, ("sans-serif", 28)).map_err(err)?;
+        for (area, p) in body.split_evenly(self.grid).iter().zip(self.panels) {
+            draw_line_panel(area, p)?;
+        }
+        Ok(())
+    }
+}
+
+/// Panels of line series under one title, `max_cols` panels per row.
+pub fn line_figure(title: &str, panels: &[LinePanel], max_cols: usize, format: Format) -> Result<Vec<u8>> {
+    let (rows, cols) = grid(panels.len(), max_cols);
+    let size = (560 * cols as u32, 420 * rows as u32 + 50);
+    render(format, size, &Lines { title, panels, grid: (rows, cols) })
+}
+
+fn draw_scatter_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    p: &ScatterPanel,
+    class_names: &[String],
+    legend: bool,
+) -> Result<()> {
+    let (x0, x1) = p.points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), q| (a.min(q[0]), b.max(q[0])));
+    let (y0, y1) = p.points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), q| (a.min(q[1]), b.max(q[1])));
+    let mut chart = ChartBuilder::on(area)
+        .caption(&p.title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(40)
+        // Room on the right for the legend, so it does not hide points.
+        .build_cartesian_2d(padded(x0, x1 + if legend { 0.35 * (x1 - x0) } else { 0.0 }, 0.05), padded(y0, y1, 0.05))
+        .map_err(err)?;
+    // t-SNE coordinates mean nothing in themselves: axes without tick labels.
+    chart.configure_mesh().disable_mesh().x_labels(0).y_labels(0).draw().map_err(err)?;
+    let classes = p.labels.iter().copied().max().map_or(0, |m| m as usize + 1);
+    for c in 0..classes {
+        let col = color(c);
+        let pts: Vec<(f64, f64)> =
+            p.points.iter().zip(&p.labels).filter(|(_, &l)| l as usize == c).map(|(q, _)| (q[0], q[1])).collect();
+        let name = class_names.get(c).cloned().unwrap_or_else(|| format!("class {c}"));
+        chart
+            .draw_series(pts.into_iter().map(move |q| Circle::new(q, 3, col.filled())))
+            .map_err(err)?
+            .label(name)
+            .legend(move |(x, y)| Circle::new((x + 8, y), 4, col.filled()));
+    }
+    if legend && classes > 0 {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 13))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+struct Scatters<'a> {
+    title: &'a str,
+    panels: &'a [ScatterPanel],
+    class_names: &'a [String],
+    grid: (usize, usize),
+}
+
+impl Figure for Scatters<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+        root.fill(&WHITE).map_err(err)?;
+        let body = root.titled(self.title, ("sans-serif", 28)).map_err(err)?;
+        let n = self.panels.len();
+        for (i, (area, p)) in body.split_evenly(self.grid).iter().zip(self.panels).enumerate() {
+            draw_scatter_panel(area, p, self.class_names, i + 1 == n)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scatter panels side by side, points coloured by class; the legend (class names, `class k`
+/// where a name is missing) sits in the last panel.
+pub fn scatter_figure(title: &str, panels: &[ScatterPanel], class_names: &[String], format: Format) -> Result<Vec<u8>> {
+    for p in panels {
+        if p.points.len() != p.labels.len() {
+            return Err(Error::Msg(format!(
+                "plot: {} points but {} labels in `{}`",
+                p.points.len(),
+                p.labels.len(),
+                p.title
+            )));
+        }
+    }
+    let (rows, cols) = grid(panels.len(), 3);
+    let size = (520 * cols as u32, 480 * rows as u32 + 50);
+    render(format, size, &Scatters { title, panels, class_names, grid: (rows, cols) })
+}
+
+/// Writes `bytes` to `path`, creating its folder.
+pub fn save(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
