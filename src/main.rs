@@ -66,12 +66,91 @@ enum Command {
         #[arg(long, default_value_t = 224)]
         input: usize,
     },
+    /// Evaluate a run's frozen encoder: linear probe and/or weighted kNN on pooled features.
+    Eval {
+        run: PathBuf,
+        /// `linear` and/or `knn` (repeat the flag for both).
+        #[arg(long = "protocol", default_values = ["linear"])]
+        protocols: Vec<String>,
+        /// Node whose pooled output is the feature (default: the deepest encoder stage).
+        #[arg(long)]
+        node: Option<String>,
+        /// Linear probe: epochs.
+        #[arg(long, default_value_t = 100)]
+        epochs: usize,
+        /// Linear probe: learning rate (features are standardised).
+        #[arg(long, default_value_t = 0.1)]
+        lr: f64,
+        /// Linear probe: batch size.
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// Linear probe: weight decay.
+        #[arg(long, default_value_t = 0.0)]
+        weight_decay: f64,
+        /// Linear probe: SGD momentum (the paper uses none).
+        #[arg(long, default_value_t = 0.0)]
+        momentum: f64,
+        /// Linear probe: do not standardise the features.
+        #[arg(long)]
+        no_standardize: bool,
+        /// kNN: neighbours.
+        #[arg(long, default_value_t = 200)]
+        k: usize,
+        /// kNN: temperature of the exp(sim/τ) vote weights.
+        #[arg(long, default_value_t = 0.07)]
+        temperature: f64,
+        /// Use only the first N training images.
+        #[arg(long)]
+        train_limit: Option<usize>,
+        /// Use only the first N test images.
+        #[arg(long)]
+        test_limit: Option<usize>,
+    },
+    /// Figures from run directories, given as LABEL=RUN_DIR.
+    Plot {
+        #[command(subcommand)]
+        command: PlotCommand,
+    },
     /// Print the JSON Schema of experiment files (for editors' YAML language servers).
     Schema,
     /// Datasets from package registries.
     Data {
         #[command(subcommand)]
         command: DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlotCommand {
+    /// Per-decoder training-loss curves, runs overlaid (the supplementary's Fig. 1).
+    Losses {
+        /// Output files (.png and/or .svg).
+        #[arg(long, required = true)]
+        out: Vec<PathBuf>,
+        /// Exponential moving average factor (0 = raw).
+        #[arg(long, default_value_t = 0.0)]
+        smoothing: f64,
+        /// LABEL=RUN_DIR ...
+        runs: Vec<String>,
+    },
+    /// t-SNE of test embeddings coloured by class (the supplementary's Fig. 2).
+    Tsne {
+        /// Output files (.png and/or .svg).
+        #[arg(long, required = true)]
+        out: Vec<PathBuf>,
+        /// Node whose pooled output is embedded (default: the deepest encoder stage).
+        #[arg(long)]
+        node: Option<String>,
+        /// Classes shown.
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        /// Test images per class.
+        #[arg(long, default_value_t = 50)]
+        per_class: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// LABEL=RUN_DIR ...
+        runs: Vec<String>,
     },
 }
 
@@ -173,6 +252,63 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             loaded.experiment.input.size = input;
             let c = locograph::graph::compile(&loaded)?;
             print!("{}", locograph::eval::profile::profile(&c, input));
+        }
+        Command::Eval {
+            run,
+            protocols,
+            node,
+            epochs,
+            lr,
+            batch_size,
+            weight_decay,
+            momentum,
+            no_standardize,
+            k,
+            temperature,
+            train_limit,
+            test_limit,
+        } => {
+            use locograph::eval::knn::KnnConfig;
+            use locograph::eval::linear::LinearConfig;
+            use locograph::eval::report::{self, EvalOptions, Protocol};
+            let ps = protocols
+                .iter()
+                .map(|p| {
+                    Ok(match p.as_str() {
+                        "linear" => Protocol::Linear(LinearConfig {
+                            epochs,
+                            lr,
+                            batch_size,
+                            weight_decay,
+                            momentum,
+                            standardize: !no_standardize,
+                            ..Default::default()
+                        }),
+                        "knn" => Protocol::Knn(KnnConfig { k, temperature, ..Default::default() }),
+                        _ => Protocol::from_name(p)?,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let opts = EvalOptions { node, batch_size: 256, train_limit, test_limit };
+            for (path, r) in report::evaluate_run(&run, &ps, &opts)? {
+                println!("{}", report::summary(&path, &r));
+            }
+        }
+        Command::Plot { command } => {
+            use locograph::eval::figures;
+            match command {
+                PlotCommand::Losses { out, smoothing, runs } => {
+                    let runs = runs.iter().map(|a| figures::label_run(a)).collect::<Result<Vec<_>, _>>()?;
+                    figures::loss_curves(&runs, smoothing, &out)?;
+                    out.iter().for_each(|o| println!("wrote {}", o.display()));
+                }
+                PlotCommand::Tsne { out, node, classes, per_class, seed, runs } => {
+                    let runs = runs.iter().map(|a| figures::label_run(a)).collect::<Result<Vec<_>, _>>()?;
+                    let tsne = locograph::eval::tsne::TsneConfig { seed, ..Default::default() };
+                    figures::tsne_figure(&runs, &figures::TsneFigureOptions { node, classes, per_class, tsne }, &out)?;
+                    out.iter().for_each(|o| println!("wrote {}", o.display()));
+                }
+            }
         }
         Command::Schema => {
             let schema = schemars::schema_for!(Experiment);
