@@ -24,7 +24,7 @@ use std::fmt;
 
 use crate::config::NodeConfig;
 use crate::graph::Compiled;
-use crate::nn::block::{BlockKind, BlockSpec};
+use crate::nn::block::BlockSpec;
 use crate::nn::conv::ConvSpec;
 use crate::nn::decoder::DecoderConfig;
 use crate::nn::stem::{StemConfig, StemKind};
@@ -138,7 +138,7 @@ fn decoder_saved(cfg: &DecoderConfig, input: &[usize]) -> u64 {
     let mut pooled = input.first().copied().unwrap_or(0);
     if let [c, h, w] = *input {
         let (mut c, mut h, mut w) = (c, h, w);
-        for spec in decoder_block_specs(cfg, c) {
+        for spec in cfg.block_specs(c) {
             let (_, _, s, out) = block_cost(&spec, h, w);
             saved += s;
             [c, h, w] = out;
@@ -154,23 +154,6 @@ fn decoder_saved(cfg: &DecoderConfig, input: &[usize]) -> u64 {
         saved += d * (2 + u64::from(!last) + if cfg.mlp.batch_norm && !last { 4 } else { 0 });
     }
     saved
-}
-
-/// The decoder's conv blocks, as `DecoderConfig` builds them (kept private there).
-fn decoder_block_specs(cfg: &DecoderConfig, in_channels: usize) -> Vec<BlockSpec> {
-    let Some(cb) = &cfg.conv_block else { return vec![] };
-    let out = cb.channels.unwrap_or(2 * in_channels);
-    (0..cb.blocks)
-        .map(|i| BlockSpec {
-            kind: cb.block,
-            in_channels: if i == 0 { in_channels } else { out },
-            width: if cb.block == BlockKind::Basic { out } else { (out / 4).max(1) },
-            out_channels: out,
-            stride: if i == 0 { cb.stride } else { 1 },
-            groups: 1,
-            group_expand: false,
-        })
-        .collect()
 }
 
 /// Elements (per image) of every tensor candle's autograd keeps alive for the backward of a

@@ -78,7 +78,8 @@ pub struct DecoderConfig {
 }
 
 impl DecoderConfig {
-    fn block_specs(&self, in_channels: usize) -> Vec<BlockSpec> {
+    /// The conv blocks in front of the pool, for an input with `in_channels` channels.
+    pub fn block_specs(&self, in_channels: usize) -> Vec<BlockSpec> {
         let Some(cb) = &self.conv_block else { return vec![] };
         let out = cb.channels.unwrap_or(2 * in_channels);
         (0..cb.blocks)
