@@ -108,12 +108,8 @@ fn report(s: &train::TrainSummary) {
         INTERRUPTED.store(true, Ordering::SeqCst);
         return;
     }
-    let l: Vec<String> = s
-        .first_losses
-        .iter()
-        .zip(&s.final_losses)
-        .map(|((id, a), (_, b))| format!("{id} {a:.4} → {b:.4}"))
-        .collect();
+    let l: Vec<String> =
+        s.first_losses.iter().zip(&s.final_losses).map(|((id, a), (_, b))| format!("{id} {a:.4} → {b:.4}")).collect();
     println!("{}: {} steps, {:.1} s, {}", s.run_dir.display(), s.steps, s.seconds, l.join(", "));
 }
 

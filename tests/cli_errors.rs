@@ -94,7 +94,10 @@ fn channel_mismatch_found_by_shape_inference() {
 fn trainable_node_reached_by_no_loss() {
     // GIM with the decoder of res3 removed: res3 is stopped from L4 and has no loss of its own.
     let text = common::gim().replace("  - {from: res3, to: dec3}\n  - {from: dec3, to: L3}\n", "");
-    let text = text.replace("  dec3: {op: decoder, mlp: {depth: 2, hidden: 8, out: 6}}\n  L3: {op: nt_xent, temperature: 0.5}\n", "");
+    let text = text.replace(
+        "  dec3: {op: decoder, mlp: {depth: 2, hidden: 8, out: 6}}\n  L3: {op: nt_xent, temperature: 0.5}\n",
+        "",
+    );
     let (code, err) = validate(&text);
     assert_eq!(code, 2);
     assert!(err.contains("trainable node `res3` is reached by no loss"), "{err}");
@@ -103,10 +106,8 @@ fn trainable_node_reached_by_no_loss() {
 
 #[test]
 fn missing_file_and_syntax_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_locograph"))
-        .args(["validate", "does/not/exist.yaml"])
-        .output()
-        .expect("run");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_locograph")).args(["validate", "does/not/exist.yaml"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
     let (code, err) = validate("version: 1\nnodes: [\n");
@@ -124,9 +125,13 @@ fn a_good_file_validates_and_explains() {
     let out = Command::new(env!("CARGO_BIN_EXE_locograph")).arg("explain").arg(&file).output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("res3  stage    L1 + L2     L3 (stopped at res3 -> res4)"), "{text}");
-    let out = Command::new(env!("CARGO_BIN_EXE_locograph")).args(["explain", "--dot"]).arg(&file).output().expect("run");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_locograph")).args(["explain", "--dot"]).arg(&file).output().expect("run");
     let dot = String::from_utf8_lossy(&out.stdout);
-    assert!(dot.starts_with("digraph") && dot.contains("\"res2\" -> \"res3\" [style=dashed, color=red, label=\"stop L2\"]"), "{dot}");
+    assert!(
+        dot.starts_with("digraph") && dot.contains("\"res2\" -> \"res3\" [style=dashed, color=red, label=\"stop L2\"]"),
+        "{dot}"
+    );
     let _ = Path::new("");
 }
 

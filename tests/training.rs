@@ -68,7 +68,10 @@ fn run_writes_a_complete_run_directory_that_opens_again() {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = common::loco()
         .replace("train: {batch_size: 4, steps: 1}", "train: {batch_size: 8, steps: 4, log_every: 2}")
-        .replace("data: {format: synthetic,", "data: {format: synthetic, synthetic: {train_size: 64, channels: 1, side: 8},");
+        .replace(
+            "data: {format: synthetic,",
+            "data: {format: synthetic, synthetic: {train_size: 64, channels: 1, side: 8},",
+        );
     let file = dir.path().join("loco_tiny.yaml");
     std::fs::write(&file, &text).expect("write");
     let runs = dir.path().join("runs");
@@ -116,7 +119,10 @@ fn nan_loss_stops_the_run_naming_loss_and_step() {
     let text = common::simclr()
         .replace("schedule: {kind: constant, lr: 0.1}", "schedule: {kind: constant, lr: 1.0e30}")
         .replace("train: {batch_size: 4, steps: 1}", "train: {batch_size: 8, steps: 20}")
-        .replace("data: {format: synthetic,", "data: {format: synthetic, synthetic: {train_size: 64, channels: 1, side: 8},");
+        .replace(
+            "data: {format: synthetic,",
+            "data: {format: synthetic, synthetic: {train_size: 64, channels: 1, side: 8},",
+        );
     let file = dir.path().join("nan.yaml");
     std::fs::write(&file, &text).expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_locograph"))

@@ -83,8 +83,7 @@ pub fn graph_hash(exp: &Experiment) -> String {
     // deterministically (shortest round-trip form).
     let nodes: BTreeMap<&String, serde_json::Value> =
         exp.nodes.iter().map(|(k, v)| (k, serde_json::to_value(v).unwrap_or_default())).collect();
-    let mut edges: Vec<String> =
-        exp.edges.iter().map(|e| serde_json::to_string(e).unwrap_or_default()).collect();
+    let mut edges: Vec<String> = exp.edges.iter().map(|e| serde_json::to_string(e).unwrap_or_default()).collect();
     edges.sort();
     let canonical = serde_json::json!({ "input": exp.input, "nodes": nodes, "edges": edges });
     let digest = Sha256::digest(canonical.to_string().as_bytes());
@@ -232,10 +231,9 @@ pub fn latest(run: &Path) -> Result<Checkpoint> {
         )));
     };
     let previous = match all.len() {
-        n if n >= 2 => format!(
-            "; to resume from the previous checkpoint instead, move {} out of the way",
-            dir.display()
-        ),
+        n if n >= 2 => {
+            format!("; to resume from the previous checkpoint instead, move {} out of the way", dir.display())
+        }
         _ => String::new(),
     };
     read(dir).map_err(|e| Error::Msg(format!("{e}{previous}")))

@@ -98,7 +98,10 @@ pub fn check_values(loaded: &Loaded) -> std::result::Result<(), ConfigErrors> {
         _ => {}
     }
     if t.checkpoint_every == Some(0) {
-        errors.push(at("train.checkpoint_every", "must be at least 1 (leave it out for a checkpoint at the end only)".into()));
+        errors.push(at(
+            "train.checkpoint_every",
+            "must be at least 1 (leave it out for a checkpoint at the end only)".into(),
+        ));
     }
     if t.log_every == 0 {
         errors.push(at("train.log_every", "must be at least 1".into()));
@@ -182,8 +185,7 @@ fn setup(loaded: &Loaded, total_override: Option<u64>, threads: Option<usize>) -
         )));
     }
     let steps_per_epoch = (ds.len() / batch_size).max(1) as u64;
-    let total =
-        total_override.or(exp.train.steps).unwrap_or_else(|| exp.train.epochs.unwrap_or(1) * steps_per_epoch);
+    let total = total_override.or(exp.train.steps).unwrap_or_else(|| exp.train.epochs.unwrap_or(1) * steps_per_epoch);
     let schedule = exp.schedule.build(batch_size, total as usize, steps_per_epoch as usize);
     let model = Model::new(&compiled, exp.seed, &device)?;
     let optimizer = exp.optimizer.build();
@@ -365,10 +367,8 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     let metrics_path = run.join(run_dir::METRICS);
     let header = metrics_header(&s.compiled);
     truncate_metrics(&metrics_path, &header, st.step)?;
-    let metrics = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
+    let metrics =
+        std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
     eprintln!(
         "resuming {} from step {} of {} (epoch {}, batch {}), checkpoint {}",
         run.display(),
@@ -427,8 +427,8 @@ fn run_loop(
     let mut window = (Instant::now(), 0usize);
     let mut ips = 0.0;
     let mut interrupted = false;
-    let state_at = |step: u64, epoch: u64, batch_in_epoch: u64, elapsed_s: f64, first: &[(String, f32)]| {
-        CheckpointState {
+    let state_at =
+        |step: u64, epoch: u64, batch_in_epoch: u64, elapsed_s: f64, first: &[(String, f32)]| CheckpointState {
             format_version: checkpoint::FORMAT_VERSION,
             step,
             epoch,
@@ -441,8 +441,7 @@ fn run_loop(
             first_losses: first.to_vec(),
             files: Default::default(),
             locograph: env!("CARGO_PKG_VERSION").to_string(),
-        }
-    };
+        };
     'outer: while step < total {
         let loader = PairLoader::new(s.ds.clone(), &exp.data, batch_size, exp.seed, epoch as usize);
         // Batches of this epoch already trained on before the checkpoint: the loader is a pure
@@ -587,10 +586,8 @@ pub fn estimate_memory(loaded: &Loaded, c: &Compiled) -> MemoryEstimate {
     for n in c.graph.node_indices() {
         let node = &c.graph[n];
         let out = elems(&node.shape);
-        let input: Vec<f64> = c
-            .producer(n)
-            .map(|(_, p)| c.graph[p].shape.iter().map(|&d| d as f64).collect())
-            .unwrap_or_default();
+        let input: Vec<f64> =
+            c.producer(n).map(|(_, p)| c.graph[p].shape.iter().map(|&d| d as f64).collect()).unwrap_or_default();
         let c_in = input.first().copied().unwrap_or(0.0);
         let sq = |x: f64| x * x;
         match &node.config {
