@@ -324,3 +324,34 @@ fn an_oversized_config_is_refused_before_allocating() {
     let out = bin().arg("validate").arg(&file).output().expect("validate");
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn the_graph_hash_ignores_order_but_not_content() {
+    use locograph::exec::checkpoint::graph_hash;
+    let hash = |text: &str| {
+        let loaded = locograph::config::parse_str(text, Path::new("tests/inline.yaml")).expect("parse");
+        graph_hash(&loaded.experiment)
+    };
+    let text = experiment(6, "0.01");
+    let base = hash(&text);
+    // Nodes and edges listed in another order: the same graph.
+    let swapped = text
+        .replace("  dec1: {op: decoder, mlp: {depth: 2, hidden: 8, out: 6}}\n  L1: {op: nt_xent, temperature: 0.5}\n", "")
+        .replace("  L2: {op: nt_xent, temperature: 0.5}\n", "  L2: {op: nt_xent, temperature: 0.5}\n  L1: {op: nt_xent, temperature: 0.5}\n  dec1: {op: decoder, mlp: {depth: 2, hidden: 8, out: 6}}\n")
+        .replace("  - {from: res2, to: dec1}\n  - {from: dec1, to: L1}\n", "")
+        .replace("  - {from: dec2, to: L2}\n", "  - {from: dec2, to: L2}\n  - {from: dec1, to: L1}\n  - {from: res2, to: dec1}\n");
+    assert_ne!(swapped, text);
+    assert_eq!(hash(&swapped), base);
+    // Not the graph: the hash stays. A width, a stop or a temperature: it changes.
+    assert_eq!(hash(&text.replace("lr: 0.01", "lr: 0.02")), base);
+    assert_ne!(hash(&text.replace("hidden: 8, out: 6}}\n  L2", "hidden: 9, out: 6}}\n  L2")), base);
+    assert_ne!(hash(&text.replace("stop: [L2]", "stop: all")), base);
+    assert_ne!(
+        hash(&text.replace("L2: {op: nt_xent, temperature: 0.5}", "L2: {op: nt_xent, temperature: 0.25}")),
+        base
+    );
+    // A missing run directory is named as such.
+    let out = bin().args(["resume", "no/such/run"]).output().expect("resume");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a run directory"));
+}

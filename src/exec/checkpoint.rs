@@ -223,6 +223,9 @@ pub struct Checkpoint {
 /// Reads the newest checkpoint of `run` and verifies its files against their hashes.
 /// A damaged checkpoint is refused (never silently skipped), naming the previous one.
 pub fn latest(run: &Path) -> Result<Checkpoint> {
+    if !run.join(super::run_dir::CONFIG).is_file() {
+        return Err(Error::Msg(format!("{}: not a run directory (no {})", run.display(), super::run_dir::CONFIG)));
+    }
     let all = list(run)?;
     let Some((_, dir)) = all.last() else {
         return Err(Error::Msg(format!(
