@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -111,6 +113,22 @@ enum Command {
         #[command(subcommand)]
         command: PlotCommand,
     },
+    /// Continue an interrupted run in place from its newest checkpoint (`RUN/checkpoints/`).
+    ///
+    /// `metrics.csv` is cut back to the checkpoint's step and appended to. With the same thread
+    /// count the final weights are bit-identical to an uninterrupted run's. Ctrl-C during
+    /// `run` or `resume` saves a checkpoint and exits with status 130.
+    Resume {
+        /// The run directory (`runs/<name>-<timestamp>`).
+        run: PathBuf,
+        /// Train to this many steps instead of the run's own length (changes a decaying
+        /// schedule, so the result is no longer comparable to the original run).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Print the JSON Schema of experiment files (for editors' YAML language servers).
     Schema,
     /// Datasets from package registries.
@@ -165,6 +183,39 @@ enum DataCommand {
     },
 }
 
+/// Set when a run stopped on Ctrl-C, so `main` exits with the conventional status 130.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// A flag that the first Ctrl-C (SIGINT) sets, so training stops after its current step with a
+/// checkpoint; a second Ctrl-C exits at once (the last checkpoint is intact: they are atomic).
+fn stop_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let installed = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)");
+    });
+    if let Err(e) = installed {
+        // Training still works; only a clean Ctrl-C is lost.
+        eprintln!("warning: cannot handle Ctrl-C ({e}); it will stop the run without a checkpoint");
+    }
+    flag
+}
+
+/// Prints a training summary, or notes an interruption for `main`'s exit status.
+fn report(s: &train::TrainSummary) {
+    if s.interrupted {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        return;
+    }
+    let l: Vec<String> =
+        s.first_losses.iter().zip(&s.final_losses).map(|((id, a), (_, b))| format!("{id} {a:.4} → {b:.4}")).collect();
+    println!("{}: {} steps, {:.1} s, {}", s.run_dir.display(), s.steps, s.seconds, l.join(", "));
+}
+
 fn load(file: &Path) -> anyhow::Result<config::Loaded> {
     Ok(config::load(file)?)
 }
@@ -189,6 +240,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
+        Ok(()) if INTERRUPTED.load(Ordering::SeqCst) => ExitCode::from(130),
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -223,15 +275,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { file, steps, runs_dir, quiet } => {
             let loaded = load(&file)?;
-            let opts = TrainOptions { steps, runs_dir, run_dir: None, quiet };
+            let opts = TrainOptions { steps, runs_dir, run_dir: None, quiet, stop: Some(stop_flag()) };
             let s = train::train(&loaded, &opts).with_context(|| format!("training {}", file.display()))?;
-            let l: Vec<String> = s
-                .first_losses
-                .iter()
-                .zip(&s.final_losses)
-                .map(|((id, a), (_, b))| format!("{id} {a:.4} → {b:.4}"))
-                .collect();
-            println!("{}: {} steps, {:.1} s, {}", s.run_dir.display(), s.steps, s.seconds, l.join(", "));
+            report(&s);
+        }
+        Command::Resume { run, steps, quiet } => {
+            let opts = TrainOptions { steps, quiet, stop: Some(stop_flag()), ..TrainOptions::default() };
+            let s = train::resume(&run, &opts).with_context(|| format!("resuming {}", run.display()))?;
+            report(&s);
         }
         Command::Export { run, onnx, outputs, torchvision, verify } => {
             let opened = locograph::exec::run_dir::open_run(&run, &candle_core::Device::Cpu)?;

@@ -1,5 +1,6 @@
 //! Runs a compiled graph with candle.
 
+pub mod checkpoint;
 pub mod engine;
 pub mod model;
 pub mod reference;

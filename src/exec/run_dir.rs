@@ -8,12 +8,15 @@
 //!   metrics.csv          step, lr, one column per loss, images/s
 //!   weights.safetensors  every parameter and buffer, keyed by node-id paths
 //!   meta.json            name, step, method, the graph's losses
+//!   checkpoints/         step-NNNNNNNN/: weights, optimizer state, data position (see
+//!                        `exec::checkpoint`); `locograph resume` continues from the newest
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
+use super::checkpoint::{fsync, write_atomic};
 use super::model::Model;
 use crate::config::{parse_str, Experiment, Loaded};
 use crate::graph::{compile, Compiled};
@@ -42,9 +45,9 @@ pub struct OpenRun {
     pub meta: serde_json::Value,
 }
 
-/// Opens `dir`, rebuilding the model from `config.yaml` and loading `weights.safetensors`.
-/// Errors name the missing or mismatching file and keys; nothing is written.
-pub fn open_run(dir: &Path, device: &Device) -> Result<OpenRun> {
+/// Reads a run's `config.yaml`, resolving relative paths against the original experiment's
+/// folder (recorded in `meta.json`).
+pub fn load_config(dir: &Path) -> Result<Loaded> {
     let cfg_path = dir.join(CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let mut loaded = parse_str(&text, &cfg_path)?;
@@ -56,6 +59,13 @@ pub fn open_run(dir: &Path, device: &Device) -> Result<OpenRun> {
     {
         loaded.base_dir = orig;
     }
+    Ok(loaded)
+}
+
+/// Opens `dir`, rebuilding the model from `config.yaml` and loading `weights.safetensors`.
+/// Errors name the missing or mismatching file and keys; nothing is written.
+pub fn open_run(dir: &Path, device: &Device) -> Result<OpenRun> {
+    let loaded = load_config(dir)?;
     let compiled = compile(&loaded)?;
     let model = Model::new(&compiled, loaded.experiment.seed, device)?;
     let w = dir.join(WEIGHTS);
@@ -84,18 +94,17 @@ pub fn method_name(c: &Compiled) -> &'static str {
 }
 
 /// Writes `config.yaml`, `weights.safetensors` and `meta.json` for `model` at `step`.
-/// Files are written to a temporary name and renamed, so a crash never leaves a torn file.
+/// Files are written to a temporary name, fsynced and renamed (and the folder fsynced), so a
+/// crash never leaves a torn file. What `resume` reads is the checkpoint, not these files.
 pub fn save(dir: &Path, loaded: &Loaded, compiled: &Compiled, model: &Model, step: u64) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let write = |name: &str, bytes: &[u8]| -> Result<()> {
-        let tmp = dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, dir.join(name)).map_err(|e| Error::io(dir.join(name), e))
-    };
+    let write = |name: &str, bytes: &[u8]| write_atomic(&dir.join(name), bytes);
     write(CONFIG, resolved_yaml(&loaded.experiment)?.as_bytes())?;
     let tmp = dir.join(format!(".{WEIGHTS}.tmp"));
     model.params.save_safetensors(&tmp)?;
+    fsync(&tmp)?;
     std::fs::rename(&tmp, dir.join(WEIGHTS)).map_err(|e| Error::io(dir.join(WEIGHTS), e))?;
+    fsync(dir)?;
     let losses: Vec<&str> = compiled.losses.iter().map(|&l| compiled.id(l)).collect();
     let base = std::fs::canonicalize(&loaded.base_dir).unwrap_or_else(|_| loaded.base_dir.clone());
     let meta = serde_json::json!({
