@@ -1,6 +1,7 @@
 //! Augmentation throughput against torchvision: SimCLR's full pipeline through the real
 //! `PairLoader` (release build) and the same pipeline in torchvision
-//! (`bench/torchvision_augment.py`), at 32×32 (from 32×32 sources) and 224×224 (random resized
+//! (`bench/torchvision_augment.py`; also with MoCo v2's faster PIL blur in place of
+//! `transforms.GaussianBlur`), at 32×32 (from 32×32 sources) and 224×224 (random resized
 //! crops of 256×256 sources), with 1 and 2 threads, alternating the two sides in one run.
 //!
 //! `cargo bench --bench augment -- [--reps 3] [--python PATH] [--images32 N] [--images224 N]
@@ -87,8 +88,8 @@ impl Torch {
     }
 
     /// Views per second of one run.
-    fn measure(&mut self, side: usize, source: usize, threads: usize, images: usize) -> Result<f64, Error> {
-        writeln!(self.stdin, "{side} {source} {threads} {images}")?;
+    fn measure(&mut self, side: usize, source: usize, threads: usize, images: usize, blur: &str) -> Result<f64, Error> {
+        writeln!(self.stdin, "{side} {source} {threads} {images} {blur}")?;
         self.stdin.flush()?;
         let line = self.line()?;
         let key = "\"views_per_s\": ";
@@ -160,40 +161,47 @@ fn main() -> Result<(), Error> {
         .into_iter()
         .flat_map(|(side, src, n)| [1, 2].map(|t| (side, src, t, n)))
         .collect();
-    let mut loco = vec![vec![]; cells.len()];
-    let mut tv = vec![vec![]; cells.len()];
+    // Per cell: locograph, torchvision, torchvision with MoCo v2's PIL blur.
+    let mut res = vec![[vec![], vec![], vec![]]; cells.len()];
     for rep in 0..a.reps {
         for (i, &(side, src, threads, n)) in cells.iter().enumerate() {
-            let run_loco = |loco: &mut Vec<Vec<f64>>| -> Result<(), Error> {
-                loco[i].push(bench_simclr(side, src, threads, n)?.views_per_second());
-                Ok(())
-            };
-            let torch_first = (rep + i) % 2 == 1;
-            if !torch_first {
-                run_loco(&mut loco)?;
-            }
-            if let Some(t) = torch.as_mut() {
-                tv[i].push(t.measure(side, src, threads, n)?);
-            }
-            if torch_first {
-                run_loco(&mut loco)?;
+            // Rotate which side goes first, so drifting load does not favour one side.
+            for k in 0..3 {
+                let side_k = (k + rep + i) % 3;
+                let v = match (side_k, torch.as_mut()) {
+                    (0, _) => bench_simclr(side, src, threads, n)?.views_per_second(),
+                    (1, Some(t)) => t.measure(side, src, threads, n, "tv")?,
+                    (2, Some(t)) => t.measure(side, src, threads, n, "pil")?,
+                    _ => continue,
+                };
+                res[i][side_k].push(v);
             }
             let last = |v: &Vec<f64>| v.last().map_or("-".to_string(), |x| format!("{x:.0}"));
             eprintln!(
-                "rep {rep} side {side} threads {threads}: locograph {} torchvision {} views/s",
-                last(&loco[i]),
-                last(&tv[i])
+                "rep {rep} side {side} threads {threads}: locograph {} torchvision {} (PIL blur {}) views/s",
+                last(&res[i][0]),
+                last(&res[i][1]),
+                last(&res[i][2])
             );
         }
     }
     println!("\nSimCLR augmentation, 2 views per image, median of {} alternating runs:\n", a.reps);
-    println!("| side (source) | threads | locograph views/s | torchvision views/s | ratio |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| side (source) | threads | locograph views/s | torchvision views/s | ratio | torchvision + PIL blur views/s | ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for (i, &(side, src, threads, _)) in cells.iter().enumerate() {
-        let (l, t) = (median(&loco[i]), median(&tv[i]));
-        let ratio = if tv[i].is_empty() { "-".to_string() } else { format!("{:.2}×", l / t) };
-        let tvs = if tv[i].is_empty() { "-".to_string() } else { format!("{t:.0}") };
-        println!("| {side} ({src}) | {threads} | {l:.0} | {tvs} | {ratio} |");
+        let l = median(&res[i][0]);
+        let col = |v: &Vec<f64>| {
+            if v.is_empty() {
+                ("-".to_string(), "-".to_string())
+            } else {
+                let t = median(v);
+                (format!("{t:.0}"), format!("{:.2}×", l / t))
+            }
+        };
+        let ((t1, r1), (t2, r2)) = (col(&res[i][1]), col(&res[i][2]));
+        println!("| {side} ({src}) | {threads} | {l:.0} | {t1} | {r1} | {t2} | {r2} |");
     }
     drop(torch);
     if a.step {
