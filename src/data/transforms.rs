@@ -222,6 +222,13 @@ pub fn adjust_saturation(img: &mut Image, factor: f32) {
     }
 }
 
+/// `x % 1.0` (C's `fmodf(x, 1)`) without the libm call, which dominated `adjust_hue`:
+/// `x - trunc(x)` is exact in floating point, so the value is the same.
+#[inline]
+fn frac(x: f32) -> f32 {
+    x - x.trunc()
+}
+
 /// `F.adjust_hue`: shift the hue by `factor` (in turns, `[-0.5, 0.5]`) through torchvision's
 /// `_rgb2hsv` / `_hsv2rgb`; a no-op on one channel.
 pub fn adjust_hue(img: &mut Image, factor: f32) {
@@ -245,8 +252,9 @@ pub fn adjust_hue(img: &mut Image, factor: f32) {
         } else {
             4.0 + gc - rc
         };
-        let h = (h / 6.0 + 1.0) % 1.0; // torch.fmod: arguments are positive here
-        let h = (h + factor).rem_euclid(1.0); // torch `%` takes the divisor's sign
+        let h = frac(h / 6.0 + 1.0); // torch.fmod: arguments are positive here
+        let h = frac(h + factor); // torch `%` takes the divisor's sign
+        let h = if h < 0.0 { h + 1.0 } else { h };
         let v = maxc;
         let hi = (h * 6.0).floor();
         let f = h * 6.0 - hi;
