@@ -9,10 +9,13 @@
 //!
 //! [`conv2d`] keeps candle's forward and computes the backward itself, with forward
 //! convolutions only:
-//! - input gradient: a stride-1 convolution of the output gradient — zero-dilated by the stride,
-//!   padded by `k − 1 − p` (plus `(H + 2p − k) mod s` rows/columns on the far side, which the
-//!   forward's floor division dropped) — with the spatially flipped kernel whose in/out channels
-//!   are swapped within each group;
+//! - input gradient: a stride-1 convolution of the output gradient, padded by `k − 1 − p`, with
+//!   the spatially flipped kernel whose in/out channels are swapped within each group. For
+//!   stride `s > 1` the gradient is not zero-dilated (that multiplies by zero `s² − 1` times out
+//!   of `s²`): each of the `s²` input phases is a stride-1 convolution of the undilated gradient
+//!   with the taps of the flipped kernel that reach it, and the phases are interleaved (rows and
+//!   columns the forward's floor division never read get zero). Not computed when the input
+//!   needs no gradient (the stem);
 //! - kernel gradient: candle's own formula (`xᵀ ⋆ gᵀ` with the stride as dilation), with the
 //!   groups moved into the channel axis so that all groups go through one grouped convolution.
 //!
@@ -71,6 +74,61 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize, groups: usi
     x.apply_op2(w, ConvOp { padding, stride, groups })
 }
 
+/// Along one axis of a stride-`s` convolution's input gradient, the inputs `i = a + s·q`
+/// (`q < len`): they see the flipped-kernel taps `first_tap + s·j` (`j < taps`) applied to the
+/// output gradient at `q + j + offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Phase {
+    first_tap: usize,
+    taps: usize,
+    stride: usize,
+    offset: isize,
+    len: usize,
+}
+
+impl Phase {
+    /// Indices of this phase's taps in the flipped kernel, for `index_select`.
+    fn tap_index(&self, device: &candle_core::Device) -> Result<Tensor> {
+        let idx: Vec<u32> = (0..self.taps).map(|j| (self.first_tap + self.stride * j) as u32).collect();
+        Tensor::from_vec(idx, self.taps, device)
+    }
+}
+
+/// The `s` phases of an input side `size` under a `k`-wide kernel with stride `s`, padding `p`.
+///
+/// With `P = k − 1 − p`, the flipped kernel's tap `t` pairs input `i` with output `(i + t − P)/s`
+/// when that divides: for `i = a + s·q` exactly the taps `t ≡ P − a (mod s)`.
+fn phases(size: usize, k: usize, s: usize, p: usize) -> Vec<Phase> {
+    let pl = k as isize - 1 - p as isize;
+    (0..s)
+        .map(|a| {
+            let first_tap = (pl - a as isize).rem_euclid(s as isize) as usize;
+            Phase {
+                first_tap,
+                taps: if first_tap < k { (k - first_tap).div_ceil(s) } else { 0 },
+                stride: s,
+                offset: (a as isize + first_tap as isize - pl) / s as isize,
+                len: size.saturating_sub(a).div_ceil(s),
+            }
+        })
+        .collect()
+}
+
+/// `out[m] = t[m + offset]` along `dim` for `m < len`, zero where that falls outside `t`.
+fn window(t: &Tensor, dim: usize, offset: isize, len: usize) -> Result<Tensor> {
+    let n = t.dim(dim)? as isize;
+    let start = offset.clamp(0, n);
+    let end = (offset + len as isize).clamp(0, n);
+    if end <= start {
+        let mut dims = t.dims().to_vec();
+        dims[dim] = len;
+        return Tensor::zeros(dims, t.dtype(), t.device());
+    }
+    let left = (start - offset) as usize;
+    let kept = (end - start) as usize;
+    t.narrow(dim, start as usize, kept)?.pad_with_zeros(dim, left, len - left - kept)
+}
+
 /// A contiguous CPU tensor holding a copy of `(storage, layout)`.
 fn to_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
     let dev = candle_core::Device::Cpu;
@@ -110,10 +168,12 @@ impl CustomOp2 for ConvOp {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Detached: nothing below needs a graph, and ops on a tracked `Var` would record one.
+        // A gradient nobody asked for is not computed: the stem's input is data.
+        let (need_dx, need_dw) = (x.track_op(), w.track_op());
         let (x, w, g) = (x.detach(), w.detach(), g.detach());
-        let dx = self.input_grad(&x, &w, &g)?;
-        let dw = self.kernel_grad(&x, &w, &g)?;
-        Ok((Some(dx), Some(dw)))
+        let dx = if need_dx { Some(self.input_grad(&x, &w, &g)?) } else { None };
+        let dw = if need_dw { Some(self.kernel_grad(&x, &w, &g)?) } else { None };
+        Ok((dx, dw))
     }
 }
 
@@ -132,43 +192,53 @@ impl ConvOp {
             .transpose(1, 2)?
             .reshape((c, o / groups, kh, kw))?
             .flip(&[2, 3])?;
-        let g = self.spread(g, 2, h, kh)?;
-        let g = self.spread(&g, 3, wd, kw)?;
-        g.conv2d(&wt, 0, 1, 1, groups)
+        if self.stride == 1 {
+            let g = self.spread(g, 2, kh)?;
+            let g = self.spread(&g, 3, kw)?;
+            return g.conv2d(&wt, 0, 1, 1, groups);
+        }
+        // Strided: the zero-dilated gradient would make s² − 1 of every s² multiplications
+        // with a zero (4× the forward's work at s = 2, slower than candle's loop). Instead, each
+        // output phase (i mod s) reads only the taps b, b + s, … of the flipped kernel from the
+        // undilated gradient: s² stride-1 convolutions, interleaved.
+        let (s, p) = (self.stride, self.padding);
+        let (ph, pw) = (phases(h, kh, s, p), phases(wd, kw, s, p));
+        let (n, _, _, _) = g.dims4()?;
+        let (qh, qw) = (ph[0].len, pw[0].len);
+        let mut rows = Vec::with_capacity(s);
+        for a in &ph {
+            let mut cols = Vec::with_capacity(s);
+            for b in &pw {
+                let part = if a.taps == 0 || b.taps == 0 || a.len == 0 || b.len == 0 {
+                    Tensor::zeros((n, c, a.len, b.len), g.dtype(), g.device())?
+                } else {
+                    let gw = window(g, 2, a.offset, a.len + a.taps - 1)?;
+                    let gw = window(&gw, 3, b.offset, b.len + b.taps - 1)?;
+                    let k = wt.index_select(&a.tap_index(g.device())?, 2)?;
+                    let k = k.index_select(&b.tap_index(g.device())?, 3)?;
+                    gw.conv2d(&k, 0, 1, 1, groups)?
+                };
+                // Phases past the first can be one shorter; pad so that all stack.
+                cols.push(part.pad_with_zeros(2, 0, qh - a.len)?.pad_with_zeros(3, 0, qw - b.len)?);
+            }
+            rows.push(Tensor::stack(&cols, 4)?); // [N, C, qh, qw, s]
+        }
+        Tensor::stack(&rows, 3)? // [N, C, qh, s, qw, s]
+            .reshape((n, c, qh * s, qw * s))?
+            .narrow(2, 0, h)?
+            .narrow(3, 0, wd)
     }
 
-    /// Along `dim` of the output gradient: insert `s − 1` zeros between elements and pad so that
-    /// a stride-1, padding-0 convolution with a `k`-wide kernel gives `size` outputs.
-    ///
-    /// The dilated gradient has `L = (OH − 1)s + 1` elements; the far side needs `r = (size + 2p −
-    /// k) mod s` extra zeros for the input rows the forward's floor division never read, and both
-    /// sides need `k − 1 − p` (negative: crop).
-    fn spread(&self, g: &Tensor, dim: usize, size: usize, k: usize) -> Result<Tensor> {
-        let (s, p) = (self.stride, self.padding);
-        let n = g.dim(dim)?;
-        let r = (size + 2 * p - k) % s;
-        let g = if s > 1 {
-            // [.., n, ..] → [.., n, 1, ..] → [.., n, s, ..] (zeros after each) → [.., n·s, ..],
-            // then drop the trailing zeros beyond r.
-            let mut dims = g.dims().to_vec();
-            dims.insert(dim + 1, 1);
-            let spread = g.reshape(dims.as_slice())?.pad_with_zeros(dim + 1, 0, s - 1)?;
-            dims[dim] = n * s;
-            dims.remove(dim + 1);
-            spread.reshape(dims.as_slice())?.narrow(dim, 0, (n - 1) * s + 1 + r)?
-        } else {
-            g.clone()
-        };
-        let len = g.dim(dim)?;
+    /// Stride 1: pad `dim` of the output gradient by `k − 1 − p` on both sides (crop when the
+    /// padding is at least the kernel: those outermost inputs are padding-only positions), so
+    /// that a padding-0 convolution with a `k`-wide kernel gives one output per input.
+    fn spread(&self, g: &Tensor, dim: usize, k: usize) -> Result<Tensor> {
+        let p = self.padding;
         if k > p {
-            let edge = k - 1 - p;
-            // r is 0 when s = 1; for s > 1 the narrow above already holds the r extra zeros.
-            g.pad_with_zeros(dim, edge, edge)
+            g.pad_with_zeros(dim, k - 1 - p, k - 1 - p)
         } else {
-            // Padding at least as wide as the kernel: the outermost p − k + 1 inputs on each side
-            // are padding-only positions whose gradient would be cropped.
             let crop = p + 1 - k;
-            g.narrow(dim, crop, len - 2 * crop)
+            g.narrow(dim, crop, g.dim(dim)? - 2 * crop)
         }
     }
 
@@ -243,6 +313,9 @@ mod tests {
         (4, 4, 7, 2, 3, 4, 15, 15), // depthwise 7×7
         (2, 3, 3, 3, 0, 1, 8, 10),  // (H + 2p − k) mod s = 2 and 1
         (2, 3, 1, 1, 1, 1, 5, 6),   // padding ≥ kernel: cropped input gradient
+        (2, 3, 1, 3, 1, 1, 8, 7),   // stride > kernel: phases with no taps
+        (3, 4, 7, 3, 3, 1, 16, 13), // stride 3, 7×7
+        (4, 4, 5, 2, 1, 2, 9, 9),   // padding < k/2
     ];
 
     /// Values and both gradients against candle's own conv2d and its backward.
@@ -304,6 +377,16 @@ mod tests {
         let w = randn(&[4, 3, 3, 3], 2, DType::F32)?;
         let ours = conv2d(&x, &w, 1, 2, 1)?;
         assert!(rel(&ours, &x.conv2d(&w, 1, 2, 1, 1)?)? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn skips_the_gradient_of_an_untracked_input() -> Result<()> {
+        // The stem's input is data: only the kernel gets a gradient, and no time is spent on dx.
+        let x = randn(&[1, 3, 9, 9], 1, DType::F32)?;
+        let w = Var::from_tensor(&randn(&[4, 3, 7, 7], 2, DType::F32)?)?;
+        let grads = conv2d(&x, w.as_tensor(), 3, 2, 1)?.sum_all()?.backward()?;
+        assert!(grads.get(&x).is_none() && grads.get(&w).is_some());
         Ok(())
     }
 
