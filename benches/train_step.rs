@@ -151,7 +151,8 @@ fn train_step(a: &Args) -> Result<(), String> {
 /// alternately, each the best of `steps` calls.
 fn conv_calls(a: &Args) -> Result<(), String> {
     // (name, N, C, H, O, k, stride, padding, groups): layers of the two benchmark models.
-    let layers: &[(&str, usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+    type Layer = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);
+    let layers: &[Layer] = &[
         ("r18 res2 3x3", 64, 64, 32, 64, 3, 1, 1, 1),
         ("r18 res3 3x3/2", 64, 64, 32, 128, 3, 2, 1, 1),
         ("r18 res4 3x3", 64, 256, 8, 256, 3, 1, 1, 1),

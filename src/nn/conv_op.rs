@@ -304,7 +304,8 @@ mod tests {
     }
 
     /// (in, out, k, stride, padding, groups, H, W): every combination the brief asks for.
-    const CASES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+    const CASES: &[Case] = &[
         (3, 5, 3, 1, 1, 1, 7, 9),
         (3, 5, 3, 2, 1, 1, 7, 9),
         (3, 4, 3, 2, 0, 1, 15, 15),
