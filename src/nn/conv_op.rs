@@ -178,7 +178,8 @@ impl CustomOp2 for ConvOp {
 }
 
 impl ConvOp {
-    /// `∂L/∂x` as a stride-1 convolution of the dilated, padded output gradient.
+    /// `∂L/∂x` as stride-1 convolutions of the output gradient with the flipped, per-group
+    /// in/out-transposed kernel: one (padded) for stride 1, one per output phase for stride > 1.
     ///
     /// # Shapes
     /// - `x`: `[N, C, H, W]`, `w`: `[O, C/g, k, k]`, `g`: `[N, O, OH, OW]` → `[N, C, H, W]`.
