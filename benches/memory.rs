@@ -1,9 +1,10 @@
 //! Peak memory of one SimCLR, GIM and LoCo training step on ResNet-50 and Progressive
 //! ResNet-50 at 224², measured by a counting global allocator, beside the paper's savings.
 //!
-//! `cargo bench --bench memory -- [--images N] [--models resnet50,presnet50] [--steps K] [--profile] [--trace]`
+//! `cargo bench --bench memory -- [--images N] [--models resnet50,presnet50] [--steps K] [--profile] [--trace] [--candle-conv]`
 //! (`--profile` first prints `eval::profile` of each model's SimCLR encoder; `--trace`
-//! the peak between consecutive schedule steps)
+//! the peak between consecutive schedule steps; `--candle-conv` candle's own conv backward
+//! instead of `nn::conv_op`'s)
 //!
 //! Every candle CPU tensor is a `Vec` from the global allocator, so the wrapper below sees
 //! every activation, leaf copy, cotangent, gradient and im2col buffer. For each run the
@@ -188,6 +189,8 @@ fn main() {
     let steps: usize = arg("--steps").and_then(|s| s.parse().ok()).unwrap_or(1);
     let models = arg("--models").unwrap_or_else(|| "resnet50,presnet50".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    // candle's own conv backward (per-group `narrow`s), for the before/after of nn::conv_op.
+    locograph::nn::conv_op::use_candle_reference(args.iter().any(|a| a == "--candle-conv"));
     if args.iter().any(|a| a == "--forward") {
         // Live bytes after each training-mode forward, graphs kept: what candle really saves,
         // to compare with `eval::profile::saved_elems`.

@@ -76,6 +76,7 @@ impl Module for Conv2d {
     /// `[N, in, H, W]` → `[N, out, H', W']` with `H' = (H + 2p - k)/s + 1`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = &self.spec;
-        x.conv2d(&self.weight, s.padding, s.stride, 1, s.groups)
+        // candle's own backward is a naive conv_transpose2d loop (see conv_op).
+        super::conv_op::conv2d(x, &self.weight, s.padding, s.stride, s.groups)
     }
 }

@@ -3,6 +3,7 @@
 pub mod batch_norm;
 pub mod block;
 pub mod conv;
+pub mod conv_op;
 pub mod decoder;
 pub mod gradcheck;
 pub mod linear;

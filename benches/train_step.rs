@@ -1,0 +1,209 @@
+//! Speed and peak memory of one SimCLR training step (forward + backward + AdamW), and of single
+//! convolution backward calls, with candle's conv backward or locograph's (`nn::conv_op`).
+//!
+//! `cargo bench --bench train_step -- [--model resnet18|resnet50] [--batch N] [--steps K]
+//!  [--threads T] [--candle-conv] [--conv]`
+//!
+//! - `--model resnet18`: `graphs/resnet18_small.yaml` at 32×32 (default batch 256);
+//!   `resnet50`: `graphs/resnet50.yaml` at 224×224 (default batch 16). Both get the 2-layer MLP
+//!   decoder and NT-Xent of the SimCLR experiments, and AdamW. Batch = images; each step sees
+//!   two views of each, as in training.
+//! - `--candle-conv`: candle's own conv2d backward (the "before" of docs/performance.md).
+//! - `--conv`: instead of a step, time the backward of single convolutions from ResNet-18/50,
+//!   both implementations alternately.
+//!
+//! One line of `key=value` per run, for `bench/run.sh` to read beside `bench/torch_step.py`;
+//! peak RSS is the process's `VmHWM`, so run one configuration per process.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use locograph::config::parse_str;
+use locograph::exec::{run_step, Model};
+use locograph::graph::compile;
+use locograph::nn::conv_op;
+use locograph::optim::{AdamW, AdamWConfig, Optimizer};
+
+struct Args {
+    model: String,
+    batch: Option<usize>,
+    steps: usize,
+    threads: Option<usize>,
+    candle_conv: bool,
+    conv: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a =
+        Args { model: "resnet18".into(), batch: None, steps: 2, threads: None, candle_conv: false, conv: false };
+    let mut it = std::env::args().skip(1);
+    let num = |v: Option<String>, k: &str| -> Result<usize, String> {
+        v.ok_or(format!("{k} needs a value"))?.parse().map_err(|e| format!("{k}: {e}"))
+    };
+    while let Some(k) = it.next() {
+        match k.as_str() {
+            "--model" => a.model = it.next().ok_or("--model needs a value")?,
+            "--batch" => a.batch = Some(num(it.next(), "--batch")?),
+            "--steps" => a.steps = num(it.next(), "--steps")?.max(1),
+            "--threads" => a.threads = Some(num(it.next(), "--threads")?),
+            "--candle-conv" => a.candle_conv = true,
+            "--conv" => a.conv = true,
+            // cargo bench passes --bench to every harness = false target
+            "--bench" => {}
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(a)
+}
+
+/// Peak resident set size of this process in bytes (`VmHWM`), 0 where /proc is missing.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Deterministic pseudo-random values in [−0.5, 0.5) (candle's CPU RNG cannot be seeded).
+fn noise(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// The SimCLR experiment of `bench/torch_step.py`: encoder, GAP → 2-layer MLP → 128, NT-Xent.
+fn experiment(model: &str) -> Result<(String, usize), String> {
+    let (graph, size, tau) = match model {
+        "resnet18" => ("resnet18_small.yaml", 32, 0.5),
+        "resnet50" => ("resnet50.yaml", 224, 0.1),
+        other => return Err(format!("unknown --model {other} (resnet18 or resnet50)")),
+    };
+    let yaml = format!(
+        "version: 1
+name: bench_{model}
+seed: 0
+input: {{channels: 3, size: {size}}}
+encoder: ../graphs/{graph}
+nodes:
+  dec: {{op: decoder, mlp: {{depth: 2, out: 128}}}}
+  L: {{op: nt_xent, temperature: {tau}}}
+edges:
+  - {{from: input, to: stem}}
+  - {{from: stem, to: res2}}
+  - {{from: res2, to: res3}}
+  - {{from: res3, to: res4}}
+  - {{from: res4, to: res5}}
+  - {{from: res5, to: dec}}
+  - {{from: dec, to: L}}
+data: {{format: image_folder, path: unused, augment: {{size: {size}}}}}
+optimizer: {{kind: adamw, weight_decay: 1.0e-6}}
+schedule: {{kind: cosine, lr: 1.0e-3}}
+train: {{batch_size: 256, steps: 1}}
+"
+    );
+    Ok((yaml, size))
+}
+
+fn train_step(a: &Args) -> Result<(), String> {
+    let (yaml, size) = experiment(&a.model)?;
+    let batch = a.batch.unwrap_or(if a.model == "resnet18" { 256 } else { 16 });
+    // The YAML's `encoder:` path is relative to its file: pretend it sits in experiments/.
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/bench_train_step.yaml");
+    let loaded = parse_str(&yaml, &file).map_err(|e| e.to_string())?;
+    let c = compile(&loaded).map_err(|e| e.to_string())?;
+    let model = Model::new(&c, 0, &Device::Cpu).map_err(|e| e.to_string())?;
+    let mut opt = AdamW::new(AdamWConfig { weight_decay: 1e-6, ..AdamWConfig::default() });
+    let x = noise(&[2 * batch, 3, size, size], 0).map_err(|e| e.to_string())?;
+    let mut times = vec![];
+    // One untimed step first: thread pools, optimizer state, allocator warm-up.
+    for i in 0..=a.steps {
+        let t = Instant::now();
+        let out = run_step(&c, &model, &x).map_err(|e| e.to_string())?;
+        opt.step(&model.params.params, &out.grads, 1e-3).map_err(|e| e.to_string())?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "impl={} model={} batch={batch} steps={} step_s={median:.3} min_s={:.3} images_per_s={:.2} peak_rss_mb={:.0}",
+        if a.candle_conv { "candle-conv" } else { "locograph-conv" },
+        a.model,
+        a.steps,
+        times[0],
+        batch as f64 / median,
+        peak_rss() as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// Backward of single convolutions (input and kernel gradient), both implementations
+/// alternately, each the best of `steps` calls.
+fn conv_calls(a: &Args) -> Result<(), String> {
+    // (name, N, C, H, O, k, stride, padding, groups): layers of the two benchmark models.
+    type Layer = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);
+    let layers: &[Layer] = &[
+        ("r18 res2 3x3", 64, 64, 32, 64, 3, 1, 1, 1),
+        ("r18 res3 3x3/2", 64, 64, 32, 128, 3, 2, 1, 1),
+        ("r18 res4 3x3", 64, 256, 8, 256, 3, 1, 1, 1),
+        ("r50 stem 7x7/2", 4, 3, 224, 64, 7, 2, 3, 1),
+        ("r50 res3 1x1", 4, 512, 28, 128, 1, 1, 0, 1),
+        ("r50 res4 3x3", 4, 256, 14, 256, 3, 1, 1, 1),
+        ("grouped 3x3 g32", 4, 256, 28, 256, 3, 1, 1, 32),
+    ];
+    let e = |e: candle_core::Error| e.to_string();
+    for &(name, n, c, h, o, k, s, p, g) in layers {
+        let x = Var::from_tensor(&noise(&[n, c, h, h], 1).map_err(e)?).map_err(e)?;
+        let w = Var::from_tensor(&noise(&[o, c / g, k, k], 2).map_err(e)?).map_err(e)?;
+        let mut best = [f64::INFINITY; 2];
+        for _ in 0..a.steps {
+            for (j, reference) in [true, false].into_iter().enumerate() {
+                conv_op::use_candle_reference(reference);
+                let y = conv_op::conv2d(x.as_tensor(), w.as_tensor(), p, s, g).map_err(e)?;
+                let proj = noise(y.dims(), 3).map_err(e)?;
+                let loss = y.mul(&proj).map_err(e)?.sum_all().map_err(e)?;
+                let t = Instant::now();
+                let grads = loss.backward().map_err(e)?;
+                best[j] = best[j].min(t.elapsed().as_secs_f64());
+                drop(grads);
+            }
+        }
+        conv_op::use_candle_reference(false);
+        println!(
+            "conv={name:?} shape=[{n},{c},{h},{h}] candle_bwd_ms={:.1} locograph_bwd_ms={:.1} speedup={:.2}",
+            best[0] * 1e3,
+            best[1] * 1e3,
+            best[0] / best[1]
+        );
+    }
+    Ok(())
+}
+
+fn main() {
+    let result = parse_args().and_then(|a| {
+        if let Some(t) = a.threads {
+            // candle's CPU kernels and gemm read rayon's global pool.
+            rayon::ThreadPoolBuilder::new().num_threads(t).build_global().map_err(|e| e.to_string())?;
+        }
+        conv_op::use_candle_reference(a.candle_conv);
+        if a.conv {
+            conv_calls(&a)
+        } else {
+            train_step(&a)
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("train_step: {e}");
+        std::process::exit(1);
+    }
+}
