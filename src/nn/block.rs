@@ -88,6 +88,11 @@ pub fn block(spec: BlockSpec, pb: &ParamBuilder) -> Result<Block> {
     Ok(Block { spec, convs, projection })
 }
 
+/// A chain of blocks with parameters `{path}.block{i}.…` (stages and decoder conv blocks).
+pub fn blocks(specs: Vec<BlockSpec>, pb: &ParamBuilder) -> Result<Vec<Block>> {
+    specs.into_iter().enumerate().map(|(i, s)| block(s, &pb.pp(format!("block{i}")))).collect()
+}
+
 impl Block {
     pub fn spec(&self) -> &BlockSpec {
         &self.spec

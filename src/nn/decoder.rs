@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::batch_norm::{batch_norm2d, BatchNorm2d};
-use super::block::{block, Block, BlockKind, BlockSpec};
+use super::block::{blocks, Block, BlockKind, BlockSpec};
 use super::linear::{linear, Linear};
 use super::pool::global_avg_pool;
 use super::ParamBuilder;
@@ -132,12 +132,7 @@ pub struct Decoder {
 
 /// Parameters `{path}.block{i}.…`, `{path}.mlp{i}.{weight,bias}`, `{path}.mlp_bn{i}.*`.
 pub fn decoder(cfg: &DecoderConfig, in_channels: usize, pb: &ParamBuilder) -> Result<Decoder> {
-    let blocks = cfg
-        .block_specs(in_channels)
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| block(s, &pb.pp(format!("block{i}"))))
-        .collect::<Result<Vec<_>>>()?;
+    let blocks = blocks(cfg.block_specs(in_channels), pb)?;
     let pooled = cfg.pooled_dim(in_channels);
     let hidden = cfg.mlp.hidden.unwrap_or(pooled);
     let mut layers = vec![];

@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::block::{block, Block, BlockKind, BlockSpec};
+use super::block::{blocks, Block, BlockKind, BlockSpec};
 use super::resize::resize_bilinear;
 use super::ParamBuilder;
 
@@ -116,12 +116,7 @@ pub struct Stage {
 
 /// Parameters `{path}.block{i}.…`.
 pub fn stage(cfg: &StageConfig, in_channels: usize, pb: &ParamBuilder) -> Result<Stage> {
-    let blocks = cfg
-        .block_specs(in_channels)
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| block(s, &pb.pp(format!("block{i}"))))
-        .collect::<Result<Vec<_>>>()?;
+    let blocks = blocks(cfg.block_specs(in_channels), pb)?;
     Ok(Stage { resize: cfg.resize, blocks })
 }
 
