@@ -23,10 +23,13 @@
 //! group. The forward copies its input and output once (a `CustomOp2` gets raw storage, and
 //! candle offers no way to run its conv on borrowed storage or to move a tensor's storage out).
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
+
+use super::im2col::{self, Geometry};
 
 /// When set, [`conv2d`] is candle's own `conv2d` (for before/after benchmarks).
 static CANDLE_REFERENCE: AtomicBool = AtomicBool::new(false);
@@ -74,210 +77,85 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize, groups: usi
     x.apply_op2(w, ConvOp { padding, stride, groups })
 }
 
-/// Along one axis of a stride-`s` convolution's input gradient, the inputs `i = a + s·q`
-/// (`q < len`): they see the flipped-kernel taps `first_tap + s·j` (`j < taps`) applied to the
-/// output gradient at `q + j + offset`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Phase {
-    first_tap: usize,
-    taps: usize,
-    stride: usize,
-    offset: isize,
-    len: usize,
+/// Calls `f` with a CPU tensor's elements as one contiguous slice (copied only when strided).
+fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else { candle_core::bail!("conv2d: expected a CPU tensor") };
+    let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("conv2d: not contiguous") };
+    Ok(f(&s.as_slice::<T>()?[a..b]))
 }
 
-impl Phase {
-    /// Indices of this phase's taps in the flipped kernel, for `index_select`.
-    fn tap_index(&self, device: &candle_core::Device) -> Result<Tensor> {
-        let idx: Vec<u32> = (0..self.taps).map(|j| (self.first_tap + self.stride * j) as u32).collect();
-        Tensor::from_vec(idx, self.taps, device)
+/// `(storage, layout)` as a contiguous slice, borrowed when it already is one.
+fn storage_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [T]>> {
+    if let Some((a, b)) = l.contiguous_offsets() {
+        return Ok(Cow::Borrowed(&s.as_slice::<T>()?[a..b]));
     }
+    // A strided view (a transposed or narrowed tensor): candle gathers it.
+    let mut dst = match s {
+        CpuStorage::F32(_) => CpuStorage::F32(vec![0.; l.shape().elem_count()]),
+        CpuStorage::F64(_) => CpuStorage::F64(vec![0.; l.shape().elem_count()]),
+        _ => candle_core::bail!("conv2d: unsupported dtype {:?}", s.dtype()),
+    };
+    s.copy_strided_src(&mut dst, 0, l)?;
+    Ok(Cow::Owned(dst.as_slice::<T>()?.to_vec()))
 }
 
-/// The `s` phases of an input side `size` under a `k`-wide kernel with stride `s`, padding `p`.
-///
-/// With `P = k − 1 − p`, the flipped kernel's tap `t` pairs input `i` with output `(i + t − P)/s`
-/// when that divides: for `i = a + s·q` exactly the taps `t ≡ P − a (mod s)`.
-fn phases(size: usize, k: usize, s: usize, p: usize) -> Vec<Phase> {
-    let pl = k as isize - 1 - p as isize;
-    (0..s)
-        .map(|a| {
-            let first_tap = (pl - a as isize).rem_euclid(s as isize) as usize;
-            Phase {
-                first_tap,
-                taps: if first_tap < k { (k - first_tap).div_ceil(s) } else { 0 },
-                stride: s,
-                offset: (a as isize + first_tap as isize - pl) / s as isize,
-                len: size.saturating_sub(a).div_ceil(s),
-            }
-        })
-        .collect()
-}
-
-/// `out[m] = t[m + offset]` along `dim` for `m < len`, zero where that falls outside `t`.
-fn window(t: &Tensor, dim: usize, offset: isize, len: usize) -> Result<Tensor> {
-    let n = t.dim(dim)? as isize;
-    let start = offset.clamp(0, n);
-    let end = (offset + len as isize).clamp(0, n);
-    if end <= start {
-        let mut dims = t.dims().to_vec();
-        dims[dim] = len;
-        return Tensor::zeros(dims, t.dtype(), t.device());
+impl ConvOp {
+    fn geometry(&self, x: &Shape, w: &Shape) -> Result<Geometry> {
+        let (n, c, h, wd) = x.dims4()?;
+        let (o, _, kh, kw) = w.dims4()?;
+        Ok(Geometry { n, c, h, w: wd, o, kh, kw, stride: self.stride, padding: self.padding, groups: self.groups })
     }
-    let left = (start - offset) as usize;
-    let kept = (end - start) as usize;
-    t.narrow(dim, start as usize, kept)?.pad_with_zeros(dim, left, len - left - kept)
-}
 
-/// A contiguous CPU tensor holding a copy of `(storage, layout)`.
-fn to_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    let dev = candle_core::Device::Cpu;
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Tensor::from_slice(&v[a..b], l.shape(), &dev),
-        (CpuStorage::F64(v), Some((a, b))) => Tensor::from_slice(&v[a..b], l.shape(), &dev),
-        // A strided view (a transposed or narrowed tensor): candle makes it contiguous.
-        (s, None) => {
-            let mut dst = match s {
-                CpuStorage::F32(_) => CpuStorage::F32(vec![0.; l.shape().elem_count()]),
-                CpuStorage::F64(_) => CpuStorage::F64(vec![0.; l.shape().elem_count()]),
-                _ => candle_core::bail!("conv2d: unsupported dtype {:?}", s.dtype()),
-            };
-            s.copy_strided_src(&mut dst, 0, l)?;
-            to_tensor(&dst, &Layout::contiguous(l.shape()))
-        }
-        (s, _) => candle_core::bail!("conv2d: unsupported dtype {:?}", s.dtype()),
+    fn forward<T: WithDType>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<Vec<T>> {
+        let g = self.geometry(l1.shape(), l2.shape())?;
+        Ok(im2col::forward(&storage_slice::<T>(s1, l1)?, &storage_slice::<T>(s2, l2)?, &g))
+    }
+
+    fn backward<T: WithDType>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        need: (bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.geometry(x.shape(), w.shape())?;
+        let (dx, dw) = with_slice(x, |xs: &[T]| {
+            with_slice(w, |ws: &[T]| with_slice(dy, |dys: &[T]| im2col::backward(xs, ws, dys, &g, need.0, need.1)))
+        })???;
+        let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
+        let dw = dw.map(|v| Tensor::from_vec(v, w.shape(), w.device())).transpose()?;
+        Ok((dx, dw))
     }
 }
 
 impl CustomOp2 for ConvOp {
     fn name(&self) -> &'static str {
-        "conv2d-fast-bwd"
+        "conv2d-im2col"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        // These tensors carry no graph: the op's backward is `bwd` below.
-        let x = to_tensor(s1, l1)?;
-        let w = to_tensor(s2, l2)?;
-        let y = x.conv2d(&w, self.padding, self.stride, 1, self.groups)?.contiguous()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-            _ => candle_core::bail!("conv2d: cpu_fwd produced a non-CPU tensor"),
-        }
+        let (n, _, _, _) = l1.shape().dims4()?;
+        let g = self.geometry(l1.shape(), l2.shape())?;
+        let shape = Shape::from((n, g.o, g.out_h(), g.out_w()));
+        let y = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.forward::<f32>(s1, l1, s2, l2)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.forward::<f64>(s1, l1, s2, l2)?),
+            s => candle_core::bail!("conv2d: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((y, shape))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // Detached: nothing below needs a graph, and ops on a tracked `Var` would record one.
-        // A gradient nobody asked for is not computed: the stem's input is data.
-        let (need_dx, need_dw) = (x.track_op(), w.track_op());
-        let (x, w, g) = (x.detach(), w.detach(), g.detach());
-        let dx = if need_dx { Some(self.input_grad(&x, &w, &g)?) } else { None };
-        let dw = if need_dw { Some(self.kernel_grad(&x, &w, &g)?) } else { None };
-        Ok((dx, dw))
-    }
-}
-
-impl ConvOp {
-    /// `∂L/∂x` as stride-1 convolutions of the output gradient with the flipped, per-group
-    /// in/out-transposed kernel: one (padded) for stride 1, one per output phase for stride > 1.
-    ///
-    /// # Shapes
-    /// - `x`: `[N, C, H, W]`, `w`: `[O, C/g, k, k]`, `g`: `[N, O, OH, OW]` → `[N, C, H, W]`.
-    fn input_grad(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let (_, c, h, wd) = x.dims4()?;
-        let (o, ci, kh, kw) = w.dims4()?;
-        let groups = self.groups;
-        // [O, C/g, k, k] → [g, O/g, C/g, k, k] → [g, C/g, O/g, k, k] → [C, O/g, k, k], flipped.
-        let wt = w
-            .reshape((groups, o / groups, ci, kh, kw))?
-            .transpose(1, 2)?
-            .reshape((c, o / groups, kh, kw))?
-            .flip(&[2, 3])?;
-        if self.stride == 1 {
-            let g = self.spread(g, 2, kh)?;
-            let g = self.spread(&g, 3, kw)?;
-            return g.conv2d(&wt, 0, 1, 1, groups);
+        // A gradient nobody asked for is not computed: the stem's input is data. The results
+        // are fresh tensors without a graph.
+        let need = (x.track_op(), w.track_op());
+        match x.dtype() {
+            DType::F32 => self.backward::<f32>(x, w, g, need),
+            DType::F64 => self.backward::<f64>(x, w, g, need),
+            d => candle_core::bail!("conv2d: unsupported dtype {d:?}"),
         }
-        let (s, p) = (self.stride, self.padding);
-        let (rh, rw) = ((h + 2 * p - kh) % s, (wd + 2 * p - kw) % s);
-        if groups == 1 && c < 8 && rh == rw {
-            // A few input channels (an image stem whose input needs a gradient): s² convolutions
-            // with ≤ 8 output channels keep gemm's tiles empty, and candle's loop is faster
-            // (7×7/2, 3 channels: 4× faster). Its single output padding needs rh == rw.
-            return g.conv_transpose2d(w, p, rh, s, 1);
-        }
-        // Strided: the zero-dilated gradient would make s² − 1 of every s² multiplications
-        // with a zero (4× the forward's work at s = 2, slower than candle's loop). Instead, each
-        // output phase (i mod s) reads only the taps b, b + s, … of the flipped kernel from the
-        // undilated gradient: s² stride-1 convolutions, interleaved.
-        let (ph, pw) = (phases(h, kh, s, p), phases(wd, kw, s, p));
-        let (n, _, _, _) = g.dims4()?;
-        let (qh, qw) = (ph[0].len, pw[0].len);
-        let mut rows = Vec::with_capacity(s);
-        for a in &ph {
-            let mut cols = Vec::with_capacity(s);
-            for b in &pw {
-                let part = if a.taps == 0 || b.taps == 0 || a.len == 0 || b.len == 0 {
-                    Tensor::zeros((n, c, a.len, b.len), g.dtype(), g.device())?
-                } else {
-                    let gw = window(g, 2, a.offset, a.len + a.taps - 1)?;
-                    let gw = window(&gw, 3, b.offset, b.len + b.taps - 1)?;
-                    let k = wt.index_select(&a.tap_index(g.device())?, 2)?;
-                    let k = k.index_select(&b.tap_index(g.device())?, 3)?;
-                    gw.conv2d(&k, 0, 1, 1, groups)?
-                };
-                // Phases past the first can be one shorter; pad so that all stack.
-                cols.push(part.pad_with_zeros(2, 0, qh - a.len)?.pad_with_zeros(3, 0, qw - b.len)?);
-            }
-            rows.push(Tensor::stack(&cols, 4)?); // [N, C, qh, qw, s]
-        }
-        Tensor::stack(&rows, 3)? // [N, C, qh, s, qw, s]
-            .reshape((n, c, qh * s, qw * s))?
-            .narrow(2, 0, h)?
-            .narrow(3, 0, wd)
-    }
-
-    /// Stride 1: pad `dim` of the output gradient by `k − 1 − p` on both sides (crop when the
-    /// padding is at least the kernel: those outermost inputs are padding-only positions), so
-    /// that a padding-0 convolution with a `k`-wide kernel gives one output per input.
-    fn spread(&self, g: &Tensor, dim: usize, k: usize) -> Result<Tensor> {
-        let p = self.padding;
-        if k > p {
-            g.pad_with_zeros(dim, k - 1 - p, k - 1 - p)
-        } else {
-            let crop = p + 1 - k;
-            g.narrow(dim, crop, g.dim(dim)? - 2 * crop)
-        }
-    }
-
-    /// `∂L/∂w`: candle's formula `(xᵀ ⋆ gᵀ)ᵀ`, stride as dilation, all groups in one call.
-    ///
-    /// Groups go into the channel axis: `x` as `[C/g, g·N, H, W]` and `g` as `[O, N, OH, OW]`
-    /// convolved with `groups` pairs the `N` images of group `j` with its `O/g` kernels.
-    ///
-    /// # Shapes
-    /// - `x`: `[N, C, H, W]`, `w`: `[O, C/g, k, k]`, `g`: `[N, O, OH, OW]` → `[O, C/g, k, k]`.
-    fn kernel_grad(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let (n, _, h, wd) = x.dims4()?;
-        let (o, ci, kh, kw) = w.dims4()?;
-        let groups = self.groups;
-        let xt = if groups == 1 {
-            x.transpose(0, 1)?
-        } else {
-            // [N, C, H, W] → [N, g, C/g, H, W] → [C/g, g, N, H, W] → [C/g, g·N, H, W]
-            x.reshape((n, groups, ci, h, wd))?.permute((2, 1, 0, 3, 4))?.contiguous()?.reshape((
-                ci,
-                groups * n,
-                h,
-                wd,
-            ))?
-        };
-        let gt = g.transpose(0, 1)?; // [O, N, OH, OW]; O is group-major already
-        let dw = xt.conv2d(&gt, self.padding, 1, self.stride, groups)?.transpose(0, 1)?; // [O, C/g, k', k']
-        let (_, _, dkh, dkw) = dw.dims4()?;
-        let dw = if dkh != kh || dkw != kw { dw.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { dw };
-        debug_assert_eq!(dw.dims(), &[o, ci, kh, kw]);
-        Ok(dw)
     }
 }
 
@@ -373,14 +251,14 @@ mod tests {
 
     #[test]
     /// Conv is linear, so the finite difference has no truncation error, only rounding
-    /// (~1e-16·|L|/ε ≈ 1e-9 absolute); a wrong gradient is off by O(1).
+    /// (~1e-16·|L|/ε, hence the large ε); a wrong gradient is off by O(1).
     fn gradcheck_input_and_kernel_f64() -> Result<()> {
         for (i, &(c, o, k, s, p, g, h, w)) in CASES.iter().enumerate() {
             let x = randn(&[1, c, h, w], i as u64, DType::F64)?;
             let wt = randn(&[o, c / g, k, k], 100 + i as u64, DType::F64)?;
-            let r = gradcheck(|x| conv2d(x, &wt, p, s, g), &x, 1e-5, 7)?;
+            let r = gradcheck(|x| conv2d(x, &wt, p, s, g), &x, 1e-3, 7)?;
             assert!(r.max_rel_err < 1e-5, "case {i} {:?} input: {r}", CASES[i]);
-            let r = gradcheck(|wt| conv2d(&x, wt, p, s, g), &wt, 1e-5, 8)?;
+            let r = gradcheck(|wt| conv2d(&x, wt, p, s, g), &wt, 1e-3, 8)?;
             assert!(r.max_rel_err < 1e-5, "case {i} {:?} kernel: {r}", CASES[i]);
         }
         Ok(())

@@ -6,6 +6,7 @@ pub mod conv;
 pub mod conv_op;
 pub mod decoder;
 pub mod gradcheck;
+pub mod im2col;
 pub mod linear;
 pub mod params;
 pub mod pool;
