@@ -1,7 +1,10 @@
 //! BatchNorm over NCHW with PyTorch's running-statistics rule.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Result, Tensor, Var, D};
 
+use super::batch_norm_op::{channel_stats, BatchNormTrain};
 use super::{Init, ParamBuilder, ParamKind};
 
 /// `weight`/`bias` are learned (`ParamKind::Norm`: no weight decay, no LARS adaptation);
@@ -53,34 +56,16 @@ impl BatchNorm2d {
     /// Training mode normalises with the batch statistics (biased variance) and updates the
     /// running statistics with the unbiased variance, exactly as `torch.nn.BatchNorm2d`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            let fused = x.device().is_cpu()
+                && matches!(x.dtype(), DType::F32 | DType::F64)
+                && x.dtype() == self.weight.dtype()
+                && !COMPOSED.load(Ordering::Relaxed);
+            return if fused { self.train_fused(x) } else { self.train_composed(x) };
+        }
         let c = self.weight.dim(0)?;
         let view = (1, c, 1, 1);
-        let (mean, var) = if train {
-            let (n, _, h, w) = x.dims4()?;
-            let count = (n * h * w) as f64;
-            if count < 2.0 {
-                candle_core::bail!(
-                    "batch norm in training mode needs more than one value per channel, got {:?}",
-                    x.shape()
-                );
-            }
-            // Reduce W then (N, H): candle reduces one contiguous axis fastest.
-            let mean = (x.sum_keepdim(D::Minus1)?.sum_keepdim(2)?.sum_keepdim(0)? / count)?;
-            let centred = x.broadcast_sub(&mean)?;
-            let var = (centred.sqr()?.sum_keepdim(D::Minus1)?.sum_keepdim(2)?.sum_keepdim(0)? / count)?;
-            // Running statistics never carry the graph (Var::set copies values only).
-            let m = self.momentum;
-            let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
-            let unbiased = (var.detach().flatten_all()? * (count / (count - 1.0)))?;
-            let new_var = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
-            self.running_mean.set(&new_mean.to_dtype(self.running_mean.dtype())?)?;
-            self.running_var.set(&new_var.to_dtype(self.running_var.dtype())?)?;
-            let inv_std = (var + self.eps)?.sqrt()?.recip()?;
-            let scale = inv_std.broadcast_mul(&self.weight.reshape(view)?)?;
-            return centred.broadcast_mul(&scale)?.broadcast_add(&self.bias.reshape(view)?);
-        } else {
-            (self.running_mean.as_detached_tensor(), self.running_var.as_detached_tensor())
-        };
+        let (mean, var) = (self.running_mean.as_detached_tensor(), self.running_var.as_detached_tensor());
         // Eval mode folds everything into one scale and shift per channel.
         let inv_std = (var + self.eps)?.sqrt()?.recip()?;
         let scale = (inv_std * &self.weight)?;
@@ -88,6 +73,65 @@ impl BatchNorm2d {
         let x = x.broadcast_mul(&scale.reshape(view)?)?;
         x.broadcast_add(&shift.reshape(view)?)
     }
+}
+
+impl BatchNorm2d {
+    /// Training mode as one op ([`BatchNormTrain`]), CPU f32/f64.
+    pub(crate) fn train_fused(&self, x: &Tensor) -> Result<Tensor> {
+        let stats = channel_stats(x)?;
+        check_count(stats.count, x)?;
+        let count = stats.count as f64;
+        let c = stats.mean.len();
+        let mean = Tensor::from_slice(&stats.mean, c, x.device())?.to_dtype(x.dtype())?;
+        let var = Tensor::from_slice(&stats.var, c, x.device())?.to_dtype(x.dtype())?;
+        self.update_running(&mean, &(var * (count / (count - 1.0)))?)?;
+        x.apply_op3(&self.weight, &self.bias, BatchNormTrain::new(&stats, self.eps))
+    }
+
+    /// Training mode composed from candle ops (any device and dtype; the fused op's reference).
+    pub(crate) fn train_composed(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        check_count(n * h * w, x)?;
+        let count = (n * h * w) as f64;
+        let view = (1, c, 1, 1);
+        // Reduce W then (N, H): candle reduces one contiguous axis fastest.
+        let mean = (x.sum_keepdim(D::Minus1)?.sum_keepdim(2)?.sum_keepdim(0)? / count)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = (centred.sqr()?.sum_keepdim(D::Minus1)?.sum_keepdim(2)?.sum_keepdim(0)? / count)?;
+        let unbiased = (var.detach().flatten_all()? * (count / (count - 1.0)))?;
+        self.update_running(&mean.detach().flatten_all()?, &unbiased)?;
+        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
+        let scale = inv_std.broadcast_mul(&self.weight.reshape(view)?)?;
+        centred.broadcast_mul(&scale)?.broadcast_add(&self.bias.reshape(view)?)
+    }
+
+    /// `running ← (1 − m)·running + m·batch` (unbiased variance), as PyTorch. Running statistics
+    /// never carry the graph (`Var::set` copies values only).
+    fn update_running(&self, mean: &Tensor, unbiased_var: &Tensor) -> Result<()> {
+        let m = self.momentum;
+        let dt = self.running_mean.dtype();
+        let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.to_dtype(dt)? * m)?)?;
+        let new_var = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased_var.to_dtype(dt)? * m)?)?;
+        self.running_mean.set(&new_mean)?;
+        self.running_var.set(&new_var)
+    }
+}
+
+fn check_count(count: usize, x: &Tensor) -> Result<()> {
+    if count < 2 {
+        candle_core::bail!("batch norm in training mode needs more than one value per channel, got {:?}", x.shape());
+    }
+    Ok(())
+}
+
+/// When set, training-mode batch norm is composed from candle ops (the reference the fused op
+/// is tested against, and the "before" of benchmarks) instead of [`BatchNormTrain`].
+static COMPOSED: AtomicBool = AtomicBool::new(false);
+
+/// Routes training-mode batch norm to candle's composed ops (`true`) or the fused op (`false`,
+/// the default). Process-wide.
+pub fn use_composed_reference(on: bool) {
+    COMPOSED.store(on, Ordering::Relaxed);
 }
 
 /// f32 statistics even for f16/bf16 activations would go here; for now all models are f32.
@@ -132,6 +176,79 @@ mod tests {
         let rm = bn.running_mean().to_vec1::<f64>()?;
         let rv = bn.running_var().to_vec1::<f64>()?;
         assert!((ye[0] - (vals[0] - rm[0]) / (rv[0] + 1e-5).sqrt()).abs() < 1e-12);
+        Ok(())
+    }
+
+    /// The fused op against the composed candle ops: output, running statistics and the
+    /// gradients of x, γ and β under a random projection, odd sizes, f64 and f32.
+    #[test]
+    fn fused_matches_composed_ops() -> Result<()> {
+        use candle_core::Var;
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            for &(n, c, h, w) in &[(3, 5, 7, 5), (2, 3, 1, 2), (4, 2, 9, 9)] {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((n * c * h * w) as u64);
+                let mut randn = |shape: &[usize], scale: f64, shift: f64| -> Result<Tensor> {
+                    let k: usize = shape.iter().product();
+                    let v: Vec<f64> = (0..k)
+                        .map(|_| {
+                            shift
+                                + scale * {
+                                    let z: f64 = StandardNormal.sample(&mut rng);
+                                    z
+                                }
+                        })
+                        .collect();
+                    Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
+                };
+                let x = Var::from_tensor(&randn(&[n, c, h, w], 3.0, 5.0)?)?;
+                let proj = randn(&[n, c, h, w], 1.0, 0.0)?;
+                let (gamma, beta) = (randn(&[c], 0.5, 0.7)?, randn(&[c], 1.0, 0.0)?);
+                let make = || -> Result<BatchNorm2d> {
+                    Ok(BatchNorm2d {
+                        weight: Var::from_tensor(&gamma)?.as_tensor().clone(),
+                        bias: Var::from_tensor(&beta)?.as_tensor().clone(),
+                        running_mean: Var::from_tensor(&Tensor::zeros(c, dtype, &Device::Cpu)?)?,
+                        running_var: Var::from_tensor(&Tensor::ones(c, dtype, &Device::Cpu)?)?,
+                        eps: 1e-5,
+                        momentum: 0.1,
+                    })
+                };
+                let (fused, composed) = (make()?, make()?);
+                let yf = fused.train_fused(x.as_tensor())?;
+                let yc = composed.train_composed(x.as_tensor())?;
+                let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                    let d = a.sub(b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    let s = b.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    Ok(d / s.max(1e-30))
+                };
+                let gf = yf.mul(&proj)?.sum_all()?.backward()?;
+                let gc = yc.mul(&proj)?.sum_all()?.backward()?;
+                let errs = [
+                    close(&yf, &yc)?,
+                    close(fused.running_mean(), composed.running_mean())?,
+                    close(fused.running_var(), composed.running_var())?,
+                    close(gf.get(x.as_tensor()).expect("dx"), gc.get(x.as_tensor()).expect("dx"))?,
+                    close(gf.get(&fused.weight).expect("dγ"), gc.get(&composed.weight).expect("dγ"))?,
+                    close(gf.get(&fused.bias).expect("dβ"), gc.get(&composed.bias).expect("dβ"))?,
+                ];
+                assert!(errs.iter().all(|e| *e < tol), "{dtype:?} {:?}: y/rm/rv/dx/dγ/dβ {errs:?}", (n, c, h, w));
+            }
+        }
+        Ok(())
+    }
+
+    /// Finite differences through the fused op (the statistics depend on x: a wrong backward
+    /// that treats them as constants is off by O(1)).
+    #[test]
+    fn fused_gradcheck_f64() -> Result<()> {
+        let pb = ParamBuilder::new(0, &Device::Cpu, DType::F64);
+        let bn = batch_norm2d(3, false, &pb)?;
+        let v: Vec<f64> = (0..120).map(|i| ((i * 37 % 101) as f64 / 17.0).sin() * 2.0 + 1.0).collect();
+        let x = Tensor::from_vec(v, (2, 3, 4, 5), &Device::Cpu)?;
+        let r = crate::nn::gradcheck::gradcheck(|x| bn.train_fused(x), &x, 1e-6, 3)?;
+        assert!(r.max_rel_err < 1e-5, "{r}");
         Ok(())
     }
 }

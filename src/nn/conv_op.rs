@@ -23,12 +23,12 @@
 //! group. The forward copies its input and output once (a `CustomOp2` gets raw storage, and
 //! candle offers no way to run its conv on borrowed storage or to move a tensor's storage out).
 
-use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
+use super::cpu_slice::{storage_slice, with_slice};
 use super::im2col::{self, Geometry};
 
 /// When set, [`conv2d`] is candle's own `conv2d` (for before/after benchmarks).
@@ -75,30 +75,6 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize, groups: usi
         return x.conv2d(w, padding, stride, 1, groups);
     }
     x.apply_op2(w, ConvOp { padding, stride, groups })
-}
-
-/// Calls `f` with a CPU tensor's elements as one contiguous slice (copied only when strided).
-fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*storage else { candle_core::bail!("conv2d: expected a CPU tensor") };
-    let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("conv2d: not contiguous") };
-    Ok(f(&s.as_slice::<T>()?[a..b]))
-}
-
-/// `(storage, layout)` as a contiguous slice, borrowed when it already is one.
-fn storage_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [T]>> {
-    if let Some((a, b)) = l.contiguous_offsets() {
-        return Ok(Cow::Borrowed(&s.as_slice::<T>()?[a..b]));
-    }
-    // A strided view (a transposed or narrowed tensor): candle gathers it.
-    let mut dst = match s {
-        CpuStorage::F32(_) => CpuStorage::F32(vec![0.; l.shape().elem_count()]),
-        CpuStorage::F64(_) => CpuStorage::F64(vec![0.; l.shape().elem_count()]),
-        _ => candle_core::bail!("conv2d: unsupported dtype {:?}", s.dtype()),
-    };
-    s.copy_strided_src(&mut dst, 0, l)?;
-    Ok(Cow::Owned(dst.as_slice::<T>()?.to_vec()))
 }
 
 impl ConvOp {

@@ -1,9 +1,11 @@
 //! Layers, built on candle with the traps of candle 0.11.1 wrapped (see docs/candle-traps.md).
 
 pub mod batch_norm;
+pub mod batch_norm_op;
 pub mod block;
 pub mod conv;
 pub mod conv_op;
+pub mod cpu_slice;
 pub mod decoder;
 pub mod gradcheck;
 pub mod im2col;

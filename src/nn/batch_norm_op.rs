@@ -1,0 +1,196 @@
+//! Training-mode batch normalisation as one op over NCHW, forward and backward.
+//!
+//! Composed from candle ops, a BatchNorm costs two strided reductions over (N, H, W), four
+//! broadcast passes in the forward and about twice that in the backward, each allocating a
+//! full-size tensor (page faults were 13 % of a step; docs/performance.md). Here the statistics
+//! are one pass over the input (per channel, each image's `H·W` values are contiguous), the
+//! output is one pass, and the backward is two: the per-channel sums `Σ dy` and `Σ dy·x̂`, then
+//! `dx`. Statistics accumulate in f64 whatever the activations' type.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::cpu_slice::{storage_slice, with_slice};
+
+/// Per-channel batch statistics of `[N, C, H, W]`: mean and biased variance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelStats {
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
+    /// Values per channel, `N·H·W`.
+    pub count: usize,
+}
+
+/// The statistics of an NCHW CPU tensor (f32 or f64), in two passes per channel (mean, then
+/// the centred sum of squares: no cancellation for large means).
+pub fn channel_stats(x: &Tensor) -> Result<ChannelStats> {
+    let (n, c, h, w) = x.dims4()?;
+    let (mean, var) = match x.dtype() {
+        DType::F32 => with_slice(x, |v: &[f32]| stats(v, (n, c, h * w)))?,
+        DType::F64 => with_slice(x, |v: &[f64]| stats(v, (n, c, h * w)))?,
+        d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
+    };
+    Ok(ChannelStats { mean, var, count: n * h * w })
+}
+
+fn stats<T: WithDType>(x: &[T], (n, c, hw): (usize, usize, usize)) -> (Vec<f64>, Vec<f64>) {
+    let count = (n * hw) as f64;
+    let planes = |ch: usize| (0..n).map(move |b| &x[(b * c + ch) * hw..][..hw]);
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = planes(ch).flat_map(|p| p.iter()).map(|v| v.to_f64()).sum::<f64>() / count;
+            let ss = planes(ch).flat_map(|p| p.iter()).map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>();
+            (mean, ss / count)
+        })
+        .unzip()
+}
+
+/// `y = (x − mean) · inv_std · γ + β` per channel, with `mean` and `inv_std` fixed (the batch's,
+/// computed by [`channel_stats`]); gradients for `x`, `γ` and `β` as in training mode, where the
+/// statistics depend on `x`.
+#[derive(Clone, Debug)]
+pub struct BatchNormTrain {
+    mean: Arc<Vec<f64>>,
+    inv_std: Arc<Vec<f64>>,
+}
+
+impl BatchNormTrain {
+    pub fn new(stats: &ChannelStats, eps: f64) -> Self {
+        let inv_std = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        Self { mean: Arc::new(stats.mean.clone()), inv_std: Arc::new(inv_std) }
+    }
+
+    fn forward<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T], c: usize, hw: usize) -> Vec<T> {
+        // Per channel: y = x·scale + shift.
+        let (scale, shift): (Vec<f64>, Vec<f64>) = (0..c)
+            .map(|ch| {
+                let s = self.inv_std[ch] * gamma[ch].to_f64();
+                (s, beta[ch].to_f64() - self.mean[ch] * s)
+            })
+            .unzip();
+        let mut y = vec![T::zero(); x.len()];
+        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (y, x))| {
+            let (s, t) = (T::from_f64(scale[plane % c]), T::from_f64(shift[plane % c]));
+            y.iter_mut().zip(x).for_each(|(y, x)| *y = *x * s + t);
+        });
+        y
+    }
+
+    /// `(dx, dγ, dβ)`; `dx = γ·inv_std·(dy − mean(dy) − x̂·mean(dy·x̂))`.
+    fn backward<T: WithDType>(
+        &self,
+        x: &[T],
+        gamma: &[T],
+        dy: &[T],
+        (n, c, hw): (usize, usize, usize),
+        need_dx: bool,
+    ) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
+        // Σ dy and Σ dy·x̂ per channel.
+        let (sum_dy, sum_dy_xhat): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (m, is) = (self.mean[ch], self.inv_std[ch]);
+                let (mut a, mut b) = (0.0, 0.0);
+                for img in 0..n {
+                    let at = (img * c + ch) * hw;
+                    for (x, dy) in x[at..at + hw].iter().zip(&dy[at..at + hw]) {
+                        let dy = dy.to_f64();
+                        a += dy;
+                        b += dy * (x.to_f64() - m) * is;
+                    }
+                }
+                (a, b)
+            })
+            .unzip();
+        let dgamma = sum_dy_xhat.iter().map(|v| T::from_f64(*v)).collect();
+        let dbeta = sum_dy.iter().map(|v| T::from_f64(*v)).collect();
+        let dx = need_dx.then(|| {
+            let count = (n * hw) as f64;
+            let mut dx = vec![T::zero(); x.len()];
+            dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dx)| {
+                let ch = plane % c;
+                let (m, is) = (self.mean[ch], self.inv_std[ch]);
+                let k = gamma[ch].to_f64() * is;
+                let (mdy, mdyx) = (sum_dy[ch] / count, sum_dy_xhat[ch] / count);
+                let at = plane * hw;
+                for ((dx, x), dy) in dx.iter_mut().zip(&x[at..at + hw]).zip(&dy[at..at + hw]) {
+                    let xhat = (x.to_f64() - m) * is;
+                    *dx = T::from_f64(k * (dy.to_f64() - mdy - xhat * mdyx));
+                }
+            });
+            dx
+        });
+        (dx, dgamma, dbeta)
+    }
+
+    fn bwd_typed<T: WithDType>(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, w) = x.dims4()?;
+        let (dx, dg, db) = with_slice(x, |xs: &[T]| {
+            with_slice(gamma, |gs: &[T]| {
+                with_slice(dy, |dys: &[T]| self.backward(xs, gs, dys, (n, c, h * w), x.track_op()))
+            })
+        })???;
+        let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
+        Ok((dx, Some(Tensor::from_vec(dg, c, x.device())?), Some(Tensor::from_vec(db, c, x.device())?)))
+    }
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = l1.shape().dims4()?;
+        let y = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.forward::<f32>(
+                &storage_slice(s1, l1)?,
+                &storage_slice(s2, l2)?,
+                &storage_slice(s3, l3)?,
+                c,
+                h * w,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(self.forward::<f64>(
+                &storage_slice(s1, l1)?,
+                &storage_slice(s2, l2)?,
+                &storage_slice(s3, l3)?,
+                c,
+                h * w,
+            )),
+            s => candle_core::bail!("batch norm: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, gamma, dy),
+            DType::F64 => self.bwd_typed::<f64>(x, gamma, dy),
+            d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
+        }
+    }
+}
