@@ -9,7 +9,7 @@
 #   STEPS=20 LINEAR_EPOCHS=5 scripts/results.sh   # a smoke run of the whole pipeline
 #
 # Environment (all optional):
-#   STEPS          optimizer steps per method (default: each file's `train.steps`, 300 for all)
+#   STEPS          optimizer steps per method (default: each file's `train.steps`, 500 for all)
 #   LINEAR_EPOCHS  linear-probe epochs (default 100, the paper's; LR ×0.1 at 30/60/90 %)
 #   LINEAR_LR      linear-probe initial LR on standardised features (default 0.1)
 #   KNN_K, KNN_T   kNN neighbours and temperature (default 200, 0.07: InstDisc)
@@ -77,7 +77,8 @@ lg plot tsne --out "$figures/tsne.png" --out "$figures/tsne.svg" "${node_args[@]
 python3 - "$runs/summary.md" "${pairs[@]}" <<'PY'
 import json, pathlib, sys
 out, pairs = sys.argv[1], sys.argv[2:]
-rows = ["| method | steps | node | linear top-1 | kNN top-1 |", "|---|---|---|---|---|"]
+rows = ["| method | steps | train wall time | s/step | node | linear top-1 | kNN top-1 |",
+        "|---|---|---|---|---|---|---|"]
 for p in pairs:
     label, run = p.split("=", 1)
     reps = {}
@@ -87,7 +88,13 @@ for p in pairs:
     lin, knn = reps.get("linear", {}), reps.get("knn", {})
     any_r = lin or knn
     fmt = lambda r: f'{100 * r["result"]["test_top1"]:.2f}' if r else "–"
-    rows.append(f'| {label} | {any_r.get("step", "?")} | {any_r.get("node", "?")} | {fmt(lin)} | {fmt(knn)} |')
+    # Training wall time: the last metrics.csv row's elapsed_s (the run's own clock).
+    last = (pathlib.Path(run) / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
+    head = (pathlib.Path(run) / "metrics.csv").read_text().splitlines()[0].split(",")
+    row = dict(zip(head, last))
+    secs, steps = float(row["elapsed_s"]), int(row["step"])
+    rows.append(f'| {label} | {steps} | {secs / 60:.1f} min | {secs / steps:.2f} | {any_r.get("node", "?")} '
+                f'| {fmt(lin)} | {fmt(knn)} |')
 text = "\n".join(rows) + "\n"
 pathlib.Path(out).write_text(text)
 print(text, end="")
