@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use locograph::config::{self, Experiment};
+use locograph::config::{self, DeviceKind, Experiment, Precision};
 use locograph::exec::train::{self, TrainOptions};
 use locograph::graph::explain;
 
@@ -43,6 +43,12 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Override `device:` (cpu, cuda).
+        #[arg(long, value_parser = parse_device)]
+        device: Option<DeviceKind>,
+        /// Override `precision:` (f32; bf16 on cuda; f16).
+        #[arg(long, value_parser = parse_precision)]
+        precision: Option<Precision>,
     },
     /// Export a trained encoder to ONNX (C2..C5 feature maps and the pooled embedding).
     Export {
@@ -273,8 +279,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", explain::table(&c));
             }
         }
-        Command::Run { file, steps, runs_dir, quiet } => {
-            let loaded = load(&file)?;
+        Command::Run { file, steps, runs_dir, quiet, device, precision } => {
+            let mut loaded = load(&file)?;
+            // Overrides land in the experiment itself, so the run's config.yaml records them.
+            if let Some(d) = device {
+                loaded.experiment.device = d;
+            }
+            if let Some(p) = precision {
+                loaded.experiment.precision = p;
+            }
             let opts = TrainOptions { steps, runs_dir, run_dir: None, quiet, stop: Some(stop_flag()) };
             let s = train::train(&loaded, &opts).with_context(|| format!("training {}", file.display()))?;
             report(&s);
@@ -371,4 +384,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_device(s: &str) -> std::result::Result<DeviceKind, String> {
+    serde_yaml::from_str(s).map_err(|_| format!("expected cpu or cuda, got {s:?}"))
+}
+
+fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
+    serde_yaml::from_str(s).map_err(|_| format!("expected f32, bf16 or f16, got {s:?}"))
 }

@@ -157,3 +157,17 @@ fn cuda_device_in_a_cpu_build_is_a_clear_error() {
     assert!(err.contains("needs a build with `--features cuda`"), "{err}");
     assert!(err.contains(&format!("bad.yaml:{}:", line_of(&text, "device: cuda"))), "{err}");
 }
+
+#[test]
+fn bf16_on_cpu_is_a_clear_error() {
+    let text = common::simclr().replace("name: tiny", "name: tiny\nprecision: bf16");
+    let (code, err) = validate(&text);
+    assert_eq!(code, 2);
+    assert!(err.contains("`precision: bf16` needs `device: cuda`"), "{err}");
+    assert!(err.contains(&format!("bad.yaml:{}:", line_of(&text, "precision: bf16"))), "{err}");
+    // f16 is accepted on CPU, and a misspelt precision names the choices.
+    assert_eq!(validate(&common::simclr().replace("name: tiny", "name: tiny\nprecision: f16")).0, 0);
+    let (code, err) = validate(&common::simclr().replace("name: tiny", "name: tiny\nprecision: fp16"));
+    assert_eq!(code, 2);
+    assert!(err.contains("bf16") && err.contains("f16"), "{err}");
+}

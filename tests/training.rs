@@ -135,3 +135,50 @@ fn nan_loss_stops_the_run_naming_loss_and_step() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("loss `L` is") && stderr.contains("at step"), "{stderr}");
 }
+
+/// Mixed precision (`precision: f16`, the CPU stand-in for bf16 on CUDA): the step computes in
+/// half precision, but every parameter gradient arrives in f32 (master weights), agrees with
+/// the f32 step's, and training still works. LoCo, so the routed backward runs in f16 too.
+#[test]
+fn half_precision_step_keeps_f32_master_weights_and_matches_f32() {
+    let (_, c) = common::compiled(&common::loco());
+    let full = Model::new(&c, 0, &Device::Cpu).expect("model");
+    let half = Model::new(&c, 0, &Device::Cpu).expect("model").with_compute(candle_core::DType::F16);
+    let x = fixed_batch();
+    let a = run_step(&c, &full, &x).expect("f32 step");
+    let b = run_step(&c, &half, &x).expect("f16 step");
+    for ((_, la), (_, lb)) in a.losses.iter().zip(&b.losses) {
+        assert!((la - lb).abs() < 1e-2 * la.abs(), "loss f32 {la} vs f16 {lb}");
+    }
+    let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32 gradient");
+    let cosine = |a: &[f32], b: &[f32]| {
+        let dot: f32 = a.iter().zip(b).map(|(a, b)| a * b).sum();
+        dot / (a.iter().map(|v| v * v).sum::<f32>().sqrt() * b.iter().map(|v| v * v).sum::<f32>().sqrt())
+    };
+    let (mut all_a, mut all_b) = (vec![], vec![]);
+    for (p, (ga, gb)) in half.params.params.iter().zip(a.grads.iter().zip(&b.grads)) {
+        let (ga, gb) = (ga.as_ref().expect("grad"), gb.as_ref().expect("grad"));
+        assert_eq!(p.var.dtype(), candle_core::DType::F32, "{}: master weight", p.name);
+        assert_eq!(gb.dtype(), candle_core::DType::F32, "{}: gradient type", p.name);
+        let (va, vb) = (flat(ga), flat(gb));
+        // f16 keeps ~3 significant digits, so a small tensor's gradient can turn by a few
+        // degrees; all of them together must agree closely.
+        if va.iter().any(|v| v.abs() > 1e-6) {
+            assert!(cosine(&va, &vb) > 0.95, "{}: cosine(f32 grad, f16 grad) = {}", p.name, cosine(&va, &vb));
+        }
+        all_a.extend(va);
+        all_b.extend(vb);
+    }
+    assert!(cosine(&all_a, &all_b) > 0.995, "all gradients: cosine {}", cosine(&all_a, &all_b));
+    // And it still learns: the losses halve on the fixed batch like in f32.
+    let cfg: OptimizerConfig = serde_yaml::from_str("{kind: adamw, weight_decay: 0.0}").expect("optimizer");
+    let mut opt = cfg.build();
+    let first: Vec<f32> = b.losses.iter().map(|(_, v)| *v).collect();
+    let mut last = first.clone();
+    for _ in 0..40 {
+        let out = run_step(&c, &half, &x).expect("step");
+        last = out.losses.iter().map(|(_, v)| *v).collect();
+        opt.step(&half.params.params, &out.grads, 1e-2).expect("optimizer step");
+    }
+    assert_halved("loco f16", (first, last));
+}

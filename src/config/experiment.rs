@@ -20,6 +20,30 @@ pub enum DeviceKind {
     Cuda,
 }
 
+/// The type activations and matrix products are computed in. Master weights, batch-norm
+/// statistics, losses and optimizer state stay f32 whatever this says ("mixed precision").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// bfloat16 (f32's range, 8-bit mantissa): the GPU setting. candle 0.11.1's CPU matmul has no
+    /// bf16, so this needs `device: cuda`.
+    Bf16,
+    /// IEEE half (5-bit exponent): runs on CPU too, which is how the mixed-precision path is tested.
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+            Precision::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
 /// The image batch the graph's `input` node produces.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +52,10 @@ pub struct InputConfig {
     pub channels: usize,
     /// Side of the square crop the model sees.
     pub size: usize,
+}
+
+fn is_f32(p: &Precision) -> bool {
+    *p == Precision::F32
 }
 
 fn ten() -> u64 {
@@ -79,6 +107,9 @@ pub struct Experiment {
     pub seed: u64,
     #[serde(default)]
     pub device: DeviceKind,
+    /// Compute precision (`f32`, `bf16` on CUDA, `f16`); weights stay f32.
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: Precision,
     pub input: InputConfig,
     /// A graph file (relative to this file) whose `nodes:` are added to this file's.
     #[serde(default, skip_serializing_if = "Option::is_none")]

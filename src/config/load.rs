@@ -245,6 +245,9 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, ConfigErrors> {
         "device" => {
             c.check::<super::DeviceKind>(key, v);
         }
+        "precision" => {
+            c.check::<super::Precision>(key, v);
+        }
         "input" => {
             c.check::<super::InputConfig>(key, v);
         }

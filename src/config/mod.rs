@@ -12,7 +12,7 @@ pub mod node;
 use std::fmt;
 
 pub use edge::{EdgeConfig, Stop};
-pub use experiment::{DeviceKind, Experiment, GraphFile, InputConfig, TrainConfig};
+pub use experiment::{DeviceKind, Experiment, GraphFile, InputConfig, Precision, TrainConfig};
 pub use load::{load, parse_str, Loaded, Locations};
 pub use location::{Location, SpanIndex};
 pub use node::{NodeConfig, NtXentConfig};

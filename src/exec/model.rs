@@ -43,6 +43,9 @@ pub struct Model {
     pub params: ParamStore,
     /// Indices into `params.params` of each node's parameters.
     pub node_params: Vec<Vec<usize>>,
+    /// The type stems, stages and decoders compute in (`precision:`); parameters stay f32 and
+    /// are cast on use, so their gradients arrive in f32 ("master weights").
+    pub compute: DType,
 }
 
 impl Model {
@@ -74,7 +77,13 @@ impl Model {
                 node_params[ni.index()].push(i);
             }
         }
-        Ok(Model { modules, frozen, params, node_params })
+        Ok(Model { modules, frozen, params, node_params, compute: DType::F32 })
+    }
+
+    /// Computes in `dtype` (mixed precision when not f32).
+    pub fn with_compute(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
     }
 
     pub fn module(&self, n: NodeIndex) -> Option<&NodeModule> {
@@ -83,8 +92,12 @@ impl Model {
 
     /// Forward of one node; a frozen node always uses its running statistics.
     pub fn forward_node(&self, n: NodeIndex, x: &Tensor, train: bool) -> Result<Tensor> {
+        let train = train && !self.frozen[n.index()];
         match self.module(n) {
-            Some(m) => m.forward_t(x, train && !self.frozen[n.index()]),
+            // Losses are computed in f32 whatever the precision (softmax over 2N similarities).
+            Some(m @ NodeModule::NtXent { .. }) => m.forward_t(&x.to_dtype(DType::F32)?, train),
+            // A no-op in f32; otherwise the cast's backward returns f32 cotangents upstream.
+            Some(m) => m.forward_t(&x.to_dtype(self.compute)?, train),
             None => Ok(x.clone()),
         }
     }

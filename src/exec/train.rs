@@ -24,7 +24,7 @@ use super::checkpoint::{self, CheckpointState};
 use super::engine::run_step;
 use super::model::Model;
 use super::run_dir;
-use crate::config::{ConfigError, ConfigErrors, DeviceKind, Loaded};
+use crate::config::{ConfigError, ConfigErrors, DeviceKind, Loaded, Precision};
 use crate::data::{self, Dataset, PairLoader};
 use crate::graph::{compile, explain, Compiled};
 use crate::optim::{LrSchedule, Optimizer};
@@ -110,6 +110,12 @@ pub fn check_values(loaded: &Loaded) -> std::result::Result<(), ConfigErrors> {
         errors
             .push(at("device", "`device: cuda` needs a build with `--features cuda` (this binary is CPU-only)".into()));
     }
+    if e.precision == Precision::Bf16 && e.device == DeviceKind::Cpu {
+        errors.push(at(
+            "precision",
+            "`precision: bf16` needs `device: cuda` (candle 0.11.1's CPU matmul has no bf16; `f16` runs on CPU)".into(),
+        ));
+    }
     if e.input.channels == 0 || e.input.size == 0 {
         errors.push(at("input", "channels and size must be at least 1".into()));
     }
@@ -191,7 +197,7 @@ fn setup(loaded: &Loaded, total_override: Option<u64>, threads: Option<usize>) -
     let steps_per_epoch = (ds.len() / batch_size).max(1) as u64;
     let total = total_override.or(exp.train.steps).unwrap_or_else(|| exp.train.epochs.unwrap_or(1) * steps_per_epoch);
     let schedule = exp.schedule.build(batch_size, total as usize, steps_per_epoch as usize);
-    let model = Model::new(&compiled, exp.seed, &device)?;
+    let model = Model::new(&compiled, exp.seed, &device)?.with_compute(exp.precision.dtype());
     let optimizer = exp.optimizer.build();
     Ok(Setup {
         compiled,

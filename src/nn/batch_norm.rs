@@ -56,6 +56,11 @@ impl BatchNorm2d {
     /// Training mode normalises with the batch statistics (biased variance) and updates the
     /// running statistics with the unbiased variance, exactly as `torch.nn.BatchNorm2d`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if matches!(x.dtype(), DType::F16 | DType::BF16) {
+            // Mixed precision: statistics and normalisation in f32 (a half-precision variance
+            // loses the small per-channel differences), the result back in the compute type.
+            return self.forward_t(&x.to_dtype(self.weight.dtype())?, train)?.to_dtype(x.dtype());
+        }
         if train {
             let fused = x.device().is_cpu()
                 && matches!(x.dtype(), DType::F32 | DType::F64)

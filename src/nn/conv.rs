@@ -76,7 +76,8 @@ impl Module for Conv2d {
     /// `[N, in, H, W]` → `[N, out, H', W']` with `H' = (H + 2p - k)/s + 1`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = &self.spec;
-        // candle's own backward is a naive conv_transpose2d loop (see conv_op).
-        super::conv_op::conv2d(x, &self.weight, s.padding, s.stride, s.groups)
+        // candle's own backward is a naive conv_transpose2d loop (see conv_op). Mixed precision:
+        // the f32 weight is cast to the activations' type (a no-op in f32).
+        super::conv_op::conv2d(x, &self.weight.to_dtype(x.dtype())?, s.padding, s.stride, s.groups)
     }
 }

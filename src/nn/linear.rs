@@ -32,6 +32,8 @@ impl Module for Linear {
     /// # Shapes
     /// `[N, in]` → `[N, out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        // Mixed precision: the f32 parameters are cast to the activations' type (no-op in f32).
+        let (w, b) = (self.weight.to_dtype(x.dtype())?, self.bias.to_dtype(x.dtype())?);
+        x.matmul(&w.t()?)?.broadcast_add(&b)
     }
 }
