@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Side-by-side training-step speed and peak RSS: locograph (candle's conv backward, then ours)
-# and PyTorch, alternating in one run so that background load hits all three alike.
+# Side-by-side training-step speed and peak RSS: locograph with candle's own conv and batch norm
+# ("candle", the before), locograph's ops ("locograph"), and PyTorch, alternating in one run so
+# that background load hits all three alike.
 #
 #   bench/run.sh [MODEL] [BATCH] [ROUNDS] [STEPS] [THREADS]
 #   bench/run.sh resnet18 64 3 2 2      # CIFAR ResNet-18, 32x32, 64 images/step, 3 rounds
@@ -29,7 +30,7 @@ BIN=$(ls -t "$CARGO_TARGET_DIR"/release/deps/train_step-* | grep -v '\.d$' | hea
 LOG=$(mktemp)
 for r in $(seq "$ROUNDS"); do
     echo "# round $r/$ROUNDS ($(uptime | sed 's/.*load/load/'))"
-    "$BIN" --model "$MODEL" --batch "$BATCH" --steps "$STEPS" --threads "$THREADS" --candle-conv | tee -a "$LOG"
+    "$BIN" --model "$MODEL" --batch "$BATCH" --steps "$STEPS" --threads "$THREADS" --candle-conv --candle-bn | tee -a "$LOG"
     "$BIN" --model "$MODEL" --batch "$BATCH" --steps "$STEPS" --threads "$THREADS" | tee -a "$LOG"
     "$VENV/bin/python" bench/torch_step.py --model "$MODEL" --batch "$BATCH" --steps "$STEPS" --threads "$THREADS" | tee -a "$LOG"
 done
@@ -48,7 +49,7 @@ for k, (ips, rss) in med.items():
     ratio = f"{torch[0] / ips:6.2f}x" if torch else "-"
     mem = f"{rss / torch[1]:6.2f}x" if torch else "-"
     print(f"{k:<18} {ips:8.2f} {rss:12.0f}  {ratio:>19}  {mem:>13}")
-if "candle-conv" in med and "locograph-conv" in med:
-    print(f"conv op speedup per step: {med['locograph-conv'][0] / med['candle-conv'][0]:.2f}x")
+if "candle" in med and "locograph" in med:
+    print(f"locograph ops vs candle's per step: {med['locograph'][0] / med['candle'][0]:.2f}x")
 PY
 rm -f "$LOG"

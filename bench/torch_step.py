@@ -69,8 +69,8 @@ def nt_xent(z, tau):
     z = F.normalize(z, dim=1)
     n2 = z.shape[0]
     logits = (z @ z.t()) / tau
-    logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
-    target = (torch.arange(n2) + n2 // 2) % n2
+    logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=z.device), float("-inf"))
+    target = (torch.arange(n2, device=z.device) + n2 // 2) % n2
     return F.cross_entropy(logits, target)
 
 

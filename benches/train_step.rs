@@ -2,13 +2,17 @@
 //! convolution backward calls, with candle's conv backward or locograph's (`nn::conv_op`).
 //!
 //! `cargo bench --bench train_step -- [--model resnet18|resnet50] [--batch N] [--steps K]
-//!  [--threads T] [--candle-conv] [--conv]`
+//!  [--threads T] [--candle-conv] [--candle-bn] [--conv] [--method simclr|gim|loco]
+//!  [--device cpu|cuda] [--precision f32|bf16|f16]`
 //!
 //! - `--model resnet18`: `graphs/resnet18_small.yaml` at 32×32 (default batch 256);
 //!   `resnet50`: `graphs/resnet50.yaml` at 224×224 (default batch 16). Both get the 2-layer MLP
 //!   decoder and NT-Xent of the SimCLR experiments, and AdamW. Batch = images; each step sees
 //!   two views of each, as in training.
-//! - `--candle-conv`: candle's own conv2d backward (the "before" of docs/performance.md).
+//! - `--candle-conv`: candle's own conv2d and its backward (the "before" of docs/performance.md).
+//! - `--candle-bn`: training-mode batch norm composed from candle ops instead of the fused op.
+//! - `--method gim|loco`: the same encoder with GIM's or LoCo's decoders and stops (bench/gpu.sh).
+//! - `--device cuda` (a `--features cuda` build) and `--precision bf16`: the GPU benchmark.
 //! - `--conv`: instead of a step, time the backward of single convolutions from ResNet-18/50,
 //!   both implementations alternately.
 //!
@@ -31,12 +35,26 @@ struct Args {
     steps: usize,
     threads: Option<usize>,
     candle_conv: bool,
+    candle_bn: bool,
     conv: bool,
+    method: String,
+    device: String,
+    precision: String,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a =
-        Args { model: "resnet18".into(), batch: None, steps: 2, threads: None, candle_conv: false, conv: false };
+    let mut a = Args {
+        model: "resnet18".into(),
+        batch: None,
+        steps: 2,
+        threads: None,
+        candle_conv: false,
+        candle_bn: false,
+        conv: false,
+        method: "simclr".into(),
+        device: "cpu".into(),
+        precision: "f32".into(),
+    };
     let mut it = std::env::args().skip(1);
     let num = |v: Option<String>, k: &str| -> Result<usize, String> {
         v.ok_or(format!("{k} needs a value"))?.parse().map_err(|e| format!("{k}: {e}"))
@@ -48,6 +66,10 @@ fn parse_args() -> Result<Args, String> {
             "--steps" => a.steps = num(it.next(), "--steps")?.max(1),
             "--threads" => a.threads = Some(num(it.next(), "--threads")?),
             "--candle-conv" => a.candle_conv = true,
+            "--candle-bn" => a.candle_bn = true,
+            "--method" => a.method = it.next().ok_or("--method needs a value")?,
+            "--device" => a.device = it.next().ok_or("--device needs a value")?,
+            "--precision" => a.precision = it.next().ok_or("--precision needs a value")?,
             "--conv" => a.conv = true,
             // cargo bench passes --bench to every harness = false target
             "--bench" => {}
@@ -80,31 +102,46 @@ fn noise(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)
 }
 
-/// The SimCLR experiment of `bench/torch_step.py`: encoder, GAP → 2-layer MLP → 128, NT-Xent.
-fn experiment(model: &str) -> Result<(String, usize), String> {
+/// The experiment of `bench/torch_step.py` (SimCLR) or `bench/torch_gpu_step.py` (all three):
+/// encoder, GAP → 2-layer MLP → 128, NT-Xent; GIM and LoCo add decoders and stops.
+fn experiment(model: &str, method: &str, device: &str, precision: &str) -> Result<(String, usize), String> {
     let (graph, size, tau) = match model {
         "resnet18" => ("resnet18_small.yaml", 32, 0.5),
         "resnet50" => ("resnet50.yaml", 224, 0.1),
         other => return Err(format!("unknown --model {other} (resnet18 or resnet50)")),
     };
+    let chain = "  - {from: input, to: stem}\n  - {from: stem, to: res2}\n";
+    let (losses, edges): (&[&str], String) = match method {
+        "simclr" => (&["res5"], format!("{chain}  - {{from: res2, to: res3}}\n  - {{from: res3, to: res4}}\n  - {{from: res4, to: res5}}\n")),
+        "gim" => (
+            &["res2", "res3", "res4", "res5"],
+            format!("{chain}  - {{from: res2, to: res3, stop: all}}\n  - {{from: res3, to: res4, stop: all}}\n  - {{from: res4, to: res5, stop: all}}\n"),
+        ),
+        "loco" => (
+            &["res3", "res4", "res5"],
+            format!("{chain}  - {{from: res2, to: res3, stop: [L_res4]}}\n  - {{from: res3, to: res4, stop: [L_res5]}}\n  - {{from: res4, to: res5}}\n"),
+        ),
+        other => return Err(format!("unknown --method {other} (simclr, gim or loco)")),
+    };
+    let mut nodes = String::new();
+    let mut edges = edges;
+    for at in losses {
+        nodes += &format!(
+            "  dec_{at}: {{op: decoder, mlp: {{depth: 2, out: 128}}}}\n  L_{at}: {{op: nt_xent, temperature: {tau}}}\n"
+        );
+        edges += &format!("  - {{from: {at}, to: dec_{at}}}\n  - {{from: dec_{at}, to: L_{at}}}\n");
+    }
     let yaml = format!(
         "version: 1
-name: bench_{model}
+name: bench_{model}_{method}
 seed: 0
+device: {device}
+precision: {precision}
 input: {{channels: 3, size: {size}}}
 encoder: ../graphs/{graph}
 nodes:
-  dec: {{op: decoder, mlp: {{depth: 2, out: 128}}}}
-  L: {{op: nt_xent, temperature: {tau}}}
-edges:
-  - {{from: input, to: stem}}
-  - {{from: stem, to: res2}}
-  - {{from: res2, to: res3}}
-  - {{from: res3, to: res4}}
-  - {{from: res4, to: res5}}
-  - {{from: res5, to: dec}}
-  - {{from: dec, to: L}}
-data: {{format: image_folder, path: unused, augment: {{size: {size}}}}}
+{nodes}edges:
+{edges}data: {{format: image_folder, path: unused, augment: {{size: {size}}}}}
 optimizer: {{kind: adamw, weight_decay: 1.0e-6}}
 schedule: {{kind: cosine, lr: 1.0e-3}}
 train: {{batch_size: 256, steps: 1}}
@@ -114,21 +151,27 @@ train: {{batch_size: 256, steps: 1}}
 }
 
 fn train_step(a: &Args) -> Result<(), String> {
-    let (yaml, size) = experiment(&a.model)?;
+    let (yaml, size) = experiment(&a.model, &a.method, &a.device, &a.precision)?;
     let batch = a.batch.unwrap_or(if a.model == "resnet18" { 256 } else { 16 });
     // The YAML's `encoder:` path is relative to its file: pretend it sits in experiments/.
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/bench_train_step.yaml");
     let loaded = parse_str(&yaml, &file).map_err(|e| e.to_string())?;
     let c = compile(&loaded).map_err(|e| e.to_string())?;
-    let model = Model::new(&c, 0, &Device::Cpu).map_err(|e| e.to_string())?;
+    let exp = &loaded.experiment;
+    let device = locograph::exec::train::device(exp.device).map_err(|e| e.to_string())?;
+    let model = Model::new(&c, 0, &device).map_err(|e| e.to_string())?.with_compute(exp.precision.dtype());
     let mut opt = AdamW::new(AdamWConfig { weight_decay: 1e-6, ..AdamWConfig::default() });
-    let x = noise(&[2 * batch, 3, size, size], 0).map_err(|e| e.to_string())?;
+    let x = noise(&[2 * batch, 3, size, size], 0).and_then(|x| x.to_device(&device)).map_err(|e| e.to_string())?;
+    let mut peak_tracked = 0usize;
     let mut times = vec![];
     // One untimed step first: thread pools, optimizer state, allocator warm-up.
     for i in 0..=a.steps {
         let t = Instant::now();
         let out = run_step(&c, &model, &x).map_err(|e| e.to_string())?;
         opt.step(&model.params.params, &out.grads, 1e-3).map_err(|e| e.to_string())?;
+        // GPU kernels run asynchronously: the step ends when the device is done.
+        device.synchronize().map_err(|e| e.to_string())?;
+        peak_tracked = peak_tracked.max(out.peak_held_bytes);
         if i > 0 {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -136,13 +179,23 @@ fn train_step(a: &Args) -> Result<(), String> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     println!(
-        "impl={} model={} batch={batch} steps={} step_s={median:.3} min_s={:.3} images_per_s={:.2} peak_rss_mb={:.0}",
-        if a.candle_conv { "candle-conv" } else { "locograph-conv" },
+        "impl={} model={} method={} device={} precision={} batch={batch} steps={} step_s={median:.3} min_s={:.3} \
+         images_per_s={:.2} peak_rss_mb={:.0} tracked_peak_mb={:.0}",
+        match (a.candle_conv, a.candle_bn) {
+            (true, true) => "candle",
+            (true, false) => "candle-conv",
+            (false, true) => "locograph-conv",
+            (false, false) => "locograph",
+        },
         a.model,
+        a.method,
+        a.device,
+        a.precision,
         a.steps,
         times[0],
         batch as f64 / median,
-        peak_rss() as f64 / 1e6
+        peak_rss() as f64 / 1e6,
+        peak_tracked as f64 / 1e6
     );
     Ok(())
 }
@@ -196,6 +249,7 @@ fn main() {
             rayon::ThreadPoolBuilder::new().num_threads(t).build_global().map_err(|e| e.to_string())?;
         }
         conv_op::use_candle_reference(a.candle_conv);
+        locograph::nn::batch_norm::use_composed_reference(a.candle_bn);
         if a.conv {
             conv_calls(&a)
         } else {
