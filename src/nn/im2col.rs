@@ -246,11 +246,15 @@ pub fn backward<T: WithDType>(
     let mut dx = if need_dx { vec![T::zero(); g.n * image] } else { Vec::new() };
     let dx_ptr = Disjoint(dx.as_mut_ptr());
     let chunks = g.n.div_ceil(nb);
-    let dw = (0..chunks)
+    // The kernel gradient sums over all images. For a result that does not depend on how rayon
+    // schedules the work (bit-exact resume), each part sums a fixed contiguous run of chunks in
+    // order, and the parts are added in order.
+    let parts = chunks.min(4 * rayon::current_num_threads()).max(1);
+    let partials: Vec<Vec<T>> = (0..parts)
         .into_par_iter()
-        .fold(
-            || if need_dw { vec![T::zero(); g.o * kg] } else { Vec::new() },
-            |mut dw, chunk| {
+        .map(|part| {
+            let mut dw = if need_dw { vec![T::zero(); g.o * kg] } else { Vec::new() };
+            for chunk in part * chunks / parts..(part + 1) * chunks / parts {
                 let first = chunk * nb;
                 let nb = nb.min(g.n - first);
                 let cols = nb * pixels;
@@ -298,15 +302,14 @@ pub fn backward<T: WithDType>(
                     let dx = unsafe { std::slice::from_raw_parts_mut({ dx_ptr }.0.add(first * image), nb * image) };
                     col2im_add(&col, nb, g, dx);
                 }
-                dw
-            },
-        )
-        .reduce(
-            || if need_dw { vec![T::zero(); g.o * kg] } else { Vec::new() },
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += *b);
-                a
-            },
-        );
+            }
+            dw
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut dw = parts.next().unwrap_or_default();
+    for p in parts {
+        dw.iter_mut().zip(&p).for_each(|(a, b)| *a += *b);
+    }
     (need_dx.then_some(dx), need_dw.then_some(dw))
 }
