@@ -16,12 +16,9 @@ cd "$(dirname "$0")/.."
 BATCH=${1:-256}; STEPS=${2:-10}; ROUNDS=${3:-1}
 PY=${PYTHON:-python3}
 
-BIN=.gpu/train_step
-if [[ ! -x $BIN ]]; then
-    [[ -e $BIN.xz ]] || { echo "no $BIN(.xz): build it with the CUDA recipe (docs/performance.md)" >&2; exit 2; }
-    xz -dkc "$BIN.xz" > "$BIN" && chmod +x "$BIN"
-fi
-[[ -e .gpu/env.sh ]] && source .gpu/env.sh   # library paths of the machine's CUDA/cuDNN wheels
+# The runner unpacks .gpu/train_step.xz and points the loader at the machine's CUDA/cuDNN wheels.
+[[ -e .gpu/train_step.xz && -e .gpu/run-on-gpu.sh ]] \
+    || { echo "no .gpu/train_step.xz: build it with the CUDA recipe (docs/gpu.md)" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 # Runs "$@", printing its key=value line with gpu_peak_mb (max memory.used while it ran) appended.
@@ -39,7 +36,7 @@ with_gpu_peak() {
 LOG=$(mktemp)
 for r in $(seq "$ROUNDS"); do
     for m in simclr gim loco; do
-        with_gpu_peak "$BIN" --model resnet50 --batch "$BATCH" --steps "$STEPS" --method "$m" \
+        with_gpu_peak bash .gpu/run-on-gpu.sh train_step --model resnet50 --batch "$BATCH" --steps "$STEPS" --method "$m" \
             --device cuda --precision bf16 | tee -a "$LOG"
         with_gpu_peak "$PY" bench/torch_gpu_step.py --method "$m" --batch "$BATCH" --steps "$STEPS" \
             --precision bf16 | tee -a "$LOG"
