@@ -1,27 +1,16 @@
-//! A 2-D convolution whose backward avoids candle 0.11.1's slow paths.
+//! A 2-D convolution op whose forward and backward are locograph's own CPU kernels.
 //!
-//! candle's forward conv2d is an im2col + gemm and fast. Its backward is not:
-//! - the input gradient goes through `conv_transpose2d`, a naive loop on CPU (and CUDA) that
-//!   took most of a ResNet training step (candle-notes: 80–85% of a step is the backward);
-//! - for `groups > 1` the forward is `chunk` + one conv per group + `cat`, so the backward of
-//!   every `chunk` pads its group's input gradient back to the full input size before the sum:
-//!   `groups` full-size tensors for one gradient (PResNet-50's 128-group res7, docs/performance.md).
+//! candle 0.11.1's CPU conv2d is slow on both sides: the forward runs one small gemm per image
+//! and 512-pixel tile behind a single-threaded NCHW→NHWC copy of the batch, the input gradient
+//! goes through `conv_transpose2d`, a naive loop (candle-notes: 80–85 % of a step), and for
+//! `groups > 1` the backward of candle's `chunk` + `cat` pads every group's input gradient back to
+//! the full input size (`groups` full-size tensors for one gradient).
 //!
-//! [`conv2d`] keeps candle's forward and computes the backward itself, with forward
-//! convolutions only:
-//! - input gradient: a stride-1 convolution of the output gradient, padded by `k − 1 − p`, with
-//!   the spatially flipped kernel whose in/out channels are swapped within each group. For
-//!   stride `s > 1` the gradient is not zero-dilated (that multiplies by zero `s² − 1` times out
-//!   of `s²`): each of the `s²` input phases is a stride-1 convolution of the undilated gradient
-//!   with the taps of the flipped kernel that reach it, and the phases are interleaved (rows and
-//!   columns the forward's floor division never read get zero). Not computed when the input
-//!   needs no gradient (the stem);
-//! - kernel gradient: candle's own formula (`xᵀ ⋆ gᵀ` with the stride as dilation), with the
-//!   groups moved into the channel axis so that all groups go through one grouped convolution.
-//!
-//! Both are one op in the graph, so a grouped convolution holds one input gradient, not one per
-//! group. The forward copies its input and output once (a `CustomOp2` gets raw storage, and
-//! candle offers no way to run its conv on borrowed storage or to move a tensor's storage out).
+//! [`conv2d`] is one `CustomOp2` whose forward and backward are [`super::im2col`]: im2col + gemm
+//! for the forward and the kernel gradient, gemm + col2im for the input gradient, all groups in
+//! one op, chunked over images so that both cores run large single-threaded gemms. The input
+//! gradient is not computed when the input needs none (the stem's input is data). Other devices
+//! and dtypes (CUDA, f16/bf16) fall back to candle's conv2d and its backward.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -48,7 +37,7 @@ struct ConvOp {
     groups: usize,
 }
 
-/// `x ⋆ w` with candle's forward and a backward built from forward convolutions.
+/// `x ⋆ w` with locograph's im2col kernels for the forward and the backward.
 ///
 /// Same arguments and result as `x.conv2d(w, padding, stride, 1, groups)` (dilation 1 only);
 /// gradients equal candle's to rounding. CPU only: on other devices this falls back to candle's
