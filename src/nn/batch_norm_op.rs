@@ -127,6 +127,18 @@ impl BatchNormTrain {
         (dx, dgamma, dbeta)
     }
 
+    /// [`Self::forward`] on raw storages (x, γ, β), each made contiguous if strided.
+    fn forward_storage<T: WithDType>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        (s3, l3): (&CpuStorage, &Layout),
+        c: usize,
+        hw: usize,
+    ) -> Result<Vec<T>> {
+        Ok(self.forward::<T>(&storage_slice(s1, l1)?, &storage_slice(s2, l2)?, &storage_slice(s3, l3)?, c, hw))
+    }
+
     fn bwd_typed<T: WithDType>(
         &self,
         x: &Tensor,
@@ -160,20 +172,12 @@ impl CustomOp3 for BatchNormTrain {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = l1.shape().dims4()?;
         let y = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.forward::<f32>(
-                &storage_slice(s1, l1)?,
-                &storage_slice(s2, l2)?,
-                &storage_slice(s3, l3)?,
-                c,
-                h * w,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(self.forward::<f64>(
-                &storage_slice(s1, l1)?,
-                &storage_slice(s2, l2)?,
-                &storage_slice(s3, l3)?,
-                c,
-                h * w,
-            )),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.forward_storage::<f32>((s1, l1), (s2, l2), (s3, l3), c, h * w)?)
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.forward_storage::<f64>((s1, l1), (s2, l2), (s3, l3), c, h * w)?)
+            }
             s => candle_core::bail!("batch norm: unsupported dtype {:?}", s.dtype()),
         };
         Ok((y, l1.shape().clone()))
