@@ -6,12 +6,17 @@
 //! otherwise. candle's autograd therefore never walks out of a node by itself: the engine
 //! moves cotangents between nodes, tagged with the losses they carry, and a stop edge is
 //! simply a cotangent that is never sent.
+//!
+//! Inside a node the same holds one level down: a stage runs as a chain of links, one per
+//! residual block (`exec::chain`), and its last backward drops each block's graph as soon as
+//! the block is done.
 
 use candle_core::{Result, Tensor, Var};
 use petgraph::graph::NodeIndex;
 use petgraph::Direction;
 use tracing::debug_span;
 
+use super::chain::{seed_backward, Link};
 use super::model::Model;
 use crate::config::NodeConfig;
 use crate::graph::{Compiled, Step};
@@ -44,6 +49,17 @@ fn bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }
 
+/// Bytes of distinct storages among `ts` (a leaf is often the very tensor its producer output).
+fn distinct_bytes<'a>(ts: impl Iterator<Item = &'a Tensor>) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    ts.filter(|t| {
+        let (s, _) = t.storage_and_layout();
+        seen.insert(&*s as *const _ as usize)
+    })
+    .map(bytes)
+    .sum()
+}
+
 fn add(acc: &mut Option<Tensor>, g: &Tensor) -> Result<()> {
     *acc = Some(match acc.take() {
         None => g.clone(),
@@ -67,6 +83,8 @@ pub fn run_step_traced(
 ) -> Result<StepOutput> {
     let nn = c.graph.node_count();
     let mut values: Vec<Option<Tensor>> = vec![None; nn];
+    // Each node's links whose graphs its backwards still need (last link last).
+    let mut chains: Vec<Vec<Link>> = (0..nn).map(|_| vec![]).collect();
     let mut leaves: Vec<Option<Var>> = vec![None; c.graph.edge_count()];
     let mut cots: Vec<Vec<(Vec<NodeIndex>, Tensor)>> = vec![vec![]; nn];
     let mut consumers_left: Vec<usize> =
@@ -75,19 +93,23 @@ pub fn run_step_traced(
     let mut grads: Vec<Option<Tensor>> = vec![None; model.params.params.len()];
     let mut passes = vec![0usize; nn];
     let mut losses = vec![];
-    // Estimated bytes of each node's autograd graph beyond its output, while it is alive.
+    // Estimated bytes of each node's autograd graph beyond its output, while it is alive, per
+    // link (scaled down as the node's last backward drops links).
     let mut graph_bytes: Vec<usize> = vec![0; nn];
+    let mut link_bytes: Vec<usize> = vec![0; nn];
     let mut peak = 0usize;
 
     // Drops what a node no longer needs: its graph once its backwards are done, its value once
     // its consumers have read it.
     let release = |n: usize,
                    values: &mut Vec<Option<Tensor>>,
+                   chains: &mut [Vec<Link>],
                    graph_bytes: &mut [usize],
                    consumers_left: &[usize],
                    groups_left: &[usize]| {
         if groups_left[n] == 0 {
             graph_bytes[n] = 0;
+            chains[n].clear();
             if consumers_left[n] == 0 {
                 values[n] = None;
             } else if let Some(v) = &values[n] {
@@ -105,22 +127,41 @@ pub fn run_step_traced(
                     let (e, p) = c.producer(n).expect("checked: one input per node");
                     let v = values[p.index()].as_ref().expect("producer ran before its consumer");
                     let _span = debug_span!("forward", node = %c.id(n)).entered();
-                    let out = if c.reach.any_flows(e) {
-                        let leaf = Var::from_tensor(&v.detach())?;
-                        let out = model.forward_node(n, leaf.as_tensor(), true)?;
+                    let input = if c.reach.any_flows(e) {
+                        // No copy when the producer's output already is a leaf (a stage's).
+                        let leaf = if v.is_variable() { Var::from_tensor(v)? } else { Var::from_tensor(&v.detach())? };
+                        let t = leaf.as_tensor().clone();
                         leaves[e.index()] = Some(leaf);
-                        out
+                        t
                     } else {
-                        model.forward_node(n, &v.detach(), true)?
+                        v.detach()
+                    };
+                    let out = if groups_left[n.index()] == 0 {
+                        // No backward will run here: one piece, no leaves.
+                        model.forward_node(n, &input, true)?
+                    } else {
+                        let chain = &mut chains[n.index()];
+                        let mut x = input;
+                        for k in 0..model.pieces(n) {
+                            let leaf = if k == 0 { None } else { Some(Var::from_tensor(&x)?) };
+                            let piece = model.forward_piece(n, k, &x, true)?;
+                            let link = Link::new(leaf, piece)?;
+                            x = link.output.clone();
+                            chain.push(link);
+                        }
+                        x
                     };
                     if let Some(cfg) = &c.graph[n].config {
                         let dims = v.dims();
                         let per_image = crate::eval::profile::saved_elems(cfg, dims.get(1..).unwrap_or(&[])) as usize;
                         let est = per_image * dims.first().copied().unwrap_or(0) * v.dtype().size_in_bytes();
-                        graph_bytes[n.index()] = est.saturating_sub(bytes(&out));
+                        let outputs: usize =
+                            chains[n.index()].iter().map(Link::output_bytes).sum::<usize>().max(bytes(&out));
+                        graph_bytes[n.index()] = est.saturating_sub(outputs);
+                        link_bytes[n.index()] = graph_bytes[n.index()] / chains[n.index()].len().max(1);
                     }
                     consumers_left[p.index()] -= 1;
-                    release(p.index(), &mut values, &mut graph_bytes, &consumers_left, &groups_left);
+                    release(p.index(), &mut values, &mut chains, &mut graph_bytes, &consumers_left, &groups_left);
                     out
                 };
                 if c.graph[n].is_loss() {
@@ -132,9 +173,11 @@ pub fn run_step_traced(
             Step::Backward { node: m, group: gi } => {
                 let g = &c.reach.groups(m)[gi];
                 let _span = debug_span!("backward", node = %c.id(m), losses = g.losses.len()).entered();
-                let out = values[m.index()].as_ref().expect("forward ran before backward");
-                let gs = if c.graph[m].is_loss() {
-                    (out * loss_weight(c, m))?.backward()?
+                let last = groups_left[m.index()] == 1;
+                let mut cot = if c.graph[m].is_loss() {
+                    // d(w·L)/dL: the loss's weight is its cotangent.
+                    let out = values[m.index()].as_ref().expect("forward ran before backward");
+                    Tensor::full(loss_weight(c, m) as f32, (), out.device())?.to_dtype(out.dtype())?
                 } else {
                     // The cotangent entries tagged with this group's losses (each entry belongs
                     // to exactly one group: see graph::reach).
@@ -148,30 +191,52 @@ pub fn run_step_traced(
                         }
                     }
                     cots[m.index()] = rest;
-                    let cot =
-                        cot.ok_or_else(|| candle_core::Error::Msg(format!("no cotangent reached `{}`", c.id(m))))?;
-                    out.mul(&cot.detach())?.sum_all()?.backward()?
+                    cot.ok_or_else(|| candle_core::Error::Msg(format!("no cotangent reached `{}`", c.id(m))))?
                 };
-                for &pi in &model.node_params[m.index()] {
-                    let p = &model.params.params[pi];
-                    if p.trainable {
-                        if let Some(gr) = gs.get(p.var.as_tensor()) {
-                            // candle detaches the gradient of every tensor it walks through but
-                            // not of variables: a weight's gradient (`x_tᵀ ⋆ g` for a conv) still
-                            // records the op that made it, and so keeps the node's whole forward
-                            // graph alive. Detach, or no activation is freed before the step ends.
-                            add(&mut grads[pi], &gr.detach())?;
+                // The links from the last to the first; the node's last backward drops each
+                // link's graph once it is done.
+                let chain = &mut chains[m.index()];
+                for k in (0..chain.len()).rev() {
+                    let link = &chain[k];
+                    let gs = if c.graph[m].is_loss() {
+                        seed_backward(&link.output, cot.clone())?
+                    } else {
+                        link.backward(&cot)?
+                    };
+                    for &pi in &model.node_params[m.index()] {
+                        let p = &model.params.params[pi];
+                        if p.trainable {
+                            if let Some(gr) = gs.get(p.var.as_tensor()) {
+                                // candle detaches the gradient of every tensor it walks through but
+                                // not of variables: a weight's gradient (`x_tᵀ ⋆ g` for a conv)
+                                // still records the op that made it, and so keeps the node's whole
+                                // forward graph alive. Detach, or no activation is freed early.
+                                add(&mut grads[pi], &gr.detach())?;
+                            }
                         }
                     }
-                }
-                for &e in &g.input_edges {
-                    let (p, _) = c.graph.edge_endpoints(e).expect("edge exists");
-                    let leaf = leaves[e.index()].as_ref().expect("a leaf exists where gradient flows");
-                    let gin = gs.get(leaf.as_tensor()).ok_or_else(|| {
-                        candle_core::Error::Msg(format!("no gradient reached the input of `{}`", c.id(m)))
-                    })?;
-                    // Detached for the same reason: the leaf is a variable to candle.
-                    cots[p.index()].push((g.losses.clone(), gin.detach()));
+                    if let Some(leaf) = &link.input {
+                        let Some(gin) = gs.get(leaf.as_tensor()) else {
+                            // Nothing below this link needs a gradient (e.g. GIM's frozen input
+                            // side): the earlier links have no parameters reached either.
+                            break;
+                        };
+                        cot = gin.detach();
+                    } else {
+                        for &e in &g.input_edges {
+                            let (p, _) = c.graph.edge_endpoints(e).expect("edge exists");
+                            let leaf = leaves[e.index()].as_ref().expect("a leaf exists where gradient flows");
+                            let gin = gs.get(leaf.as_tensor()).ok_or_else(|| {
+                                candle_core::Error::Msg(format!("no gradient reached the input of `{}`", c.id(m)))
+                            })?;
+                            // Detached for the same reason: the leaf is a variable to candle.
+                            cots[p.index()].push((g.losses.clone(), gin.detach()));
+                        }
+                    }
+                    if last {
+                        chain.pop();
+                        graph_bytes[m.index()] = graph_bytes[m.index()].saturating_sub(link_bytes[m.index()]);
+                    }
                 }
                 passes[m.index()] += 1;
                 groups_left[m.index()] -= 1;
@@ -181,13 +246,17 @@ pub fn run_step_traced(
                         leaves[e.id().index()] = None;
                     }
                 }
-                release(m.index(), &mut values, &mut graph_bytes, &consumers_left, &groups_left);
+                release(m.index(), &mut values, &mut chains, &mut graph_bytes, &consumers_left, &groups_left);
             }
         }
-        let live: usize = values.iter().flatten().map(bytes).sum::<usize>()
-            + graph_bytes.iter().sum::<usize>()
-            + leaves.iter().flatten().map(|l| bytes(l.as_tensor())).sum::<usize>()
-            + cots.iter().flat_map(|v| v.iter().map(|(_, t)| bytes(t))).sum::<usize>();
+        let live: usize = distinct_bytes(
+            values
+                .iter()
+                .flatten()
+                .chain(chains.iter().flatten().map(|l| &l.output))
+                .chain(leaves.iter().flatten().map(|l| l.as_tensor()))
+                .chain(cots.iter().flat_map(|v| v.iter().map(|(_, t)| t))),
+        ) + graph_bytes.iter().sum::<usize>();
         peak = peak.max(live);
         after(step, live);
     }

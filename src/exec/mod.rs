@@ -1,5 +1,6 @@
 //! Runs a compiled graph with candle.
 
+pub mod chain;
 pub mod checkpoint;
 pub mod engine;
 pub mod model;
@@ -8,5 +9,5 @@ pub mod run_dir;
 pub mod train;
 
 pub use engine::{forward_to, run_step, run_step_traced, StepOutput};
-pub use model::{Model, NodeModule};
+pub use model::{Model, NodeModule, Piece};
 pub use reference::reference_grads;

@@ -34,6 +34,15 @@ impl NodeModule {
     }
 }
 
+/// What one piece of a node's forward returns.
+#[derive(Clone, Debug)]
+pub enum Piece {
+    /// The piece's output.
+    Plain(Tensor),
+    /// The pre-activation `z` of an output `relu(z)` (a residual block's sum).
+    Rectified(Tensor),
+}
+
 /// All modules, indexed like the graph's nodes, and their parameters.
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -88,6 +97,28 @@ impl Model {
 
     pub fn module(&self, n: NodeIndex) -> Option<&NodeModule> {
         self.modules[n.index()].as_ref()
+    }
+
+    /// How many pieces the engine cuts node `n`'s forward into, so that its backward can free
+    /// them one by one: a stage's residual blocks, one piece for any other node.
+    pub fn pieces(&self, n: NodeIndex) -> usize {
+        match self.module(n) {
+            Some(NodeModule::Stage(s)) => s.blocks().len().max(1),
+            _ => 1,
+        }
+    }
+
+    /// Piece `k` of node `n`'s forward ([`Model::pieces`]); piece 0 reads the node's input,
+    /// piece `k` the output of piece `k − 1`. Chained, the pieces compute [`Model::forward_node`].
+    pub fn forward_piece(&self, n: NodeIndex, k: usize, x: &Tensor, train: bool) -> Result<Piece> {
+        let train = train && !self.frozen[n.index()];
+        match self.module(n) {
+            Some(NodeModule::Stage(s)) if !s.blocks().is_empty() => {
+                let x = if k == 0 { s.resize_input(&x.to_dtype(self.compute)?)? } else { x.clone() };
+                Ok(Piece::Rectified(s.blocks()[k].forward_pre(&x, train)?))
+            }
+            _ => Ok(Piece::Plain(self.forward_node(n, x, train)?)),
+        }
     }
 
     /// Forward of one node; a frozen node always uses its running statistics.

@@ -107,6 +107,12 @@ impl Block {
     /// # Shapes
     /// `[N, in, H, W]` → `[N, out, H/stride, W/stride]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_pre(x, train)?.relu()
+    }
+
+    /// `branch(x) + shortcut(x)`, the block's output before its final ReLU. The engine applies
+    /// that ReLU itself, into a leaf it owns (see `exec::piece`).
+    pub fn forward_pre(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
@@ -119,6 +125,6 @@ impl Block {
             Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        (h + shortcut)?.relu()
+        h + shortcut
     }
 }

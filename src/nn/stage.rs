@@ -131,13 +131,18 @@ impl Stage {
     /// # Shapes
     /// `[N, in, H, W]` → `[N, channels, H', W']` (see [`StageConfig::out_shape`]).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = match self.resize {
-            Some(r) => resize_bilinear(x, r, r)?,
-            None => x.clone(),
-        };
+        let mut h = self.resize_input(x)?;
         for b in &self.blocks {
             h = b.forward_t(&h, train)?;
         }
         Ok(h)
+    }
+
+    /// The stage's input as its first block sees it (bilinearly resized in PResNet-50).
+    pub fn resize_input(&self, x: &Tensor) -> Result<Tensor> {
+        match self.resize {
+            Some(r) => resize_bilinear(x, r, r),
+            None => Ok(x.clone()),
+        }
     }
 }

@@ -23,8 +23,8 @@ input: {{channels: 1, size: 8}}
 nodes:
   stem: {{op: stem, kind: small, channels: 8}}
   res2: {{op: stage, block: basic, blocks: 1, channels: 8}}
-  res3: {{op: stage, block: basic, blocks: 1, channels: 16, stride: 2}}
-  res4: {{op: stage, block: bottleneck, blocks: 1, channels: 16, width: 4, stride: 2}}
+  res3: {{op: stage, block: basic, blocks: 2, channels: 16, stride: 2}}
+  res4: {{op: stage, block: bottleneck, blocks: 3, channels: 16, width: 4, stride: 2}}
   res5: {{op: stage, block: basic, blocks: 1, channels: 16, stride: 2}}
 {nodes}
 edges:
