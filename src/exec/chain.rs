@@ -91,15 +91,16 @@ fn relu_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
 /// `backward()` from `t` with cotangent `g` (same shape).
 pub fn seed_backward(t: &Tensor, g: Tensor) -> Result<candle_core::backprop::GradStore> {
     if t.device().is_cpu() {
-        t.apply_op1(Cotangent(g))?.backward()
+        t.apply_op1(Cotangent(std::sync::Mutex::new(Some(g))))?.backward()
     } else {
         t.mul(&g)?.sum_all()?.backward()
     }
 }
 
 /// A scalar whose gradient with respect to its argument is the given cotangent. Only ever the
-/// root of a backward (where candle seeds a gradient of one), so `bwd` ignores `grad_res`.
-struct Cotangent(Tensor);
+/// root of one backward (where candle seeds a gradient of one), so `bwd` ignores `grad_res` and
+/// hands the cotangent over instead of keeping a second reference alive through the backward.
+struct Cotangent(std::sync::Mutex<Option<Tensor>>);
 
 impl CustomOp1 for Cotangent {
     fn name(&self) -> &'static str {
@@ -112,6 +113,7 @@ impl CustomOp1 for Cotangent {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.0.clone()))
+        let mut g = self.0.lock().map_err(|_| candle_core::Error::Msg("cotangent lock poisoned".into()))?;
+        g.take().map(Some).ok_or_else(|| candle_core::Error::Msg("cotangent seeded twice".into()))
     }
 }

@@ -56,18 +56,40 @@ impl BatchNorm2d {
     /// Training mode normalises with the batch statistics (biased variance) and updates the
     /// running statistics with the unbiased variance, exactly as `torch.nn.BatchNorm2d`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act_t(x, train, false)
+    }
+
+    /// `relu(forward_t(x))`, fused into the op where the op is (CPU training).
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act_t(x, train, true)
+    }
+
+    fn forward_act_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if matches!(x.dtype(), DType::F16 | DType::BF16) {
             // Mixed precision: statistics and normalisation in f32 (a half-precision variance
             // loses the small per-channel differences), the result back in the compute type.
-            return self.forward_t(&x.to_dtype(self.weight.dtype())?, train)?.to_dtype(x.dtype());
+            return self.forward_act_t(&x.to_dtype(self.weight.dtype())?, train, relu)?.to_dtype(x.dtype());
         }
         if train {
             let fused = x.device().is_cpu()
                 && matches!(x.dtype(), DType::F32 | DType::F64)
                 && x.dtype() == self.weight.dtype()
                 && !COMPOSED.load(Ordering::Relaxed);
-            return if fused { self.train_fused(x) } else { self.train_composed(x) };
+            if fused {
+                return self.train_fused(x, relu);
+            }
+            let y = self.train_composed(x)?;
+            return if relu { y.relu() } else { Ok(y) };
         }
+        let y = self.eval(x)?;
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    fn eval(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
         let view = (1, c, 1, 1);
         let (mean, var) = (self.running_mean.as_detached_tensor(), self.running_var.as_detached_tensor());
@@ -81,8 +103,8 @@ impl BatchNorm2d {
 }
 
 impl BatchNorm2d {
-    /// Training mode as one op ([`BatchNormTrain`]), CPU f32/f64.
-    pub(crate) fn train_fused(&self, x: &Tensor) -> Result<Tensor> {
+    /// Training mode as one op ([`BatchNormTrain`]), CPU f32/f64; `relu` fuses a ReLU after.
+    pub(crate) fn train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let stats = channel_stats(x)?;
         check_count(stats.count, x)?;
         let count = stats.count as f64;
@@ -90,7 +112,7 @@ impl BatchNorm2d {
         let mean = Tensor::from_slice(&stats.mean, c, x.device())?.to_dtype(x.dtype())?;
         let var = Tensor::from_slice(&stats.var, c, x.device())?.to_dtype(x.dtype())?;
         self.update_running(&mean, &(var * (count / (count - 1.0)))?)?;
-        x.apply_op3(&self.weight, &self.bias, BatchNormTrain::new(&stats, self.eps))
+        x.apply_op3(&self.weight, &self.bias, BatchNormTrain::new(&stats, self.eps).with_relu(relu))
     }
 
     /// Training mode composed from candle ops (any device and dtype; the fused op's reference).
@@ -184,14 +206,17 @@ mod tests {
         Ok(())
     }
 
-    /// The fused op against the composed candle ops: output, running statistics and the
-    /// gradients of x, γ and β under a random projection, odd sizes, f64 and f32.
+    /// The fused op against the composed candle ops (and candle's ReLU after them): output,
+    /// running statistics and the gradients of x, γ and β under a random projection, odd sizes,
+    /// f64 and f32.
     #[test]
     fn fused_matches_composed_ops() -> Result<()> {
         use candle_core::Var;
         use rand::SeedableRng;
         use rand_distr::{Distribution, StandardNormal};
-        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+        for (dtype, tol, relu) in
+            [(DType::F64, 1e-10, false), (DType::F32, 1e-4, false), (DType::F64, 1e-10, true), (DType::F32, 1e-4, true)]
+        {
             for &(n, c, h, w) in &[(3, 5, 7, 5), (2, 3, 1, 2), (4, 2, 9, 9)] {
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((n * c * h * w) as u64);
                 let mut randn = |shape: &[usize], scale: f64, shift: f64| -> Result<Tensor> {
@@ -221,8 +246,9 @@ mod tests {
                     })
                 };
                 let (fused, composed) = (make()?, make()?);
-                let yf = fused.train_fused(x.as_tensor())?;
+                let yf = fused.train_fused(x.as_tensor(), relu)?;
                 let yc = composed.train_composed(x.as_tensor())?;
+                let yc = if relu { yc.relu()? } else { yc };
                 let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
                     let d = a.sub(b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     let s = b.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -238,7 +264,11 @@ mod tests {
                     close(gf.get(&fused.weight).expect("dγ"), gc.get(&composed.weight).expect("dγ"))?,
                     close(gf.get(&fused.bias).expect("dβ"), gc.get(&composed.bias).expect("dβ"))?,
                 ];
-                assert!(errs.iter().all(|e| *e < tol), "{dtype:?} {:?}: y/rm/rv/dx/dγ/dβ {errs:?}", (n, c, h, w));
+                assert!(
+                    errs.iter().all(|e| *e < tol),
+                    "{dtype:?} relu {relu} {:?}: y/rm/rv/dx/dγ/dβ {errs:?}",
+                    (n, c, h, w)
+                );
             }
         }
         Ok(())
@@ -252,8 +282,10 @@ mod tests {
         let bn = batch_norm2d(3, false, &pb)?;
         let v: Vec<f64> = (0..120).map(|i| ((i * 37 % 101) as f64 / 17.0).sin() * 2.0 + 1.0).collect();
         let x = Tensor::from_vec(v, (2, 3, 4, 5), &Device::Cpu)?;
-        let r = crate::nn::gradcheck::gradcheck(|x| bn.train_fused(x), &x, 1e-6, 3)?;
-        assert!(r.max_rel_err < 1e-5, "{r}");
+        for relu in [false, true] {
+            let r = crate::nn::gradcheck::gradcheck(|x| bn.train_fused(x, relu), &x, 1e-6, 3)?;
+            assert!(r.max_rel_err < 1e-5, "relu {relu}: {r}");
+        }
         Ok(())
     }
 }

@@ -6,6 +6,11 @@
 //! are one pass over the input (per channel, each image's `H·W` values are contiguous), the
 //! output is one pass, and the backward is two: the per-channel sums `Σ dy` and `Σ dy·x̂`, then
 //! `dx`. Statistics accumulate in f64 whatever the activations' type.
+//!
+//! With `relu`, the op is `relu(bn(x))`: a ReLU after a BatchNorm costs candle one pass forward
+//! and six in its backward (a zero tensor, a comparison, a cast, a product, and the gradient
+//! store's zero-and-add), each allocating; fused, the forward clamps as it writes and the
+//! backward masks `dy` by `y > 0` as it reads it.
 
 use std::sync::Arc;
 
@@ -56,12 +61,19 @@ fn stats<T: WithDType>(x: &[T], (n, c, hw): (usize, usize, usize)) -> (Vec<f64>,
 pub struct BatchNormTrain {
     mean: Arc<Vec<f64>>,
     inv_std: Arc<Vec<f64>>,
+    relu: bool,
 }
 
 impl BatchNormTrain {
     pub fn new(stats: &ChannelStats, eps: f64) -> Self {
         let inv_std = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-        Self { mean: Arc::new(stats.mean.clone()), inv_std: Arc::new(inv_std) }
+        Self { mean: Arc::new(stats.mean.clone()), inv_std: Arc::new(inv_std), relu: false }
+    }
+
+    /// `relu(bn(x))` as one op.
+    pub fn with_relu(mut self, relu: bool) -> Self {
+        self.relu = relu;
+        self
     }
 
     fn forward<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T], c: usize, hw: usize) -> Vec<T> {
@@ -75,20 +87,34 @@ impl BatchNormTrain {
         let mut y = vec![T::zero(); x.len()];
         y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (y, x))| {
             let (s, t) = (T::from_f64(scale[plane % c]), T::from_f64(shift[plane % c]));
-            y.iter_mut().zip(x).for_each(|(y, x)| *y = *x * s + t);
+            if self.relu {
+                let zero = T::zero();
+                y.iter_mut().zip(x).for_each(|(y, x)| {
+                    let v = *x * s + t;
+                    *y = if v > zero { v } else { zero };
+                });
+            } else {
+                y.iter_mut().zip(x).for_each(|(y, x)| *y = *x * s + t);
+            }
         });
         y
     }
 
-    /// `(dx, dγ, dβ)`; `dx = γ·inv_std·(dy − mean(dy) − x̂·mean(dy·x̂))`.
+    /// `(dx, dγ, dβ)`; `dx = γ·inv_std·(dy − mean(dy) − x̂·mean(dy·x̂))`. With `relu`, `dy` is
+    /// first masked by `y > 0`.
+    #[allow(clippy::too_many_arguments)]
     fn backward<T: WithDType>(
         &self,
         x: &[T],
         gamma: &[T],
+        y: &[T],
         dy: &[T],
         (n, c, hw): (usize, usize, usize),
         need_dx: bool,
     ) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
+        let relu = self.relu;
+        // The gradient reaching the normalisation: dy, or dy where the ReLU passed.
+        let g = |i: usize| if relu && y[i] <= T::zero() { 0.0 } else { dy[i].to_f64() };
         // Σ dy and Σ dy·x̂ per channel.
         let (sum_dy, sum_dy_xhat): (Vec<f64>, Vec<f64>) = (0..c)
             .into_par_iter()
@@ -97,8 +123,8 @@ impl BatchNormTrain {
                 let (mut a, mut b) = (0.0, 0.0);
                 for img in 0..n {
                     let at = (img * c + ch) * hw;
-                    for (x, dy) in x[at..at + hw].iter().zip(&dy[at..at + hw]) {
-                        let dy = dy.to_f64();
+                    for (i, x) in (at..at + hw).zip(&x[at..at + hw]) {
+                        let dy = g(i);
                         a += dy;
                         b += dy * (x.to_f64() - m) * is;
                     }
@@ -117,9 +143,9 @@ impl BatchNormTrain {
                 let k = gamma[ch].to_f64() * is;
                 let (mdy, mdyx) = (sum_dy[ch] / count, sum_dy_xhat[ch] / count);
                 let at = plane * hw;
-                for ((dx, x), dy) in dx.iter_mut().zip(&x[at..at + hw]).zip(&dy[at..at + hw]) {
+                for ((i, dx), x) in (at..at + hw).zip(dx.iter_mut()).zip(&x[at..at + hw]) {
                     let xhat = (x.to_f64() - m) * is;
-                    *dx = T::from_f64(k * (dy.to_f64() - mdy - xhat * mdyx));
+                    *dx = T::from_f64(k * (g(i) - mdy - xhat * mdyx));
                 }
             });
             dx
@@ -143,14 +169,17 @@ impl BatchNormTrain {
         &self,
         x: &Tensor,
         gamma: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = x.dims4()?;
         let (dx, dg, db) = with_slice(x, |xs: &[T]| {
             with_slice(gamma, |gs: &[T]| {
-                with_slice(dy, |dys: &[T]| self.backward(xs, gs, dys, (n, c, h * w), x.track_op()))
+                with_slice(y, |ys: &[T]| {
+                    with_slice(dy, |dys: &[T]| self.backward(xs, gs, ys, dys, (n, c, h * w), x.track_op()))
+                })
             })
-        })???;
+        })????;
         let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
         Ok((dx, Some(Tensor::from_vec(dg, c, x.device())?), Some(Tensor::from_vec(db, c, x.device())?)))
     }
@@ -188,12 +217,12 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         match x.dtype() {
-            DType::F32 => self.bwd_typed::<f32>(x, gamma, dy),
-            DType::F64 => self.bwd_typed::<f64>(x, gamma, dy),
+            DType::F32 => self.bwd_typed::<f32>(x, gamma, y, dy),
+            DType::F64 => self.bwd_typed::<f64>(x, gamma, y, dy),
             d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
         }
     }

@@ -116,10 +116,8 @@ impl Block {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            h = bn.forward_t(&conv.forward(&h)?, train)?;
-            if i != last {
-                h = h.relu()?;
-            }
+            let z = conv.forward(&h)?;
+            h = if i != last { bn.forward_relu_t(&z, train)? } else { bn.forward_t(&z, train)? };
         }
         let shortcut = match &self.projection {
             Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,

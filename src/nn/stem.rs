@@ -88,7 +88,7 @@ impl Stem {
     /// # Shapes
     /// ImageNet: `[N, 3, 224, 224]` → `[N, 64, 56, 56]`; small: `[N, C, H, W]` → `[N, 64, H, W]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn.forward_t(&self.conv.forward(x)?, train)?.relu()?;
+        let h = self.bn.forward_relu_t(&self.conv.forward(x)?, train)?;
         match self.kind {
             StemKind::Imagenet => max_pool2d(&h, 3, 2, 1),
             StemKind::Small => Ok(h),
