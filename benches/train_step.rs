@@ -17,7 +17,9 @@
 //!   both implementations alternately.
 //!
 //! One line of `key=value` per run, for `bench/run.sh` to read beside `bench/torch_step.py`;
-//! peak RSS is the process's `VmHWM`, so run one configuration per process.
+//! peak RSS is the process's `VmHWM`, so run one configuration per process. Like the CLI, the
+//! bench keeps freed memory in the heap (`locograph::malloc`); `LOCOGRAPH_MALLOC=system` runs
+//! it with glibc's defaults (`impl=…+system-malloc`).
 
 use std::path::Path;
 use std::time::Instant;
@@ -181,12 +183,16 @@ fn train_step(a: &Args) -> Result<(), String> {
     println!(
         "impl={} model={} method={} device={} precision={} batch={batch} steps={} step_s={median:.3} min_s={:.3} \
          images_per_s={:.2} peak_rss_mb={:.0} tracked_peak_mb={:.0}",
-        match (a.candle_conv, a.candle_bn) {
-            (true, true) => "candle",
-            (true, false) => "candle-conv",
-            (false, true) => "locograph-conv",
-            (false, false) => "locograph",
-        },
+        format!(
+            "{}{}",
+            match (a.candle_conv, a.candle_bn) {
+                (true, true) => "candle",
+                (true, false) => "candle-conv",
+                (false, true) => "locograph-conv",
+                (false, false) => "locograph",
+            },
+            if MALLOC_HEAP.load(std::sync::atomic::Ordering::Relaxed) { "" } else { "+system-malloc" }
+        ),
         a.model,
         a.method,
         a.device,
@@ -242,7 +248,11 @@ fn conv_calls(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `locograph::malloc::keep_freed_memory` is in effect (as in the CLI).
+static MALLOC_HEAP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn main() {
+    MALLOC_HEAP.store(locograph::malloc::keep_freed_memory(), std::sync::atomic::Ordering::Relaxed);
     let result = parse_args().and_then(|a| {
         if let Some(t) = a.threads {
             // candle's CPU kernels and gemm read rayon's global pool.

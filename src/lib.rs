@@ -12,6 +12,7 @@ pub mod exec;
 pub mod export;
 pub mod graph;
 pub mod loss;
+pub mod malloc;
 pub mod nn;
 pub mod optim;
 

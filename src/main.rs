@@ -238,6 +238,8 @@ fn real_images(run: &locograph::exec::run_dir::OpenRun, n: usize) -> anyhow::Res
 }
 
 fn main() -> ExitCode {
+    // Before anything allocates: keep freed activations in the heap (see `locograph::malloc`).
+    locograph::malloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LOCOGRAPH_LOG")
