@@ -181,18 +181,15 @@ fn train_step(a: &Args) -> Result<(), String> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     println!(
-        "impl={} model={} method={} device={} precision={} batch={batch} steps={} step_s={median:.3} min_s={:.3} \
+        "impl={}{} model={} method={} device={} precision={} batch={batch} steps={} step_s={median:.3} min_s={:.3} \
          images_per_s={:.2} peak_rss_mb={:.0} tracked_peak_mb={:.0}",
-        format!(
-            "{}{}",
-            match (a.candle_conv, a.candle_bn) {
-                (true, true) => "candle",
-                (true, false) => "candle-conv",
-                (false, true) => "locograph-conv",
-                (false, false) => "locograph",
-            },
-            if MALLOC_HEAP.load(std::sync::atomic::Ordering::Relaxed) { "" } else { "+system-malloc" }
-        ),
+        match (a.candle_conv, a.candle_bn) {
+            (true, true) => "candle",
+            (true, false) => "candle-conv",
+            (false, true) => "locograph-conv",
+            (false, false) => "locograph",
+        },
+        if MALLOC_HEAP.load(std::sync::atomic::Ordering::Relaxed) { "" } else { "+system-malloc" },
         a.model,
         a.method,
         a.device,
