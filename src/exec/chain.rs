@@ -4,15 +4,20 @@
 //! stage holds all of the stage's saved activations plus the gradients candle computes on the
 //! way: the peak of a GIM or LoCo step (docs/performance.md, "Memory").
 //!
-//! Two details keep the cut free in memory:
-//! - a block ends in `relu(z)`. The engine computes that ReLU itself, straight into a `Var`
-//!   built from the output vector (zero copy), which is then both the block's output and the
-//!   next link's leaf. The backward seeds at `z` with `g ⊙ [relu(z) > 0]`. candle's own ReLU
-//!   would keep `z` and its output too; a `Var::from_tensor` leaf would copy the output again.
-//! - the backward is seeded by [`Cotangent`], a custom op whose gradient *is* the cotangent,
-//!   instead of `(out · g).sum()`, whose backward materialises two more tensors of `out`'s size.
+//! Three details keep the cut free in memory:
+//! - a block ends in `relu(branch + shortcut)`. The engine computes that sum and ReLU itself, in
+//!   one pass straight into a `Var` built from the output vector (zero copy), which is then both
+//!   the block's output and the next link's leaf. candle's add and ReLU would keep the sum and
+//!   the output; a `Var::from_tensor` leaf would copy the output once more.
+//! - the backward is seeded at `branch` and `shortcut` with `g ⊙ [out > 0]` (the ReLU's mask
+//!   read back from the output), by [`Cotangent`]: a custom op whose gradient *is* the
+//!   cotangent, instead of `(out · g).sum()`, whose backward materialises two more tensors of
+//!   `out`'s size.
+//! - a link's backward takes its cotangent by value, so it is freed once the mask is applied.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var, WithDType};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
 use super::model::Piece;
@@ -23,31 +28,46 @@ use crate::nn::cpu_slice::with_slice;
 pub struct Link {
     /// Where the link reads its input: `None` for the first link (the engine's edge leaf).
     pub input: Option<Var>,
-    /// Where its backward is seeded: the pre-activation of a rectified link, else the output.
-    seed: Tensor,
-    /// The link's output (for a rectified link, a leaf holding `relu(seed)`).
+    /// Where its backward is seeded: the output of a plain link; `branch` and `shortcut` of a
+    /// residual one.
+    seeds: Seeds,
+    /// The link's output (for a residual link, a leaf holding `relu(branch + shortcut)`).
     pub output: Tensor,
-    rectified: bool,
+}
+
+#[derive(Debug)]
+enum Seeds {
+    Output,
+    Residual { branch: Tensor, shortcut: Tensor },
 }
 
 impl Link {
     /// The link made of one forward piece read from `input`.
     pub fn new(input: Option<Var>, piece: Piece) -> Result<Self> {
         Ok(match piece {
-            Piece::Plain(t) => Link { input, seed: t.clone(), output: t, rectified: false },
-            Piece::Rectified(z) => {
-                let output = rectified_leaf(&z)?.as_tensor().clone();
-                Link { input, seed: z, output, rectified: true }
+            Piece::Plain(t) => Link { input, seeds: Seeds::Output, output: t },
+            Piece::Residual { branch, shortcut } => {
+                let output = rectified_sum(&branch, &shortcut)?.as_tensor().clone();
+                Link { input, seeds: Seeds::Residual { branch, shortcut }, output }
             }
         })
     }
 
     /// Backward of the link with cotangent `g` at its output: the gradients of its parameters
     /// and its input leaf.
-    pub fn backward(&self, g: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    pub fn backward(&self, g: Tensor) -> Result<candle_core::backprop::GradStore> {
         let g = g.detach();
-        let g = if self.rectified { relu_backward(&self.output, &g)? } else { g };
-        seed_backward(&self.seed, g)
+        match &self.seeds {
+            Seeds::Output => seed_backward(&self.output, g),
+            Seeds::Residual { branch, shortcut } => {
+                let g = relu_backward(&self.output, g)?;
+                if branch.device().is_cpu() {
+                    branch.apply_op2(shortcut, Cotangent(Mutex::new(Some(g))))?.backward()
+                } else {
+                    (branch.mul(&g)?.sum_all()? + shortcut.mul(&g)?.sum_all()?)?.backward()
+                }
+            }
+        }
     }
 
     /// Bytes of the link's output (its other activations live in candle's graph).
@@ -56,23 +76,41 @@ impl Link {
     }
 }
 
-/// `relu(z)` as a new leaf, written into a vector the leaf then owns (on CPU).
-fn rectified_leaf(z: &Tensor) -> Result<Var> {
-    fn relu<T: WithDType + Send + Sync>(z: &Tensor) -> Result<Vec<T>> {
-        with_slice(z, |s: &[T]| s.par_iter().map(|&v| if v > T::zero() { v } else { T::zero() }).collect())
+/// `relu(a + b)` as a new leaf, written in one pass into a vector the leaf then owns (on CPU).
+fn rectified_sum(a: &Tensor, b: &Tensor) -> Result<Var> {
+    fn sum<T: WithDType + Send + Sync>(a: &Tensor, b: &Tensor) -> Result<Vec<T>> {
+        with_slice(a, |a: &[T]| {
+            with_slice(b, |b: &[T]| {
+                let zero = T::zero();
+                a.par_iter()
+                    .zip(b)
+                    .map(|(&a, &b)| {
+                        let v = a + b;
+                        if v > zero {
+                            v
+                        } else {
+                            zero
+                        }
+                    })
+                    .collect()
+            })
+        })?
     }
-    match (z.device(), z.dtype()) {
-        (Device::Cpu, DType::F32) => Var::from_vec(relu::<f32>(z)?, z.shape(), z.device()),
-        (Device::Cpu, DType::F64) => Var::from_vec(relu::<f64>(z)?, z.shape(), z.device()),
-        (Device::Cpu, DType::F16) => Var::from_vec(relu::<half::f16>(z)?, z.shape(), z.device()),
-        (Device::Cpu, DType::BF16) => Var::from_vec(relu::<half::bf16>(z)?, z.shape(), z.device()),
-        // Elsewhere a copy of candle's ReLU (device memory is not what is measured here).
-        _ => Var::from_tensor(&z.detach().relu()?),
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        candle_core::bail!("residual sum of {:?} {:?} and {:?} {:?}", a.shape(), a.dtype(), b.shape(), b.dtype());
+    }
+    match (a.device(), a.dtype()) {
+        (Device::Cpu, DType::F32) => Var::from_vec(sum::<f32>(a, b)?, a.shape(), a.device()),
+        (Device::Cpu, DType::F64) => Var::from_vec(sum::<f64>(a, b)?, a.shape(), a.device()),
+        (Device::Cpu, DType::F16) => Var::from_vec(sum::<half::f16>(a, b)?, a.shape(), a.device()),
+        (Device::Cpu, DType::BF16) => Var::from_vec(sum::<half::bf16>(a, b)?, a.shape(), a.device()),
+        // Elsewhere a copy of candle's result (device memory is not what is measured here).
+        _ => Var::from_tensor(&(a.detach() + b.detach())?.relu()?),
     }
 }
 
 /// `g ⊙ [y > 0]` for `y = relu(z)`: one pass on CPU.
-fn relu_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+fn relu_backward(y: &Tensor, g: Tensor) -> Result<Tensor> {
     fn mask<T: WithDType + Send + Sync>(y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let v = with_slice(y, |ys: &[T]| {
             with_slice(g, |gs: &[T]| {
@@ -82,8 +120,8 @@ fn relu_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
         Tensor::from_vec(v, y.shape(), y.device())
     }
     match (y.device(), y.dtype()) {
-        (Device::Cpu, DType::F32) if g.dtype() == DType::F32 => mask::<f32>(y, g),
-        (Device::Cpu, DType::F64) if g.dtype() == DType::F64 => mask::<f64>(y, g),
+        (Device::Cpu, DType::F32) if g.dtype() == DType::F32 => mask::<f32>(y, &g),
+        (Device::Cpu, DType::F64) if g.dtype() == DType::F64 => mask::<f64>(y, &g),
         _ => g.mul(&y.gt(0.0)?.to_dtype(g.dtype())?),
     }
 }
@@ -91,16 +129,28 @@ fn relu_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
 /// `backward()` from `t` with cotangent `g` (same shape).
 pub fn seed_backward(t: &Tensor, g: Tensor) -> Result<candle_core::backprop::GradStore> {
     if t.device().is_cpu() {
-        t.apply_op1(Cotangent(std::sync::Mutex::new(Some(g))))?.backward()
+        t.apply_op1(Cotangent(Mutex::new(Some(g))))?.backward()
     } else {
         t.mul(&g)?.sum_all()?.backward()
     }
 }
 
-/// A scalar whose gradient with respect to its argument is the given cotangent. Only ever the
-/// root of one backward (where candle seeds a gradient of one), so `bwd` ignores `grad_res` and
-/// hands the cotangent over instead of keeping a second reference alive through the backward.
-struct Cotangent(std::sync::Mutex<Option<Tensor>>);
+/// A scalar whose gradient with respect to its argument(s) is the given cotangent. Only ever
+/// the root of one backward (where candle seeds a gradient of one), so `bwd` ignores `grad_res`
+/// and hands the cotangent over instead of keeping a reference alive through the backward.
+struct Cotangent(Mutex<Option<Tensor>>);
+
+impl Cotangent {
+    fn take(&self) -> Result<Tensor> {
+        let mut g = self.0.lock().map_err(|_| candle_core::Error::Msg("cotangent lock poisoned".into()))?;
+        g.take().ok_or_else(|| candle_core::Error::Msg("cotangent seeded twice".into()))
+    }
+}
+
+/// The value of the root is never read: only the graph matters.
+fn zero_scalar() -> (CpuStorage, Shape) {
+    (CpuStorage::F32(vec![0.0]), Shape::from(()))
+}
 
 impl CustomOp1 for Cotangent {
     fn name(&self) -> &'static str {
@@ -108,12 +158,70 @@ impl CustomOp1 for Cotangent {
     }
 
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        // The value is never read: only the graph matters.
-        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+        Ok(zero_scalar())
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let mut g = self.0.lock().map_err(|_| candle_core::Error::Msg("cotangent lock poisoned".into()))?;
-        g.take().map(Some).ok_or_else(|| candle_core::Error::Msg("cotangent seeded twice".into()))
+        Ok(Some(self.take()?))
+    }
+}
+
+/// Both arguments get the same cotangent (the two terms of a sum).
+impl CustomOp2 for Cotangent {
+    fn name(&self) -> &'static str {
+        "cotangent2"
+    }
+
+    fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, _s2: &CpuStorage, _l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok(zero_scalar())
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        _grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.take()?;
+        Ok((Some(g.clone()), Some(g)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A residual link against candle's own `relu(branch + shortcut)` backward, with the
+    /// shortcut the link's input itself (an identity block) so the two cotangents must add up,
+    /// and sums of both signs so the mask matters; f32 and f64.
+    #[test]
+    fn residual_link_matches_candle_composition() -> Result<()> {
+        for dtype in [DType::F32, DType::F64] {
+            let dev = Device::Cpu;
+            let vals: Vec<f64> = (0..24).map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0).collect();
+            let x = Var::from_tensor(&Tensor::from_vec(vals.clone(), (2, 3, 2, 2), &dev)?.to_dtype(dtype)?)?;
+            let w = Tensor::from_vec(vals.iter().rev().copied().collect(), (2, 3, 2, 2), &dev)?.to_dtype(dtype)?;
+            let g =
+                Tensor::from_vec(vals.iter().map(|v| v * v - 1.0).collect(), (2, 3, 2, 2), &dev)?.to_dtype(dtype)?;
+            let branch = |x: &Tensor| x.mul(&w)?.tanh();
+
+            let y_ref = (branch(x.as_tensor())? + x.as_tensor())?.relu()?;
+            let want = y_ref.mul(&g)?.sum_all()?.backward()?;
+            let link = Link::new(
+                Some(x.clone()),
+                Piece::Residual { branch: branch(x.as_tensor())?, shortcut: x.as_tensor().clone() },
+            )?;
+            assert!(link.output.is_variable(), "the output is the next link's leaf");
+            let got = link.backward(g.clone())?;
+
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                a.sub(b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
+            };
+            assert!(diff(&link.output, &y_ref)? < 1e-6, "{dtype:?} output");
+            let (gx, rx) = (got.get(x.as_tensor()).expect("dx"), want.get(x.as_tensor()).expect("dx"));
+            assert!(diff(gx, rx)? < 1e-6, "{dtype:?} dx {gx} vs {rx}");
+        }
+        Ok(())
     }
 }

@@ -174,7 +174,7 @@ pub fn run_step_traced(
                 let g = &c.reach.groups(m)[gi];
                 let _span = debug_span!("backward", node = %c.id(m), losses = g.losses.len()).entered();
                 let last = groups_left[m.index()] == 1;
-                let mut cot = if c.graph[m].is_loss() {
+                let cot = if c.graph[m].is_loss() {
                     // d(w·L)/dL: the loss's weight is its cotangent.
                     let out = values[m.index()].as_ref().expect("forward ran before backward");
                     Tensor::full(loss_weight(c, m) as f32, (), out.device())?.to_dtype(out.dtype())?
@@ -193,16 +193,16 @@ pub fn run_step_traced(
                     cots[m.index()] = rest;
                     cot.ok_or_else(|| candle_core::Error::Msg(format!("no cotangent reached `{}`", c.id(m))))?
                 };
+                let mut cot = Some(cot);
                 // The links from the last to the first; the node's last backward drops each
                 // link's graph once it is done.
                 let chain = &mut chains[m.index()];
                 for k in (0..chain.len()).rev() {
                     let link = &chain[k];
-                    let gs = if c.graph[m].is_loss() {
-                        seed_backward(&link.output, cot.clone())?
-                    } else {
-                        link.backward(&cot)?
-                    };
+                    // Moved in: the cotangent is freed as soon as the link has used it.
+                    let seed = cot.take().expect("each link below the first gets its cotangent from the one above");
+                    let gs =
+                        if c.graph[m].is_loss() { seed_backward(&link.output, seed)? } else { link.backward(seed)? };
                     for &pi in &model.node_params[m.index()] {
                         let p = &model.params.params[pi];
                         if p.trainable {
@@ -221,7 +221,9 @@ pub fn run_step_traced(
                             // side): the earlier links have no parameters reached either.
                             break;
                         };
-                        cot = gin.detach();
+                        cot = Some(gin.detach());
+                    } else if k > 0 {
+                        candle_core::bail!("link {k} of `{}` has no input leaf", c.id(m));
                     } else {
                         for &e in &g.input_edges {
                             let (p, _) = c.graph.edge_endpoints(e).expect("edge exists");

@@ -39,8 +39,8 @@ impl NodeModule {
 pub enum Piece {
     /// The piece's output.
     Plain(Tensor),
-    /// The pre-activation `z` of an output `relu(z)` (a residual block's sum).
-    Rectified(Tensor),
+    /// The two terms of an output `relu(branch + shortcut)` (a residual block).
+    Residual { branch: Tensor, shortcut: Tensor },
 }
 
 /// All modules, indexed like the graph's nodes, and their parameters.
@@ -115,7 +115,8 @@ impl Model {
         match self.module(n) {
             Some(NodeModule::Stage(s)) if !s.blocks().is_empty() => {
                 let x = if k == 0 { s.resize_input(&x.to_dtype(self.compute)?)? } else { x.clone() };
-                Ok(Piece::Rectified(s.blocks()[k].forward_pre(&x, train)?))
+                let (branch, shortcut) = s.blocks()[k].forward_parts(&x, train)?;
+                Ok(Piece::Residual { branch, shortcut })
             }
             _ => Ok(Piece::Plain(self.forward_node(n, x, train)?)),
         }

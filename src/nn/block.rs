@@ -107,12 +107,13 @@ impl Block {
     /// # Shapes
     /// `[N, in, H, W]` → `[N, out, H/stride, W/stride]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_pre(x, train)?.relu()
+        let (branch, shortcut) = self.forward_parts(x, train)?;
+        (branch + shortcut)?.relu()
     }
 
-    /// `branch(x) + shortcut(x)`, the block's output before its final ReLU. The engine applies
-    /// that ReLU itself, into a leaf it owns (see `exec::piece`).
-    pub fn forward_pre(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// `(branch(x), shortcut(x))`, the two terms of the block's output before the sum and the
+    /// final ReLU. The engine applies those itself, into a leaf it owns (see `exec::chain`).
+    pub fn forward_parts(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
@@ -123,6 +124,6 @@ impl Block {
             Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        h + shortcut
+        Ok((h, shortcut))
     }
 }
