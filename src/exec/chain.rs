@@ -15,12 +15,13 @@
 //!   `out`'s size.
 //! - a link's backward takes its cotangent by value, so it is freed once the mask is applied.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
 use super::model::Piece;
+use crate::nn::batch_norm_op::{tail_forward, TailSeed};
 use crate::nn::cpu_slice::with_slice;
 
 /// One link of a node's chain, alive until the node's last backward has passed it.
@@ -38,7 +39,17 @@ pub struct Link {
 #[derive(Debug)]
 enum Seeds {
     Output,
-    Residual { branch: Tensor, shortcut: Tensor },
+    Residual {
+        branch: Tensor,
+        shortcut: Tensor,
+    },
+    /// A block tail: `anchor` is [`TailSeed`] applied to `(z, γ, β)`; its backward reads the
+    /// branch's cotangent from `slot`.
+    Tail {
+        anchor: Tensor,
+        slot: Arc<Mutex<Option<Tensor>>>,
+        shortcut: Tensor,
+    },
 }
 
 impl Link {
@@ -49,6 +60,12 @@ impl Link {
             Piece::Residual { branch, shortcut } => {
                 let output = rectified_sum(&branch, &shortcut)?.as_tensor().clone();
                 Link { input, seeds: Seeds::Residual { branch, shortcut }, output }
+            }
+            Piece::Tail { z, op, gamma, beta, shortcut } => {
+                let output = tail_forward(&op, &z, &gamma, &beta, &shortcut)?.as_tensor().clone();
+                let slot = Arc::new(Mutex::new(None));
+                let anchor = z.apply_op3(&gamma, &beta, TailSeed { op, slot: slot.clone() })?;
+                Link { input, seeds: Seeds::Tail { anchor, slot, shortcut }, output }
             }
         })
     }
@@ -66,6 +83,11 @@ impl Link {
                 } else {
                     (branch.mul(&g)?.sum_all()? + shortcut.mul(&g)?.sum_all()?)?.backward()
                 }
+            }
+            Seeds::Tail { anchor, slot, shortcut } => {
+                let g = relu_backward(&self.output, g)?;
+                *slot.lock().map_err(|_| candle_core::Error::Msg("tail slot lock poisoned".into()))? = Some(g.clone());
+                (anchor + shortcut.apply_op1(Cotangent(Mutex::new(Some(g))))?)?.backward()
             }
         }
     }
@@ -221,6 +243,49 @@ mod tests {
             assert!(diff(&link.output, &y_ref)? < 1e-6, "{dtype:?} output");
             let (gx, rx) = (got.get(x.as_tensor()).expect("dx"), want.get(x.as_tensor()).expect("dx"));
             assert!(diff(gx, rx)? < 1e-6, "{dtype:?} dx {gx} vs {rx}");
+        }
+        Ok(())
+    }
+
+    /// A block tail (`relu(bn(z) + shortcut)` in one op) against candle's composition of the
+    /// composed batch norm, add and ReLU: output and the gradients of the block input (which
+    /// feeds both z and the shortcut), γ and β.
+    #[test]
+    fn tail_link_matches_candle_composition() -> Result<()> {
+        use crate::nn::batch_norm::{batch_norm2d, use_composed_reference};
+        use crate::nn::ParamBuilder;
+        let dev = Device::Cpu;
+        let vals: Vec<f64> = (0..48).map(|i| ((i * 7 % 13) as f64 - 6.0) / 4.0).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(vals.clone(), (2, 3, 2, 4), &dev)?)?;
+        let w = Tensor::from_vec(vals.iter().rev().copied().collect(), (2, 3, 2, 4), &dev)?;
+        let g = Tensor::from_vec(vals.iter().map(|v| v * v - 1.0).collect(), (2, 3, 2, 4), &dev)?;
+        let z = x.as_tensor().mul(&w)?.sin()?;
+
+        let pb = ParamBuilder::new(0, &dev, DType::F64);
+        let (bn_ref, bn) = (batch_norm2d(3, false, &pb.pp("a"))?, batch_norm2d(3, false, &pb.pp("b"))?);
+        use_composed_reference(true);
+        let reference = bn_ref.forward_t(&z, true);
+        use_composed_reference(false);
+        let y_ref = (reference? + x.as_tensor())?.relu()?;
+        let want = y_ref.mul(&g)?.sum_all()?.backward()?;
+
+        let op = bn.fused_train_op(&z)?.expect("CPU f64 takes the fused op");
+        let (gamma, beta) = (bn.weight().clone(), bn.bias().clone());
+        let link = Link::new(Some(x.clone()), Piece::Tail { z, op, gamma, beta, shortcut: x.as_tensor().clone() })?;
+        let got = link.backward(g)?;
+
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            let d = a.sub(b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            Ok(d / b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12))
+        };
+        assert!(diff(&link.output, &y_ref)? < 1e-10, "output");
+        for (name, a, b) in [
+            ("x", x.as_tensor(), x.as_tensor()),
+            ("gamma", bn.weight(), bn_ref.weight()),
+            ("beta", bn.bias(), bn_ref.bias()),
+        ] {
+            let (ga, gb) = (got.get(a).expect(name), want.get(b).expect(name));
+            assert!(diff(ga, gb)? < 1e-10, "{name}: {ga} vs {gb}");
         }
         Ok(())
     }

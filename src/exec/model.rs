@@ -7,6 +7,7 @@ use tracing::info_span;
 use crate::config::NodeConfig;
 use crate::graph::Compiled;
 use crate::loss::nt_xent;
+use crate::nn::batch_norm_op::BatchNormTrain;
 use crate::nn::decoder::{decoder, Decoder};
 use crate::nn::stage::{stage, Stage};
 use crate::nn::stem::{stem, Stem};
@@ -41,6 +42,9 @@ pub enum Piece {
     Plain(Tensor),
     /// The two terms of an output `relu(branch + shortcut)` (a residual block).
     Residual { branch: Tensor, shortcut: Tensor },
+    /// A residual block whose branch ends in a training-mode batch norm: the output is
+    /// `relu(op(z; γ, β) + shortcut)`, computed by the engine in one pass (`exec::chain`).
+    Tail { z: Tensor, op: BatchNormTrain, gamma: Tensor, beta: Tensor, shortcut: Tensor },
 }
 
 /// All modules, indexed like the graph's nodes, and their parameters.
@@ -115,8 +119,16 @@ impl Model {
         match self.module(n) {
             Some(NodeModule::Stage(s)) if !s.blocks().is_empty() => {
                 let x = if k == 0 { s.resize_input(&x.to_dtype(self.compute)?)? } else { x.clone() };
-                let (branch, shortcut) = s.blocks()[k].forward_parts(&x, train)?;
-                Ok(Piece::Residual { branch, shortcut })
+                let block = &s.blocks()[k];
+                let (z, shortcut) = block.forward_tail_inputs(&x, train)?;
+                let bn = block.last_bn();
+                if train {
+                    if let Some(op) = bn.fused_train_op(&z)? {
+                        let (gamma, beta) = (bn.weight().clone(), bn.bias().clone());
+                        return Ok(Piece::Tail { z, op, gamma, beta, shortcut });
+                    }
+                }
+                Ok(Piece::Residual { branch: bn.forward_t(&z, train)?, shortcut })
             }
             _ => Ok(Piece::Plain(self.forward_node(n, x, train)?)),
         }

@@ -103,6 +103,27 @@ impl BatchNorm2d {
 }
 
 impl BatchNorm2d {
+    /// The fused training op for `x` with the batch's statistics (and the running statistics
+    /// updated), where it applies: CPU, f32/f64 like the weights, not the composed reference.
+    /// For callers that apply the op their own way (`exec::chain`'s block tails).
+    pub fn fused_train_op(&self, x: &Tensor) -> Result<Option<BatchNormTrain>> {
+        let fused = x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && x.dtype() == self.weight.dtype()
+            && !COMPOSED.load(Ordering::Relaxed);
+        if !fused {
+            return Ok(None);
+        }
+        let stats = channel_stats(x)?;
+        check_count(stats.count, x)?;
+        let count = stats.count as f64;
+        let c = stats.mean.len();
+        let mean = Tensor::from_slice(&stats.mean, c, x.device())?.to_dtype(x.dtype())?;
+        let var = Tensor::from_slice(&stats.var, c, x.device())?.to_dtype(x.dtype())?;
+        self.update_running(&mean, &(var * (count / (count - 1.0)))?)?;
+        Ok(Some(BatchNormTrain::new(&stats, self.eps)))
+    }
+
     /// Training mode as one op ([`BatchNormTrain`]), CPU f32/f64; `relu` fuses a ReLU after.
     pub(crate) fn train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let stats = channel_stats(x)?;

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
 use super::cpu_slice::{storage_slice, with_slice};
@@ -223,6 +223,95 @@ impl CustomOp3 for BatchNormTrain {
         match x.dtype() {
             DType::F32 => self.bwd_typed::<f32>(x, gamma, y, dy),
             DType::F64 => self.bwd_typed::<f64>(x, gamma, y, dy),
+            d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
+        }
+    }
+}
+
+/// A residual block's tail, `relu(bn(z) + shortcut)`, with the batch norm in training mode, as
+/// one pass that writes the block's output into a vector the caller owns (`exec::chain` makes
+/// it the next block's leaf without a copy). The branch `bn(z)` is never stored: it is the one
+/// activation of a block that nothing needs for the backward. Its backward is [`TailSeed`].
+pub fn tail_forward(op: &BatchNormTrain, z: &Tensor, gamma: &Tensor, beta: &Tensor, shortcut: &Tensor) -> Result<Var> {
+    fn typed<T: WithDType>(
+        op: &BatchNormTrain,
+        (z, gamma, beta, shortcut): (&Tensor, &Tensor, &Tensor, &Tensor),
+    ) -> Result<Vec<T>> {
+        let (_, c, h, w) = z.dims4()?;
+        with_slice(z, |z: &[T]| {
+            with_slice(gamma, |g: &[T]| {
+                with_slice(beta, |b: &[T]| {
+                    with_slice(shortcut, |s: &[T]| {
+                        let mut y = op.forward(z, g, b, c, h * w);
+                        let zero = T::zero();
+                        y.par_iter_mut().zip(s).for_each(|(y, s)| {
+                            let v = *y + *s;
+                            *y = if v > zero { v } else { zero };
+                        });
+                        y
+                    })
+                })
+            })
+        })???
+    }
+    if z.shape() != shortcut.shape() || z.dtype() != shortcut.dtype() {
+        candle_core::bail!("block tail: branch {:?} and shortcut {:?} differ", z.shape(), shortcut.shape());
+    }
+    let parts = (z, gamma, beta, shortcut);
+    match z.dtype() {
+        DType::F32 => Var::from_vec(typed::<f32>(op, parts)?, z.shape(), z.device()),
+        DType::F64 => Var::from_vec(typed::<f64>(op, parts)?, z.shape(), z.device()),
+        d => candle_core::bail!("block tail: unsupported dtype {d:?}"),
+    }
+}
+
+/// The backward of a block tail's batch norm: applied to `(z, γ, β)` it yields a scalar anchor
+/// whose backward runs [`BatchNormTrain`]'s backward with the cotangent placed in `slot` (the
+/// output's cotangent masked by the ReLU; the shortcut gets the same one separately). Only ever
+/// part of a backward's root, where candle's own gradient is one.
+#[derive(Clone, Debug)]
+pub struct TailSeed {
+    pub op: BatchNormTrain,
+    pub slot: Arc<std::sync::Mutex<Option<Tensor>>>,
+}
+
+impl CustomOp3 for TailSeed {
+    fn name(&self) -> &'static str {
+        "batch-norm-tail-seed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        // The anchor's value is never read: only its graph matters.
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        z: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        _grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = self
+            .slot
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("tail seed lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("tail seed: no cotangent set".into()))?;
+        // Without ReLU the op's backward never reads `y`: an empty slice stands in for it.
+        let empty = Tensor::zeros(0, z.dtype(), z.device())?;
+        match z.dtype() {
+            DType::F32 => self.op.bwd_typed::<f32>(z, gamma, &empty, &dy),
+            DType::F64 => self.op.bwd_typed::<f64>(z, gamma, &empty, &dy),
             d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
         }
     }

@@ -114,16 +114,30 @@ impl Block {
     /// `(branch(x), shortcut(x))`, the two terms of the block's output before the sum and the
     /// final ReLU. The engine applies those itself, into a leaf it owns (see `exec::chain`).
     pub fn forward_parts(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let (z, shortcut) = self.forward_tail_inputs(x, train)?;
+        Ok((self.last_bn().forward_t(&z, train)?, shortcut))
+    }
+
+    /// `(z, shortcut(x))` where the branch is `last_bn(z)`: everything but the block's tail
+    /// (last batch norm, sum, ReLU), which the engine can run as one op (see `exec::chain`).
+    pub fn forward_tail_inputs(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            let z = conv.forward(&h)?;
-            h = if i != last { bn.forward_relu_t(&z, train)? } else { bn.forward_t(&z, train)? };
+            h = conv.forward(&h)?;
+            if i != last {
+                h = bn.forward_relu_t(&h, train)?;
+            }
         }
         let shortcut = match &self.projection {
             Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
         Ok((h, shortcut))
+    }
+
+    /// The batch norm that ends the residual branch.
+    pub fn last_bn(&self) -> &BatchNorm2d {
+        &self.convs[self.convs.len() - 1].1
     }
 }
