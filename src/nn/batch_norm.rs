@@ -71,12 +71,8 @@ impl BatchNorm2d {
             return self.forward_act_t(&x.to_dtype(self.weight.dtype())?, train, relu)?.to_dtype(x.dtype());
         }
         if train {
-            let fused = x.device().is_cpu()
-                && matches!(x.dtype(), DType::F32 | DType::F64)
-                && x.dtype() == self.weight.dtype()
-                && !COMPOSED.load(Ordering::Relaxed);
-            if fused {
-                return self.train_fused(x, relu);
+            if let Some(op) = self.fused_train_op(x)? {
+                return x.apply_op3(&self.weight, &self.bias, op.with_relu(relu));
             }
             let y = self.train_composed(x)?;
             return if relu { y.relu() } else { Ok(y) };
@@ -111,21 +107,22 @@ impl BatchNorm2d {
             && matches!(x.dtype(), DType::F32 | DType::F64)
             && x.dtype() == self.weight.dtype()
             && !COMPOSED.load(Ordering::Relaxed);
-        if !fused {
-            return Ok(None);
+        if fused {
+            self.batch_op(x).map(Some)
+        } else {
+            Ok(None)
         }
-        let stats = channel_stats(x)?;
-        check_count(stats.count, x)?;
-        let count = stats.count as f64;
-        let c = stats.mean.len();
-        let mean = Tensor::from_slice(&stats.mean, c, x.device())?.to_dtype(x.dtype())?;
-        let var = Tensor::from_slice(&stats.var, c, x.device())?.to_dtype(x.dtype())?;
-        self.update_running(&mean, &(var * (count / (count - 1.0)))?)?;
-        Ok(Some(BatchNormTrain::new(&stats, self.eps)))
     }
 
-    /// Training mode as one op ([`BatchNormTrain`]), CPU f32/f64; `relu` fuses a ReLU after.
+    /// Training mode as one op ([`BatchNormTrain`]), CPU f32/f64; `relu` fuses a ReLU after
+    /// (what `forward_t` runs in training; called directly by the tests).
+    #[cfg(test)]
     pub(crate) fn train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        x.apply_op3(&self.weight, &self.bias, self.batch_op(x)?.with_relu(relu))
+    }
+
+    /// The batch's statistics as the fused op; updates the running statistics.
+    fn batch_op(&self, x: &Tensor) -> Result<BatchNormTrain> {
         let stats = channel_stats(x)?;
         check_count(stats.count, x)?;
         let count = stats.count as f64;
@@ -133,7 +130,7 @@ impl BatchNorm2d {
         let mean = Tensor::from_slice(&stats.mean, c, x.device())?.to_dtype(x.dtype())?;
         let var = Tensor::from_slice(&stats.var, c, x.device())?.to_dtype(x.dtype())?;
         self.update_running(&mean, &(var * (count / (count - 1.0)))?)?;
-        x.apply_op3(&self.weight, &self.bias, BatchNormTrain::new(&stats, self.eps).with_relu(relu))
+        Ok(BatchNormTrain::new(&stats, self.eps))
     }
 
     /// Training mode composed from candle ops (any device and dtype; the fused op's reference).
