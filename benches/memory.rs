@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use locograph::config::load;
+use locograph::exec::chain::Link;
 use locograph::exec::{run_step_traced, Model};
 use locograph::graph::{compile, Step};
 
@@ -147,7 +148,17 @@ fn forward_trace(file: &Path, images: usize) -> Result<(), String> {
         }
         let before = LIVE.load(Ordering::Relaxed);
         let input: Vec<usize> = x.dims()[1..].to_vec();
-        let y = model.forward_node(n, &x, true).map_err(|e| e.to_string())?;
+        // As the engine runs a node whose backward is to come: a chain of links (per block).
+        let mut links = vec![];
+        let mut h = x.clone();
+        for k in 0..model.pieces(n) {
+            let leaf = if k == 0 { None } else { Some(candle_core::Var::from_tensor(&h).map_err(|e| e.to_string())?) };
+            let piece = model.forward_piece(n, k, &h, true).map_err(|e| e.to_string())?;
+            let link = Link::new(leaf, piece).map_err(|e| e.to_string())?;
+            h = link.output.clone();
+            links.push(link);
+        }
+        let y = h;
         let grew = LIVE.load(Ordering::Relaxed) - before;
         let est = locograph::eval::profile::saved_elems(cfg, &input) as usize * x.dim(0).unwrap_or(0) * 4;
         // The node's own backward on a detached input: its transient peak.
@@ -175,7 +186,7 @@ fn forward_trace(file: &Path, images: usize) -> Result<(), String> {
             bwd as f64 / 1e6,
             bwd_detached as f64 / 1e6
         );
-        kept.push(y.clone());
+        kept.push(links);
         x = y;
     }
     Ok(())

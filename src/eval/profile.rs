@@ -83,18 +83,16 @@ fn conv_params(s: &ConvSpec) -> u64 {
     (s.out_channels * (s.in_channels / s.groups) * s.kernel * s.kernel) as u64
 }
 
-/// Tensors of a conv's output size that candle keeps for conv + training-mode BatchNorm:
-/// the conv output (per group *and* concatenated when grouped), then BatchNorm's centred input,
-/// its square, the scaled and the shifted result.
-fn conv_bn_saved(s: &ConvSpec) -> u64 {
-    if s.groups > 1 {
-        6
-    } else {
-        5
-    }
-}
+/// Tensors of a conv's output size kept for the backward of conv + training-mode BatchNorm
+/// (`nn::batch_norm_op`): the conv output (the batch norm's input) and the batch norm's output
+/// (the next conv's input, ReLU fused in).
+const CONV_BN_SAVED: u64 = 2;
 
 /// Cost of one block on a `[C, H, W]` input: (params, macs, saved elems, output `[C, H, W]`).
+///
+/// Saved as `exec::chain` runs a block in training: each conv's output; each batch norm's
+/// output but the last, whose batch norm, residual sum and ReLU are one op writing the block's
+/// output (the next block's leaf); the projection's conv and batch norm outputs.
 fn block_cost(spec: &BlockSpec, h: usize, w: usize) -> (u64, u64, u64, [usize; 3]) {
     let mut convs = spec.convs();
     let projection = if spec.has_projection() { convs.pop() } else { None };
@@ -106,18 +104,17 @@ fn block_cost(spec: &BlockSpec, h: usize, w: usize) -> (u64, u64, u64, [usize; 3
         let out = (s.out_channels * ch * cw) as u64;
         params += conv_params(s) + 2 * s.out_channels as u64;
         macs += s.macs(ch, cw);
-        // ReLU after every BatchNorm but the last, whose ReLU comes after the residual add.
-        saved += out * (conv_bn_saved(s) + u64::from(i != last));
+        saved += out * if i != last { CONV_BN_SAVED } else { 1 };
     }
     let out = (spec.out_channels * ch * cw) as u64;
     if let Some(p) = projection {
         let (ph, pw) = (p.out_size(h), p.out_size(w));
         params += conv_params(&p) + 2 * p.out_channels as u64;
         macs += p.macs(ph, pw);
-        saved += (p.out_channels * ph * pw) as u64 * conv_bn_saved(&p);
+        saved += (p.out_channels * ph * pw) as u64 * CONV_BN_SAVED;
     }
-    // The residual sum and its ReLU (the block's output).
-    saved += 2 * out;
+    // The block's output.
+    saved += out;
     (params, macs, saved, [spec.out_channels, ch, cw])
 }
 
@@ -125,7 +122,7 @@ fn stem_cost(cfg: &StemConfig, input: [usize; 3]) -> (u64, u64, u64) {
     let s = cfg.conv_spec(input[0]);
     let (h, w) = (s.out_size(input[1]), s.out_size(input[2]));
     let conv_out = (s.out_channels * h * w) as u64;
-    let mut saved = conv_out * (conv_bn_saved(&s) + 1);
+    let mut saved = conv_out * CONV_BN_SAVED;
     if cfg.kind == StemKind::Imagenet {
         // The max pool's output and the u32 argmax positions it gathers with (same size).
         saved += 2 * (s.out_channels * ((h - 1) / 2 + 1) * ((w - 1) / 2 + 1)) as u64;
