@@ -1,15 +1,21 @@
 //! Peak memory of one SimCLR, GIM and LoCo training step on ResNet-50 and Progressive
 //! ResNet-50 at 224², measured by a counting global allocator, beside the paper's savings.
 //!
-//! `cargo bench --bench memory -- [--images N] [--models resnet50,presnet50] [--steps K] [--profile] [--trace] [--candle-conv]`
+//! `cargo bench --bench memory -- [--images N] [--models resnet50,presnet50] [--steps K] [--profile] [--trace] [--keep-grads] [--candle-conv]`
 //! (`--profile` first prints `eval::profile` of each model's SimCLR encoder; `--trace`
-//! the peak between consecutive schedule steps; `--candle-conv` candle's own conv backward
-//! instead of `nn::conv_op`'s)
+//! the peak between consecutive schedule steps of the last step; `--keep-grads` keeps every
+//! gradient to the end of the step instead of updating each node as soon as its gradients are
+//! final, as training does; `--candle-conv` candle's own conv backward instead of
+//! `nn::conv_op`'s)
+//!
+//! Each step runs the experiment's optimizer as training does (`exec::train::update_when_final`);
+//! the reported peak is the smallest of `--steps` (default 2): the first step also allocates the
+//! optimizer's slots, state that later steps hold before they start, like the weights.
 //!
 //! Every candle CPU tensor is a `Vec` from the global allocator, so the wrapper below sees
 //! every activation, leaf copy, cotangent, gradient and im2col buffer. For each run the
-//! counter's peak is reset to the live bytes right before `run_step` (model, optimizer-free
-//! weights and the batch are already allocated), so "step peak" is what the step adds on top.
+//! counter's peak is reset to the live bytes right before `run_step` (weights, optimizer state
+//! and the batch are already allocated), so "step peak" is what the step adds on top.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
@@ -19,7 +25,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use locograph::config::load;
 use locograph::exec::chain::Link;
-use locograph::exec::{run_step_traced, Model};
+use locograph::exec::train::update_when_final;
+use locograph::exec::{run_step_with, GradsFinal, Hooks, Model};
 use locograph::graph::{compile, Step};
 
 /// The system allocator, counting live bytes and their high-water mark.
@@ -92,24 +99,31 @@ struct Measured {
     secs: f64,
 }
 
-fn measure(file: &Path, images: usize, steps: usize, verbose: bool) -> Result<Measured, String> {
+fn measure(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: bool) -> Result<Measured, String> {
     let loaded = load(file).map_err(|e| e.to_string())?;
     let c = compile(&loaded).map_err(|e| e.to_string())?;
     let model = Model::new(&c, 0, &Device::Cpu).map_err(|e| e.to_string())?;
     let x = batch(2 * images).map_err(|e| e.to_string())?;
+    // The experiment's optimizer, applied as training does: to each node as soon as its
+    // gradients are final. Its slots are allocated in the first step and are state from then on
+    // (like the weights): only later steps' peaks are comparable, hence `--steps` ≥ 2.
+    let mut optimizer = loaded.experiment.optimizer.build();
     let mut best = Measured { step_peak: 0, total_peak: 0, engine_peak: 0, secs: f64::INFINITY };
-    for _ in 0..steps {
+    for i in 0..steps {
         let base = reset_peak();
         let t = Instant::now();
         let mut trace = vec![];
-        let out = run_step_traced(&c, &model, &x, &mut |step, held| {
+        let mut after = |step: &Step, held: usize| {
             // Peak since the previous step, then start a new interval.
             let p = PEAK.swap(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
             trace.push((*step, p, held));
-        })
-        .map_err(|e| e.to_string())?;
+        };
+        let mut update = |f: GradsFinal<'_>| update_when_final(optimizer.as_mut(), &model, f, 1e-3);
+        let hooks =
+            Hooks { after_step: Some(&mut after), grads_final: if keep_grads { None } else { Some(&mut update) } };
+        let out = run_step_with(&c, &model, &x, hooks).map_err(|e| e.to_string())?;
         let peak = trace.iter().map(|t| t.1).max().unwrap_or(0);
-        if verbose {
+        if verbose && i + 1 == steps {
             for (step, p, held) in &trace {
                 let s = match *step {
                     Step::Forward(n) => format!("F:{}", c.id(n)),
@@ -197,7 +211,8 @@ fn main() {
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let images: usize = arg("--images").and_then(|s| s.parse().ok()).unwrap_or(2);
     let verbose = args.iter().any(|a| a == "--trace");
-    let steps: usize = arg("--steps").and_then(|s| s.parse().ok()).unwrap_or(1);
+    let steps: usize = arg("--steps").and_then(|s| s.parse().ok()).unwrap_or(2);
+    let keep_grads = args.iter().any(|a| a == "--keep-grads");
     let models = arg("--models").unwrap_or_else(|| "resnet50,presnet50".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
     // candle's own conv backward (per-group `narrow`s), for the before/after of nn::conv_op.
@@ -243,7 +258,7 @@ fn main() {
         let mut base: Option<(f64, f64, f64, f64)> = None;
         for (i, method) in ["simclr", "gim", "loco"].into_iter().enumerate() {
             let file = root.join(format!("{method}_{model}_imagenet.yaml"));
-            let m = match measure(&file, images, steps, verbose) {
+            let m = match measure(&file, images, steps, verbose, keep_grads) {
                 Ok(m) => m,
                 Err(e) => {
                     eprintln!("{}: {e}", file.display());

@@ -26,7 +26,8 @@ use crate::graph::{Compiled, Step};
 pub struct StepOutput {
     /// Each loss's value (unweighted), in `Compiled::losses` order.
     pub losses: Vec<(NodeIndex, f32)>,
-    /// Gradient of each parameter (`Model::params.params` order); `None` for frozen ones.
+    /// Gradient of each parameter (`Model::params.params` order); `None` for frozen ones and
+    /// for those a [`Hooks::grads_final`] hook took.
     pub grads: Vec<Option<Tensor>>,
     /// Backward passes run through each node (graph node order).
     pub passes: Vec<usize>,
@@ -70,17 +71,37 @@ fn add(acc: &mut Option<Tensor>, g: &Tensor) -> Result<()> {
 
 /// One forward and all backward passes of `batch` (`[2N, C, H, W]`, the two views stacked).
 pub fn run_step(c: &Compiled, model: &Model, batch: &Tensor) -> Result<StepOutput> {
-    run_step_traced(c, model, batch, &mut |_, _| {})
+    run_step_with(c, model, batch, Hooks::default())
 }
 
-/// [`run_step`], calling `after(step, held_bytes)` once each schedule step is done (and what it
-/// no longer needs is dropped): how the memory benchmark attributes its peaks to steps.
-pub fn run_step_traced(
-    c: &Compiled,
-    model: &Model,
-    batch: &Tensor,
-    after: &mut dyn FnMut(&Step, usize),
-) -> Result<StepOutput> {
+/// A node whose parameter gradients are final: its last backward has run.
+pub struct GradsFinal<'a> {
+    pub node: NodeIndex,
+    /// The node's parameters, indices into `Model::params.params` (and into `grads`).
+    pub params: &'a [usize],
+    /// Every parameter's gradient so far; the node's entries are complete. A hook may take
+    /// them (`grads[i].take()`): they are then missing from [`StepOutput::grads`].
+    pub grads: &'a mut [Option<Tensor>],
+    /// The losses computed so far (every loss whose gradient reaches the node is among them).
+    pub losses: &'a [(NodeIndex, f32)],
+}
+
+/// What a caller sees while a step runs.
+#[derive(Default)]
+pub struct Hooks<'a> {
+    /// After each schedule step, once what it no longer needs is dropped, with the bytes the
+    /// engine holds: how the memory benchmark attributes its peaks to steps.
+    pub after_step: Option<&'a mut dyn FnMut(&Step, usize)>,
+    /// As soon as a node's gradients are final. The trainer applies the optimizer to the node
+    /// here and drops its gradients, so that a GIM or LoCo step never holds more than the
+    /// gradients of the units still running: a unit updates as soon as it is done, which is
+    /// what local learning allows (and the same update as after the whole step: no later
+    /// backward reads the node's weights).
+    pub grads_final: Option<&'a mut dyn FnMut(GradsFinal<'_>) -> Result<()>>,
+}
+
+/// [`run_step`] with [`Hooks`].
+pub fn run_step_with(c: &Compiled, model: &Model, batch: &Tensor, mut hooks: Hooks<'_>) -> Result<StepOutput> {
     let nn = c.graph.node_count();
     let mut values: Vec<Option<Tensor>> = vec![None; nn];
     // Each node's links whose graphs its backwards still need (last link last).
@@ -247,6 +268,12 @@ pub fn run_step_traced(
                         use petgraph::visit::EdgeRef;
                         leaves[e.id().index()] = None;
                     }
+                    if let Some(hook) = hooks.grads_final.as_mut() {
+                        let params = &model.node_params[m.index()];
+                        if !params.is_empty() {
+                            hook(GradsFinal { node: m, params, grads: &mut grads, losses: &losses })?;
+                        }
+                    }
                 }
                 release(m.index(), &mut values, &mut chains, &mut graph_bytes, &consumers_left, &groups_left);
             }
@@ -260,7 +287,9 @@ pub fn run_step_traced(
                 .chain(cots.iter().flat_map(|v| v.iter().map(|(_, t)| t))),
         ) + graph_bytes.iter().sum::<usize>();
         peak = peak.max(live);
-        after(step, live);
+        if let Some(after) = hooks.after_step.as_mut() {
+            after(step, live);
+        }
     }
     Ok(StepOutput { losses, grads, passes, peak_held_bytes: peak })
 }

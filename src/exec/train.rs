@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tracing::{info, info_span};
 
 use super::checkpoint::{self, CheckpointState};
-use super::engine::run_step;
+use super::engine::{run_step_with, GradsFinal, Hooks};
 use super::model::Model;
 use super::run_dir;
 use crate::config::{ConfigError, ConfigErrors, DeviceKind, Loaded, Precision};
@@ -399,6 +399,28 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
     run_loop(&loaded, s, run, opts, start, metrics)
 }
 
+/// Applies `optimizer` to one node's parameters as soon as their gradients are final
+/// ([`Hooks::grads_final`]) and frees the gradients: a unit of a GIM or LoCo step is updated as
+/// soon as its losses' backwards are done, so the step never holds the gradients of units that
+/// are finished (the same update as one optimizer step after the whole step: updates are per
+/// parameter, and no later backward reads the node's weights).
+///
+/// Does nothing once a loss of the step is not finite: the caller stops before the next step
+/// (nodes updated before that loss was computed only had finite losses' gradients).
+pub fn update_when_final(
+    optimizer: &mut dyn crate::optim::Optimizer,
+    model: &Model,
+    f: GradsFinal<'_>,
+    lr: f64,
+) -> candle_core::Result<()> {
+    if f.losses.iter().any(|(_, v)| !v.is_finite()) {
+        return Ok(());
+    }
+    let params: Vec<_> = f.params.iter().map(|&i| model.params.params[i].clone()).collect();
+    let grads: Vec<_> = f.params.iter().map(|&i| f.grads[i].take()).collect();
+    optimizer.step(&params, &grads, lr)
+}
+
 /// Saves a checkpoint (weights, optimizer state, data position) and the run directory's
 /// latest `weights.safetensors`/`meta.json`, in that order: the checkpoint is what resume
 /// reads, so it must be durable first.
@@ -464,19 +486,21 @@ fn run_loop(
             let batch = batch?;
             let _span = info_span!("step", step).entered();
             let x = batch.to_tensor(&s.device)?;
-            let out = run_step(&s.compiled, &s.model, &x)?;
             let lr = s.schedule.lr(step as usize);
+            // Each node is updated as soon as its gradients are final (see `update_when_final`).
+            let mut update = |f: GradsFinal<'_>| update_when_final(s.optimizer.as_mut(), &s.model, f, lr);
+            let hooks = Hooks { grads_final: Some(&mut update), ..Hooks::default() };
+            let out = run_step_with(&s.compiled, &s.model, &x, hooks)?;
             last = out.losses.iter().map(|&(n, v)| (s.compiled.id(n).to_string(), v)).collect();
             if let Some((id, v)) = last.iter().find(|(_, v)| !v.is_finite()) {
                 bar.abandon();
-                // Return before the optimizer step and before any save: the last checkpoint
-                // stays the last good one.
+                // Return before any save: the last checkpoint stays the last good one. (No
+                // gradient of a non-finite loss was applied: `update_when_final`.)
                 return Err(Error::Msg(format!(
                     "loss `{id}` is {v} at step {step}; stopping (the last checkpoint in {} is kept). Lower the learning rate?",
                     dir.display()
                 )));
             }
-            s.optimizer.step(&s.model.params.params, &out.grads, lr)?;
             if step == 0 {
                 first = last.clone();
             }

@@ -8,6 +8,7 @@
 //! [`LrSchedule`] owns it, so a checkpoint only needs the step number to resume it.
 
 mod adamw;
+mod in_place;
 mod lars;
 mod schedule;
 mod sgd;
