@@ -86,18 +86,23 @@ pub struct GradsFinal<'a> {
     pub losses: &'a [(NodeIndex, f32)],
 }
 
+/// [`Hooks::after_step`]: called with the schedule step just done and the bytes held.
+pub type AfterStep<'a> = dyn FnMut(&Step, usize) + 'a;
+/// [`Hooks::grads_final`].
+pub type OnGradsFinal<'a> = dyn FnMut(GradsFinal<'_>) -> Result<()> + 'a;
+
 /// What a caller sees while a step runs.
 #[derive(Default)]
 pub struct Hooks<'a> {
     /// After each schedule step, once what it no longer needs is dropped, with the bytes the
     /// engine holds: how the memory benchmark attributes its peaks to steps.
-    pub after_step: Option<&'a mut dyn FnMut(&Step, usize)>,
+    pub after_step: Option<&'a mut AfterStep<'a>>,
     /// As soon as a node's gradients are final. The trainer applies the optimizer to the node
     /// here and drops its gradients, so that a GIM or LoCo step never holds more than the
     /// gradients of the units still running: a unit updates as soon as it is done, which is
     /// what local learning allows (and the same update as after the whole step: no later
     /// backward reads the node's weights).
-    pub grads_final: Option<&'a mut dyn FnMut(GradsFinal<'_>) -> Result<()>>,
+    pub grads_final: Option<&'a mut OnGradsFinal<'a>>,
 }
 
 /// [`run_step`] with [`Hooks`].
