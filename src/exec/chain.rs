@@ -71,30 +71,50 @@ impl Link {
     }
 
     /// Backward of the link with cotangent `g` at its output: the gradients of its parameters
-    /// and its input leaf.
+    /// and its input leaf. The link's graph stays alive for another backward (a LoCo stage
+    /// shared by two units); the last one should be [`Link::last_backward`].
     pub fn backward(&self, g: Tensor) -> Result<candle_core::backprop::GradStore> {
-        let g = g.detach();
-        match &self.seeds {
-            Seeds::Output => seed_backward(&self.output, g),
-            Seeds::Residual { branch, shortcut } => {
-                let g = relu_backward(&self.output, g)?;
-                if branch.device().is_cpu() {
-                    branch.apply_op2(shortcut, Cotangent(Mutex::new(Some(g))))?.backward()
-                } else {
-                    (branch.mul(&g)?.sum_all()? + shortcut.mul(&g)?.sum_all()?)?.backward()
-                }
-            }
-            Seeds::Tail { anchor, slot, shortcut } => {
-                let g = relu_backward(&self.output, g)?;
-                *slot.lock().map_err(|_| candle_core::Error::Msg("tail slot lock poisoned".into()))? = Some(g.clone());
-                (anchor + shortcut.apply_op1(Cotangent(Mutex::new(Some(g))))?)?.backward()
-            }
-        }
+        root(&self.output, &self.seeds, g)?.backward()
+    }
+
+    /// The link's last backward: it gives its graph up to candle's walk, which drops each
+    /// node once that node's own backward has run, so a saved activation is freed as soon as
+    /// the op reading it is done instead of when the whole block is (a block's activations
+    /// plus every gradient computed inside it: the peak of a GIM or LoCo step). Returns the
+    /// gradients and the input leaf, whose gradient the caller reads.
+    pub fn last_backward(self, g: Tensor) -> Result<(candle_core::backprop::GradStore, Option<Var>)> {
+        let Link { input, seeds, output } = self;
+        let root = root(&output, &seeds, g)?;
+        // Only the root may hold the graph now; the output's storage stays with the caller's
+        // copies (a leaf or a value still to be read by a consumer).
+        drop((seeds, output));
+        Ok((root.backward_owned()?, input))
     }
 
     /// Bytes of the link's output (its other activations live in candle's graph).
     pub fn output_bytes(&self) -> usize {
         self.output.elem_count() * self.output.dtype().size_in_bytes()
+    }
+}
+
+/// The scalar whose backward is the link's backward with cotangent `g` at `output`.
+fn root(output: &Tensor, seeds: &Seeds, g: Tensor) -> Result<Tensor> {
+    let g = g.detach();
+    match seeds {
+        Seeds::Output => seed_root(output, g),
+        Seeds::Residual { branch, shortcut } => {
+            let g = relu_backward(output, g)?;
+            if branch.device().is_cpu() {
+                branch.apply_op2(shortcut, Cotangent(Mutex::new(Some(g))))
+            } else {
+                branch.mul(&g)?.sum_all()? + shortcut.mul(&g)?.sum_all()?
+            }
+        }
+        Seeds::Tail { anchor, slot, shortcut } => {
+            let g = relu_backward(output, g)?;
+            *slot.lock().map_err(|_| candle_core::Error::Msg("tail slot lock poisoned".into()))? = Some(g.clone());
+            anchor + shortcut.apply_op1(Cotangent(Mutex::new(Some(g))))?
+        }
     }
 }
 
@@ -148,12 +168,12 @@ fn relu_backward(y: &Tensor, g: Tensor) -> Result<Tensor> {
     }
 }
 
-/// `backward()` from `t` with cotangent `g` (same shape).
-pub fn seed_backward(t: &Tensor, g: Tensor) -> Result<candle_core::backprop::GradStore> {
+/// A scalar whose backward seeds `t` with cotangent `g` (same shape).
+fn seed_root(t: &Tensor, g: Tensor) -> Result<Tensor> {
     if t.device().is_cpu() {
-        t.apply_op1(Cotangent(Mutex::new(Some(g))))?.backward()
+        t.apply_op1(Cotangent(Mutex::new(Some(g))))
     } else {
-        t.mul(&g)?.sum_all()?.backward()
+        t.mul(&g)?.sum_all()
     }
 }
 
@@ -243,6 +263,13 @@ mod tests {
             assert!(diff(&link.output, &y_ref)? < 1e-6, "{dtype:?} output");
             let (gx, rx) = (got.get(x.as_tensor()).expect("dx"), want.get(x.as_tensor()).expect("dx"));
             assert!(diff(gx, rx)? < 1e-6, "{dtype:?} dx {gx} vs {rx}");
+            // A second pass over the retained graph (a LoCo shared stage), then the last one,
+            // which gives the graph up: both the same gradient again.
+            let again = link.backward(g.clone())?;
+            assert_eq!(diff(again.get(x.as_tensor()).expect("dx"), gx)?, 0.0, "{dtype:?} second pass");
+            let (last, input) = link.last_backward(g)?;
+            let input = input.expect("the link's leaf comes back");
+            assert_eq!(diff(last.get(input.as_tensor()).expect("dx"), gx)?, 0.0, "{dtype:?} last pass");
         }
         Ok(())
     }
@@ -272,13 +299,23 @@ mod tests {
         let op = bn.fused_train_op(&z)?.expect("CPU f64 takes the fused op");
         let (gamma, beta) = (bn.weight().clone(), bn.bias().clone());
         let link = Link::new(Some(x.clone()), Piece::Tail { z, op, gamma, beta, shortcut: x.as_tensor().clone() })?;
-        let got = link.backward(g)?;
+        let got = link.backward(g.clone())?;
+        let output = link.output.clone();
+        // The last pass (graph given up) repeats the first exactly.
+        let again = link.backward(g.clone())?;
+        let (last, _) = link.last_backward(g)?;
+        for t in [x.as_tensor(), bn.weight(), bn.bias()] {
+            for other in [&again, &last] {
+                let (a, b) = (got.get(t).expect("grad"), other.get(t).expect("grad"));
+                assert_eq!(a.sub(b)?.abs()?.max_all()?.to_scalar::<f64>()?, 0.0, "repeated pass");
+            }
+        }
 
         let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
             let d = a.sub(b)?.abs()?.max_all()?.to_scalar::<f64>()?;
             Ok(d / b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12))
         };
-        assert!(diff(&link.output, &y_ref)? < 1e-10, "output");
+        assert!(diff(&output, &y_ref)? < 1e-10, "output");
         for (name, a, b) in [
             ("x", x.as_tensor(), x.as_tensor()),
             ("gamma", bn.weight(), bn_ref.weight()),

@@ -16,7 +16,7 @@ use petgraph::graph::NodeIndex;
 use petgraph::Direction;
 use tracing::debug_span;
 
-use super::chain::{seed_backward, Link};
+use super::chain::Link;
 use super::model::Model;
 use crate::config::NodeConfig;
 use crate::graph::{Compiled, Step};
@@ -220,15 +220,27 @@ pub fn run_step_with(c: &Compiled, model: &Model, batch: &Tensor, mut hooks: Hoo
                     cot.ok_or_else(|| candle_core::Error::Msg(format!("no cotangent reached `{}`", c.id(m))))?
                 };
                 let mut cot = Some(cot);
-                // The links from the last to the first; the node's last backward drops each
-                // link's graph once it is done.
+                if last {
+                    // The node's own output must not hold its graph through the last backward
+                    // (the links give theirs up one by one): keep only the value, for the
+                    // consumers still to read it.
+                    if let Some(v) = values[m.index()].take() {
+                        values[m.index()] = (consumers_left[m.index()] > 0).then(|| v.detach());
+                    }
+                }
+                // The links from the last to the first; the node's last backward hands each
+                // link's graph to candle, which frees it op by op.
                 let chain = &mut chains[m.index()];
                 for k in (0..chain.len()).rev() {
-                    let link = &chain[k];
                     // Moved in: the cotangent is freed as soon as the link has used it.
                     let seed = cot.take().expect("each link below the first gets its cotangent from the one above");
-                    let gs =
-                        if c.graph[m].is_loss() { seed_backward(&link.output, seed)? } else { link.backward(seed)? };
+                    let (gs, input) = if last {
+                        let link = chain.pop().expect("k < len");
+                        graph_bytes[m.index()] = graph_bytes[m.index()].saturating_sub(link_bytes[m.index()]);
+                        link.last_backward(seed)?
+                    } else {
+                        (chain[k].backward(seed)?, chain[k].input.clone())
+                    };
                     for &pi in &model.node_params[m.index()] {
                         let p = &model.params.params[pi];
                         if p.trainable {
@@ -241,7 +253,7 @@ pub fn run_step_with(c: &Compiled, model: &Model, batch: &Tensor, mut hooks: Hoo
                             }
                         }
                     }
-                    if let Some(leaf) = &link.input {
+                    if let Some(leaf) = &input {
                         let Some(gin) = gs.get(leaf.as_tensor()) else {
                             // Nothing below this link needs a gradient (e.g. GIM's frozen input
                             // side): the earlier links have no parameters reached either.
@@ -260,10 +272,6 @@ pub fn run_step_with(c: &Compiled, model: &Model, batch: &Tensor, mut hooks: Hoo
                             // Detached for the same reason: the leaf is a variable to candle.
                             cots[p.index()].push((g.losses.clone(), gin.detach()));
                         }
-                    }
-                    if last {
-                        chain.pop();
-                        graph_bytes[m.index()] = graph_bytes[m.index()].saturating_sub(link_bytes[m.index()]);
                     }
                 }
                 passes[m.index()] += 1;

@@ -163,10 +163,23 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
-        let sorted_nodes = self.sorted_nodes();
+        self.clone().backward_owned()
+    }
+
+    /// (locograph) [`Tensor::backward`] taking the root by value. Every node of the graph is
+    /// dropped as soon as its own backward has run, so a tensor saved for the backward is freed
+    /// once the last op that reads it is done, unless something outside the graph still holds
+    /// it. With `backward(&self)` the caller's root keeps the whole graph alive to the end.
+    pub fn backward_owned(self) -> Result<GradStore> {
+        let sorted_nodes: Vec<Tensor> = self.sorted_nodes().into_iter().cloned().collect();
         let mut grads = GradStore::new();
-        grads.insert(self, self.ones_like()?.contiguous()?);
-        for node in sorted_nodes.iter() {
+        grads.insert(&self, self.ones_like()?.contiguous()?);
+        drop(self);
+        for node in sorted_nodes {
+            // `&&Tensor`, as the loop over `sorted_nodes()` had: the match arms below are
+            // upstream's, unchanged.
+            let node = &node;
+            let node = &node;
             if node.is_variable() {
                 continue;
             }
@@ -728,8 +741,12 @@ impl GradStore {
         use std::collections::hash_map::Entry;
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut e) => {
-                let sum = e.get().add(grad)?;
-                *e.get_mut() = sum;
+                // In place where no one else holds the stored gradient (the usual case): no
+                // third tensor of the node's size while the two terms are alive.
+                if !e.get().add_assign_if_unique(grad)? {
+                    let sum = e.get().add(grad)?;
+                    *e.get_mut() = sum;
+                }
             }
             Entry::Vacant(e) => {
                 // Contiguous as `zeros + grad` was: some backward ops (scatter) need it. A no-op

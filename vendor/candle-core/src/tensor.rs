@@ -2763,6 +2763,42 @@ impl Tensor {
         self.storage.read_recursive()
     }
 
+    /// (locograph) `self += rhs` in place, when nothing but the caller can see `self`'s data:
+    /// this handle and its storage are referenced once (no clone, view or op record holds
+    /// them), so the change is unobservable. For the gradient store, whose summed gradients
+    /// are otherwise a new tensor while both terms are alive: one activation-sized tensor more
+    /// at every node where two gradients meet. Returns whether it added (CPU floats only);
+    /// the sum is `self + rhs` element by element, as [`Tensor::add`] computes it.
+    pub(crate) fn add_assign_if_unique(&self, rhs: &Tensor) -> Result<bool> {
+        use crate::CpuStorage as C;
+        if Arc::strong_count(&self.0) != 1
+            || Arc::strong_count(&self.storage) != 1
+            || self.shape() != rhs.shape()
+            || self.dtype() != rhs.dtype()
+        {
+            return Ok(false);
+        }
+        let (Some((s0, s1)), Some((r0, r1))) =
+            (self.layout.contiguous_offsets(), rhs.layout.contiguous_offsets())
+        else {
+            return Ok(false);
+        };
+        // `rhs` cannot share `self`'s storage: that is referenced by `self` alone.
+        let mut dst = self.storage.write();
+        let src = rhs.storage.read_recursive();
+        fn add<T: Copy + std::ops::Add<Output = T>>(a: &mut [T], b: &[T]) {
+            a.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b);
+        }
+        match (&mut *dst, &*src) {
+            (Storage::Cpu(C::F32(a)), Storage::Cpu(C::F32(b))) => add(&mut a[s0..s1], &b[r0..r1]),
+            (Storage::Cpu(C::F64(a)), Storage::Cpu(C::F64(b))) => add(&mut a[s0..s1], &b[r0..r1]),
+            (Storage::Cpu(C::F16(a)), Storage::Cpu(C::F16(b))) => add(&mut a[s0..s1], &b[r0..r1]),
+            (Storage::Cpu(C::BF16(a)), Storage::Cpu(C::BF16(b))) => add(&mut a[s0..s1], &b[r0..r1]),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
     /// Acquire write lock on storage and returns guard.
     pub(crate) fn storage_mut(&self) -> StorageMutRef<'_> {
         self.storage.write()
