@@ -8,17 +8,18 @@
 //! - **FLOPs**: multiply-accumulates of the convolutions (one MAC = one FLOP, the convention
 //!   behind ResNet-50's "4.1 GFLOPs"). BatchNorm, ReLU, pooling and resizing are left out,
 //!   as in the paper.
-//! - **Memory, paper-style**: one feature map per residual block (its output). This reproduces
-//!   the supplementary's ResNet-50 shares exactly (43.64 / 29.09 / 21.82 / 5.45 %).
-//! - **Memory, candle-saved**: every tensor candle's autograd keeps alive until the node's
-//!   backward, as this crate builds the node (see [`saved_elems`]). This is what the engine
-//!   holds per node while the node's graph is alive, and it is 5–7× the paper-style count
-//!   because a training-mode BatchNorm written with tensor ops keeps four full-size
-//!   intermediates, and a grouped convolution keeps every group's output *and* their `cat`.
+//! - **Memory, paper-style**: the channels of every convolution on a block's residual branch
+//!   (a bottleneck's `w + w + C`, a basic block's `C + C`; not the projection shortcut) at the
+//!   block's output size, as Table 1 lists one output size per stage. This reproduces the
+//!   supplementary's ResNet-50 shares exactly (43.64 / 29.09 / 21.82 / 5.45 %), and its
+//!   PResNet-50 shares exactly for a res4 of 512 channels (128 wide) instead of Table 1's 576
+//!   (docs/performance.md, "How to read the supplementary's table").
+//! - **Memory, saved**: every tensor the engine keeps for the node's backward, as this crate
+//!   builds the node (see [`saved_elems`]): what a node holds while its graph is alive.
 //!
 //! The stem is **folded into the first stage** (the paper's "conv1 + res2" row): its
 //! parameters, FLOPs and saved tensors are added to that row; it has no paper-style memory,
-//! since its output is the first block's input, which the paper does not count.
+//! which counts residual blocks only.
 
 use std::fmt;
 
@@ -42,7 +43,8 @@ pub struct NodeProfile {
     pub params: u64,
     /// Multiply-accumulates per image.
     pub macs: u64,
-    /// Paper-style activation memory: elements of one feature map per residual block.
+    /// Paper-style activation memory: elements of every residual-branch conv's channels at
+    /// its block's output size.
     pub paper_elems: u64,
     /// Elements of every tensor candle keeps for the backward of this row's nodes.
     pub saved_elems: u64,
@@ -88,15 +90,24 @@ fn conv_params(s: &ConvSpec) -> u64 {
 /// (the next conv's input, ReLU fused in).
 const CONV_BN_SAVED: u64 = 2;
 
-/// Cost of one block on a `[C, H, W]` input: (params, macs, saved elems, output `[C, H, W]`).
-///
+/// Cost of one block on a `[C, H, W]` input, per image.
+struct BlockCost {
+    params: u64,
+    macs: u64,
+    /// Elements the engine keeps for the backward.
+    saved: u64,
+    /// The residual branch's conv channels at the block's output size (the paper-style count).
+    branch_maps: u64,
+    output: [usize; 3],
+}
+
 /// Saved as `exec::chain` runs a block in training: each conv's output; each batch norm's
 /// output but the last, whose batch norm, residual sum and ReLU are one op writing the block's
 /// output (the next block's leaf); the projection's conv and batch norm outputs.
-fn block_cost(spec: &BlockSpec, h: usize, w: usize) -> (u64, u64, u64, [usize; 3]) {
+fn block_cost(spec: &BlockSpec, h: usize, w: usize) -> BlockCost {
     let mut convs = spec.convs();
     let projection = if spec.has_projection() { convs.pop() } else { None };
-    let (mut params, mut macs, mut saved) = (0, 0, 0);
+    let (mut params, mut macs, mut saved, mut branch_maps) = (0, 0, 0, 0);
     let (mut ch, mut cw) = (h, w);
     let last = convs.len() - 1;
     for (i, s) in convs.iter().enumerate() {
@@ -105,7 +116,9 @@ fn block_cost(spec: &BlockSpec, h: usize, w: usize) -> (u64, u64, u64, [usize; 3
         params += conv_params(s) + 2 * s.out_channels as u64;
         macs += s.macs(ch, cw);
         saved += out * if i != last { CONV_BN_SAVED } else { 1 };
+        branch_maps += s.out_channels as u64;
     }
+    branch_maps *= (ch * cw) as u64;
     let out = (spec.out_channels * ch * cw) as u64;
     if let Some(p) = projection {
         let (ph, pw) = (p.out_size(h), p.out_size(w));
@@ -115,7 +128,7 @@ fn block_cost(spec: &BlockSpec, h: usize, w: usize) -> (u64, u64, u64, [usize; 3
     }
     // The block's output.
     saved += out;
-    (params, macs, saved, [spec.out_channels, ch, cw])
+    BlockCost { params, macs, saved, branch_maps, output: [spec.out_channels, ch, cw] }
 }
 
 fn stem_cost(cfg: &StemConfig, input: [usize; 3]) -> (u64, u64, u64) {
@@ -136,9 +149,9 @@ fn decoder_saved(cfg: &DecoderConfig, input: &[usize]) -> u64 {
     if let [c, h, w] = *input {
         let (mut c, mut h, mut w) = (c, h, w);
         for spec in cfg.block_specs(c) {
-            let (_, _, s, out) = block_cost(&spec, h, w);
-            saved += s;
-            [c, h, w] = out;
+            let b = block_cost(&spec, h, w);
+            saved += b.saved;
+            [c, h, w] = b.output;
         }
         pooled = c;
         saved += c as u64;
@@ -156,12 +169,12 @@ fn decoder_saved(cfg: &DecoderConfig, input: &[usize]) -> u64 {
 /// Elements (per image) of every tensor candle's autograd keeps alive for the backward of a
 /// node built from `cfg` on a per-image `input` shape, the node's output included.
 ///
-/// Counted: each conv output (each group's and their concatenation for a grouped conv), the
-/// four full-size intermediates of a training-mode BatchNorm, every ReLU output, each residual
-/// sum, a stage's bilinear resize (the row-resized intermediate and the output), the stem's max
-/// pool output and argmax positions, a decoder's pooled vector and MLP activations. Not
-/// counted: per-channel statistics, the node's input (its producer or the engine owns it), and
-/// the loss (its `[2N, 2N]` similarity matrix does not scale with the image).
+/// Counted: each conv output, each fused batch norm + ReLU output but a block's last (see
+/// [`block_cost`]), each block's output, a stage's bilinear resize (the row-resized
+/// intermediate and the output), the stem's max pool output and argmax positions, a decoder's
+/// pooled vector and MLP activations. Not counted: per-channel statistics, the node's input
+/// (its producer or the engine owns it), and the loss (its `[2N, 2N]` similarity matrix does
+/// not scale with the image).
 pub fn saved_elems(cfg: &NodeConfig, input: &[usize]) -> u64 {
     match (cfg, input) {
         (NodeConfig::Stem(s), &[c, h, w]) => stem_cost(s, [c, h, w]).2,
@@ -179,9 +192,9 @@ pub fn saved_elems(cfg: &NodeConfig, input: &[usize]) -> u64 {
                 (h, w) = (r, r);
             }
             for spec in s.block_specs(c) {
-                let (_, _, sv, out) = block_cost(&spec, h, w);
-                saved += sv;
-                (h, w) = (out[1], out[2]);
+                let b = block_cost(&spec, h, w);
+                saved += b.saved;
+                (h, w) = (b.output[1], b.output[2]);
             }
             saved
         }
@@ -229,11 +242,11 @@ pub fn profile(c: &Compiled, input: usize) -> Profile {
                 };
                 let (mut h, mut w) = s.resize.map_or((ih, iw), |r| (r, r));
                 for spec in s.block_specs(ic) {
-                    let (p, m, _, o) = block_cost(&spec, h, w);
-                    row.params += p;
-                    row.macs += m;
-                    row.paper_elems += (o[0] * o[1] * o[2]) as u64;
-                    (h, w) = (o[1], o[2]);
+                    let b = block_cost(&spec, h, w);
+                    row.params += b.params;
+                    row.macs += b.macs;
+                    row.paper_elems += b.branch_maps;
+                    (h, w) = (b.output[1], b.output[2]);
                 }
                 if let Some((id, p, m, sv)) = stem.take() {
                     row.folded.push(id);
@@ -344,7 +357,7 @@ impl fmt::Display for Profile {
         )?;
         writeln!(
             f,
-            "activations per image: {:.1} MB paper-style (one map per block), {:.1} MB kept by candle for the backward (f32)",
+            "activations per image: {:.1} MB paper-style (residual-branch conv outputs), {:.1} MB kept for the backward (f32)",
             self.paper_elems() as f64 * 4.0 / 1e6,
             self.saved_elems() as f64 * 4.0 / 1e6
         )
