@@ -1,25 +1,30 @@
 //! Peak memory of one SimCLR, GIM and LoCo training step on ResNet-50 and Progressive
-//! ResNet-50 at 224², measured by a counting global allocator, beside the paper's savings.
+//! ResNet-50 at 224², measured two ways, beside the paper's savings; and where LoCo's extra
+//! time goes.
 //!
-//! `cargo bench --bench memory -- [--images N] [--models resnet50,presnet50] [--steps K] [--profile] [--trace] [--keep-grads] [--candle-conv]`
+//! `cargo bench --bench memory -- [--images N] [--models resnet50,presnet50] [--steps K] [--profile] [--trace] [--keep-grads] [--candle-conv] [--forward]`
 //! (`--profile` first prints `eval::profile` of each model's SimCLR encoder; `--trace`
 //! the peak between consecutive schedule steps of the last step; `--keep-grads` keeps every
 //! gradient to the end of the step instead of updating each node as soon as its gradients are
 //! final, as training does; `--candle-conv` candle's own conv backward instead of
-//! `nn::conv_op`'s)
+//! `nn::conv_op`'s; `--forward` each stage's kept bytes against `eval::profile::saved_elems`)
 //!
-//! Each step runs the experiment's optimizer as training does (`exec::train::update_when_final`);
-//! the reported peak is the smallest of `--steps` (default 2): the first step also allocates the
-//! optimizer's slots, state that later steps hold before they start, like the weights.
+//! Each (model, method) runs in a process of its own (this binary again, `--child`), so that
+//! its peak RSS (`VmHWM`) is its own. Each step runs the experiment's optimizer as training
+//! does (`exec::train::update_when_final`), under the CLI's allocator policy
+//! (`locograph::malloc`); the reported peak is the smallest of `--steps` (default 2): the
+//! first step also allocates the optimizer's slots, state that later steps hold before they
+//! start, like the weights.
 //!
 //! Every candle CPU tensor is a `Vec` from the global allocator, so the wrapper below sees
 //! every activation, leaf copy, cotangent, gradient and im2col buffer. For each run the
 //! counter's peak is reset to the live bytes right before `run_step` (weights, optimizer state
-//! and the batch are already allocated), so "step peak" is what the step adds on top.
+//! and the batch are already allocated), so "step peak" is what the step adds on top;
+//! "heap peak" is the whole process's high-water mark of live bytes, and "peak RSS" what the
+//! kernel saw (`VmHWM`: the heap's high-water mark plus the binary, thread stacks and
+//! allocator slack).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -28,56 +33,14 @@ use locograph::exec::chain::Link;
 use locograph::exec::train::update_when_final;
 use locograph::exec::{run_step_with, GradsFinal, Hooks, Model};
 use locograph::graph::{compile, Step};
-
-/// The system allocator, counting live bytes and their high-water mark.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(n: usize) {
-    let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-// SAFETY: every call is forwarded to `System` unchanged; only counters are updated.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            grew(l.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(l) };
-        if !p.is_null() {
-            grew(l.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = unsafe { System.realloc(p, l, new) };
-        if !q.is_null() {
-            LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-            grew(new);
-        }
-        q
-    }
-}
+use locograph::malloc::{live_bytes, peak_bytes, CountingAlloc};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 /// Resets the high-water mark to what is live now, and returns that.
 fn reset_peak() -> usize {
-    let live = LIVE.load(Ordering::Relaxed);
-    PEAK.store(live, Ordering::Relaxed);
-    live
+    locograph::malloc::reset_peak().0
 }
 
 /// Deterministic pseudo-random views (candle's own RNG cannot be seeded).
@@ -97,6 +60,15 @@ struct Measured {
     total_peak: usize,
     engine_peak: usize,
     secs: f64,
+    /// Seconds of each schedule step (fastest over the steps run), in schedule order.
+    step_secs: Vec<(String, f64)>,
+}
+
+fn step_name(c: &locograph::graph::Compiled, step: &Step) -> String {
+    match *step {
+        Step::Forward(n) => format!("F:{}", c.id(n)),
+        Step::Backward { node, group } => format!("B:{}[{group}]", c.id(node)),
+    }
 }
 
 fn measure(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: bool) -> Result<Measured, String> {
@@ -108,35 +80,34 @@ fn measure(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: 
     // gradients are final. Its slots are allocated in the first step and are state from then on
     // (like the weights): only later steps' peaks are comparable, hence `--steps` ≥ 2.
     let mut optimizer = loaded.experiment.optimizer.build();
-    let mut best = Measured { step_peak: 0, total_peak: 0, engine_peak: 0, secs: f64::INFINITY };
+    let mut best = Measured { step_peak: 0, total_peak: 0, engine_peak: 0, secs: f64::INFINITY, step_secs: vec![] };
     for i in 0..steps {
         let base = reset_peak();
         let t = Instant::now();
         let mut trace = vec![];
+        let mut last = Instant::now();
         let mut after = |step: &Step, held: usize| {
             // Peak since the previous step, then start a new interval.
-            let p = PEAK.swap(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
-            trace.push((*step, p, held));
+            let p = locograph::malloc::reset_peak().1;
+            trace.push((*step, p, held, last.elapsed().as_secs_f64()));
+            last = Instant::now();
         };
         let mut update = |f: GradsFinal<'_>| update_when_final(optimizer.as_mut(), &model, f, 1e-3);
         let hooks =
             Hooks { after_step: Some(&mut after), grads_final: if keep_grads { None } else { Some(&mut update) } };
         let out = run_step_with(&c, &model, &x, hooks).map_err(|e| e.to_string())?;
+        let secs = t.elapsed().as_secs_f64();
         let peak = trace.iter().map(|t| t.1).max().unwrap_or(0);
         if verbose && i + 1 == steps {
-            for (step, p, held) in &trace {
-                let s = match *step {
-                    Step::Forward(n) => format!("F:{}", c.id(n)),
-                    Step::Backward { node, group } => format!("B:{}[{group}]", c.id(node)),
-                };
+            for (step, p, held, _) in &trace {
                 println!(
-                    "    {s:<12} peak {:>8.1} MB (engine {:>8.1} MB)",
+                    "    {:<12} peak {:>8.1} MB (engine {:>8.1} MB)",
+                    step_name(&c, step),
                     (p - base) as f64 / 1e6,
                     *held as f64 / 1e6
                 );
             }
         }
-        let secs = t.elapsed().as_secs_f64();
         let engine = out.peak_held_bytes;
         drop(out);
         // The first step also allocates thread pools and caches: keep the smallest peak.
@@ -146,8 +117,64 @@ fn measure(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: 
         }
         best.engine_peak = engine;
         best.secs = best.secs.min(secs);
+        if best.step_secs.is_empty() {
+            best.step_secs = trace.iter().map(|t| (step_name(&c, &t.0), t.3)).collect();
+        } else {
+            for (b, t) in best.step_secs.iter_mut().zip(&trace) {
+                b.1 = b.1.min(t.3);
+            }
+        }
     }
     Ok(best)
+}
+
+/// The child's result line, read back by the parent.
+const RESULT: &str = "result:";
+
+/// Runs one (model, method) in this process and prints its [`RESULT`] line (and the trace).
+fn child(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: bool) -> Result<(), String> {
+    let m = measure(file, images, steps, verbose, keep_grads)?;
+    let rss = locograph::malloc::peak_rss().unwrap_or(0);
+    let timings: Vec<String> = m.step_secs.iter().map(|(s, t)| format!("{s}={t:.4}")).collect();
+    println!("{RESULT} {} {} {} {} {} {}", m.step_peak, m.total_peak, m.engine_peak, rss, m.secs, timings.join(","));
+    Ok(())
+}
+
+/// What a child measured: bytes (step, heap, engine, RSS), step seconds, per-step seconds.
+struct ChildResult {
+    bytes: [f64; 4],
+    secs: f64,
+    step_secs: Vec<(String, f64)>,
+}
+
+fn run_child(model: &str, method: &str, args: &[String]) -> Result<ChildResult, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(exe)
+        .args(args.iter().skip(1))
+        .args(["--child", model, method])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut result = None;
+    for line in text.lines() {
+        match line.strip_prefix(RESULT) {
+            Some(r) => result = Some(r.trim().to_string()),
+            None => println!("{line}"),
+        }
+    }
+    let r = result.ok_or_else(|| format!("{model} {method}: the child printed no result ({})", out.status))?;
+    let f: Vec<&str> = r.split(' ').collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).ok_or_else(|| format!("bad result line `{r}`"));
+    let step_secs = f
+        .get(5)
+        .map(|s| {
+            s.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0.0)))
+        })
+        .into_iter()
+        .flatten()
+        .collect();
+    Ok(ChildResult { bytes: [num(0)?, num(1)?, num(2)?, num(3)?], secs: num(4)?, step_secs })
 }
 
 fn forward_trace(file: &Path, images: usize) -> Result<(), String> {
@@ -160,7 +187,7 @@ fn forward_trace(file: &Path, images: usize) -> Result<(), String> {
         if cfg.is_loss() {
             break;
         }
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = live_bytes();
         let input: Vec<usize> = x.dims()[1..].to_vec();
         // As the engine runs a node whose backward is to come: a chain of links (per block).
         let mut links = vec![];
@@ -173,7 +200,7 @@ fn forward_trace(file: &Path, images: usize) -> Result<(), String> {
             links.push(link);
         }
         let y = h;
-        let grew = LIVE.load(Ordering::Relaxed) - before;
+        let grew = live_bytes() - before;
         let est = locograph::eval::profile::saved_elems(cfg, &input) as usize * x.dim(0).unwrap_or(0) * 4;
         // The node's own backward on a detached input: its transient peak.
         let leaf = candle_core::Var::from_tensor(&x.detach()).map_err(|e| e.to_string())?;
@@ -182,7 +209,7 @@ fn forward_trace(file: &Path, images: usize) -> Result<(), String> {
             .forward_node(n, leaf.as_tensor(), true)
             .and_then(|y| y.sum_all()?.backward())
             .map_err(|e| e.to_string())?;
-        let bwd = PEAK.load(Ordering::Relaxed) - base;
+        let bwd = peak_bytes() - base;
         drop(out);
         // The same with an input that needs no gradient (a GIM stage's).
         let base = reset_peak();
@@ -190,7 +217,7 @@ fn forward_trace(file: &Path, images: usize) -> Result<(), String> {
             .forward_node(n, &x.detach(), true)
             .and_then(|y| y.sum_all()?.backward())
             .map_err(|e| e.to_string())?;
-        let bwd_detached = PEAK.load(Ordering::Relaxed) - base;
+        let bwd_detached = peak_bytes() - base;
         drop(out);
         println!(
             "{:<6} kept {:>8.1} MB, estimated {:>8.1} MB; forward + backward alone peaks at {:>8.1} MB ({:>8.1} MB with a detached input)",
@@ -217,6 +244,18 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
     // candle's own conv backward (per-group `narrow`s), for the before/after of nn::conv_op.
     locograph::nn::conv_op::use_candle_reference(args.iter().any(|a| a == "--candle-conv"));
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        // As the CLI's training processes do.
+        locograph::malloc::keep_freed_memory();
+        let (model, method) =
+            (args.get(i + 1).cloned().unwrap_or_default(), args.get(i + 2).cloned().unwrap_or_default());
+        let file = root.join(format!("{method}_{model}_imagenet.yaml"));
+        if let Err(e) = child(&file, images, steps, verbose, keep_grads) {
+            eprintln!("{}: {e}", file.display());
+            std::process::exit(1);
+        }
+        return;
+    }
     if args.iter().any(|a| a == "--forward") {
         // Live bytes after each training-mode forward, graphs kept: what candle really saves,
         // to compare with `eval::profile::saved_elems`.
@@ -236,14 +275,20 @@ fn main() {
             }
         }
     }
-    println!("One training step, {images} images = {} views of 224², f32, CPU; best of {steps} step(s)", 2 * images);
     println!(
-        "{:<10} {:<7} {:>14} {:>8} {:>15} {:>8} {:>13} {:>8} {:>7} {:>9}",
+        "One training step, {images} images = {} views of 224², f32, CPU, {} thread(s); best of {steps} step(s); each run in its own process",
+        2 * images,
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<10} {:<7} {:>13} {:>7} {:>12} {:>7} {:>12} {:>7} {:>13} {:>7} {:>6} {:>7}",
         "model",
         "method",
         "step peak MB",
         "saving",
-        "process peak MB",
+        "heap peak MB",
+        "saving",
+        "peak RSS MB",
         "saving",
         "engine est MB",
         "saving",
@@ -255,29 +300,55 @@ fn main() {
             "resnet50" => [1.0, 1.81, 1.28],
             _ => [1.0, 4.56, 2.76],
         };
-        let mut base: Option<(f64, f64, f64, f64)> = None;
+        let mut base: Option<ChildResult> = None;
         for (i, method) in ["simclr", "gim", "loco"].into_iter().enumerate() {
-            let file = root.join(format!("{method}_{model}_imagenet.yaml"));
-            let m = match measure(&file, images, steps, verbose, keep_grads) {
-                Ok(m) => m,
+            let r = match run_child(model, method, &args) {
+                Ok(r) => r,
                 Err(e) => {
-                    eprintln!("{}: {e}", file.display());
+                    eprintln!("{e}");
                     std::process::exit(1);
                 }
             };
-            let (s, t, e) = (m.step_peak as f64 / 1e6, m.total_peak as f64 / 1e6, m.engine_peak as f64 / 1e6);
-            let b = *base.get_or_insert((s, t, e, m.secs));
+            let b = base.get_or_insert_with(|| ChildResult {
+                bytes: r.bytes,
+                secs: r.secs,
+                step_secs: r.step_secs.clone(),
+            });
+            let [s, t, e, rss] = r.bytes.map(|v| v / 1e6);
+            let [bs, bt, be, brss] = b.bytes.map(|v| v / 1e6);
             println!(
-                "{model:<10} {method:<7} {s:>14.1} {:>7.2}× {t:>15.1} {:>7.2}× {e:>13.1} {:>7.2}× {:>6.2}× {:>9.2}",
-                b.0 / s,
-                b.1 / t,
-                b.2 / e.max(1e-9),
+                "{model:<10} {method:<7} {s:>13.1} {:>6.2}× {t:>12.1} {:>6.2}× {rss:>12.1} {:>6.2}× {e:>13.1} {:>6.2}× {:>5.2}× {:>7.2}",
+                bs / s,
+                bt / t,
+                brss / rss.max(1e-9),
+                be / e.max(1e-9),
                 paper[i],
-                m.secs
+                r.secs
             );
             if method == "loco" {
-                println!("{model:<10} LoCo step time / SimCLR step time: {:.2}", m.secs / b.3);
+                print_extra_cost(model, b, &r);
             }
         }
     }
+}
+
+/// LoCo's step time against SimCLR's, and how much of the difference is the second backward
+/// through each shared stage (the only extra work LoCo should do, besides its decoders).
+fn print_extra_cost(model: &str, simclr: &ChildResult, loco: &ChildResult) {
+    let second: Vec<&(String, f64)> =
+        loco.step_secs.iter().filter(|(s, _)| s.starts_with("B:") && s.ends_with("[1]")).collect();
+    let second_total: f64 = second.iter().map(|s| s.1).sum();
+    let heads = |r: &ChildResult| -> f64 {
+        r.step_secs.iter().filter(|(s, _)| s.contains(":dec") || s.contains(":L")).map(|s| s.1).sum()
+    };
+    let list: Vec<String> = second.iter().map(|(s, t)| format!("{} {t:.2}", &s[2..])).collect();
+    println!(
+        "{model:<10} LoCo / SimCLR step time {:.2} (+{:.2} s): second backward passes {:.2} s ({}), decoders and losses {:+.2} s, the rest {:+.2} s",
+        loco.secs / simclr.secs,
+        loco.secs - simclr.secs,
+        second_total,
+        list.join(", "),
+        heads(loco) - heads(simclr),
+        loco.secs - simclr.secs - second_total - (heads(loco) - heads(simclr)),
+    );
 }

@@ -81,16 +81,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Peak resident set size of this process in bytes (`VmHWM`), 0 where /proc is missing.
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 /// Deterministic pseudo-random values in [−0.5, 0.5) (candle's CPU RNG cannot be seeded).
 fn noise(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
@@ -197,7 +187,7 @@ fn train_step(a: &Args) -> Result<(), String> {
         a.steps,
         times[0],
         batch as f64 / median,
-        peak_rss() as f64 / 1e6,
+        locograph::malloc::peak_rss().unwrap_or(0) as f64 / 1e6,
         peak_tracked as f64 / 1e6
     );
     Ok(())
