@@ -341,7 +341,13 @@ fn print_extra_cost(model: &str, simclr: &ChildResult, loco: &ChildResult) {
     let heads = |r: &ChildResult| -> f64 {
         r.step_secs.iter().filter(|(s, _)| s.contains(":dec") || s.contains(":L")).map(|s| s.1).sum()
     };
-    let list: Vec<String> = second.iter().map(|(s, t)| format!("{} {t:.2}", &s[2..])).collect();
+    // SimCLR's one backward through the same node, for scale.
+    let simclr_pass = |step: &str| {
+        let first = step.replace("[1]", "[0]");
+        simclr.step_secs.iter().find(|(s, _)| *s == first).map_or(f64::NAN, |s| s.1)
+    };
+    let list: Vec<String> =
+        second.iter().map(|(s, t)| format!("{} {t:.2} s = {:.2}× SimCLR's", &s[2..], t / simclr_pass(s))).collect();
     println!(
         "{model:<10} LoCo / SimCLR step time {:.2} (+{:.2} s): second backward passes {:.2} s ({}), decoders and losses {:+.2} s, the rest {:+.2} s",
         loco.secs / simclr.secs,

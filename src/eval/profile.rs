@@ -60,17 +60,26 @@ pub struct Profile {
     pub fc_params: u64,
 }
 
-/// The supplementary's per-stage table: (stage, memory %, FLOPs %), and total GFLOPs.
-type Reference = (&'static str, &'static [(&'static str, f64, f64)], f64);
+/// The supplementary's per-stage table for one encoder.
+#[derive(Clone, Copy)]
+struct Reference {
+    name: &'static str,
+    /// (stage, memory %, FLOPs %).
+    rows: &'static [(&'static str, f64, f64)],
+    gflops: f64,
+    /// How the table relates to the graph, printed under the profile.
+    note: &'static str,
+}
 
-const RESNET50: Reference = (
-    "ResNet-50",
-    &[("res2", 43.64, 19.39), ("res3", 29.09, 25.09), ("res4", 21.82, 35.80), ("res5", 5.45, 19.73)],
-    4.14,
-);
-const PRESNET50: Reference = (
-    "PResNet-50",
-    &[
+const RESNET50: Reference = Reference {
+    name: "ResNet-50",
+    rows: &[("res2", 43.64, 19.39), ("res3", 29.09, 25.09), ("res4", 21.82, 35.80), ("res5", 5.45, 19.73)],
+    gflops: 4.14,
+    note: "",
+};
+const PRESNET50: Reference = Reference {
+    name: "PResNet-50",
+    rows: &[
         ("res2", 15.46, 13.50),
         ("res3", 10.96, 14.63),
         ("res4", 19.48, 14.77),
@@ -78,8 +87,11 @@ const PRESNET50: Reference = (
         ("res6", 19.48, 20.45),
         ("res7", 17.31, 20.04),
     ],
-    4.16,
-);
+    gflops: 4.16,
+    note: "note: the paper's columns do not follow from Table 1 as printed: its FLOPs are those of res5's and res6's \
+           later blocks with an ungrouped last 1×1 (4.10 GMACs), its memory a 512-channel res4 \
+           (docs/performance.md, \"How to read the supplementary's table\")",
+};
 
 fn conv_params(s: &ConvSpec) -> u64 {
     (s.out_channels * (s.in_channels / s.groups) * s.kernel * s.kernel) as u64
@@ -293,9 +305,9 @@ impl Profile {
     fn reference(&self) -> Option<Reference> {
         let ids: Vec<&str> = self.rows.iter().map(|r| r.id.as_str()).collect();
         let out = self.rows.last().map(|r| r.output[0]);
-        [RESNET50, PRESNET50].into_iter().find(|(_, t, _)| {
-            let want: Vec<&str> = t.iter().map(|r| r.0).collect();
-            ids == want && out == Some(if t.len() == 4 { 2048 } else { 4096 })
+        [RESNET50, PRESNET50].into_iter().find(|r| {
+            let want: Vec<&str> = r.rows.iter().map(|r| r.0).collect();
+            ids == want && out == Some(if r.rows.len() == 4 { 2048 } else { 4096 })
         })
     }
 }
@@ -308,8 +320,8 @@ impl fmt::Display for Profile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let reference = self.reference();
         writeln!(f, "Encoder profile at {0}×{0} (per image; FLOPs = multiply-accumulates)", self.input)?;
-        if let Some((name, _, _)) = &reference {
-            writeln!(f, "`paper` columns: the LoCo supplementary's table for {name}")?;
+        if let Some(r) = &reference {
+            writeln!(f, "`paper` columns: the LoCo supplementary's table for {}", r.name)?;
         }
         let (mp, pp, sp) = (self.macs_pct(), self.paper_mem_pct(), self.saved_mem_pct());
         let mut rows = vec![vec![
@@ -325,7 +337,7 @@ impl fmt::Display for Profile {
             "saved %".into(),
         ]];
         for (i, r) in self.rows.iter().enumerate() {
-            let paper = reference.and_then(|(_, t, _)| t.get(i).copied());
+            let paper = reference.and_then(|r| r.rows.get(i).copied());
             let name = if r.folded.is_empty() { r.id.clone() } else { format!("{}+{}", r.folded.join("+"), r.id) };
             let out: Vec<String> = r.output.iter().map(usize::to_string).collect();
             rows.push(vec![
@@ -353,13 +365,17 @@ impl fmt::Display for Profile {
             self.params() as f64 / 1e6,
             (self.params() + self.fc_params) as f64 / 1e6,
             self.macs() as f64 / 1e9,
-            reference.map_or(String::new(), |(_, _, g)| format!(" (paper: {g} GFLOPs)"))
+            reference.map_or(String::new(), |r| format!(" (paper: {} GFLOPs)", r.gflops))
         )?;
         writeln!(
             f,
             "activations per image: {:.1} MB paper-style (residual-branch conv outputs), {:.1} MB kept for the backward (f32)",
             self.paper_elems() as f64 * 4.0 / 1e6,
             self.saved_elems() as f64 * 4.0 / 1e6
-        )
+        )?;
+        match reference {
+            Some(r) if !r.note.is_empty() => writeln!(f, "{}", r.note),
+            _ => Ok(()),
+        }
     }
 }
