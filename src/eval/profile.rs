@@ -147,11 +147,13 @@ fn stem_cost(cfg: &StemConfig, input: [usize; 3]) -> (u64, u64, u64) {
     let s = cfg.conv_spec(input[0]);
     let (h, w) = (s.out_size(input[1]), s.out_size(input[2]));
     let conv_out = (s.out_channels * h * w) as u64;
-    let mut saved = conv_out * CONV_BN_SAVED;
-    if cfg.kind == StemKind::Imagenet {
-        // The max pool's output and the u32 argmax positions it gathers with (same size).
-        saved += 2 * (s.out_channels * ((h - 1) / 2 + 1) * ((w - 1) / 2 + 1)) as u64;
-    }
+    let saved = if cfg.kind == StemKind::Imagenet {
+        // `nn::stem_pool_op`: the conv output, then the max pool's output and the u32 argmax
+        // positions (same size); the normalised map is never kept.
+        conv_out + 2 * (s.out_channels * ((h - 1) / 2 + 1) * ((w - 1) / 2 + 1)) as u64
+    } else {
+        conv_out * CONV_BN_SAVED
+    };
     (conv_params(&s) + 2 * s.out_channels as u64, s.macs(h, w), saved)
 }
 

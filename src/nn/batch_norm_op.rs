@@ -76,7 +76,7 @@ impl BatchNormTrain {
         self
     }
 
-    fn forward<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T], c: usize, hw: usize) -> Vec<T> {
+    pub(crate) fn forward<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T], c: usize, hw: usize) -> Vec<T> {
         // Per channel: y = x·scale + shift.
         let (scale, shift): (Vec<f64>, Vec<f64>) = (0..c)
             .map(|ch| {
@@ -103,7 +103,7 @@ impl BatchNormTrain {
     /// `(dx, dγ, dβ)`; `dx = γ·inv_std·(dy − mean(dy) − x̂·mean(dy·x̂))`. With `relu`, `dy` is
     /// first masked by `y > 0`.
     #[allow(clippy::too_many_arguments)]
-    fn backward<T: WithDType>(
+    pub(crate) fn backward<T: WithDType>(
         &self,
         x: &[T],
         gamma: &[T],

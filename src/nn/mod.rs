@@ -15,6 +15,7 @@ pub mod pool;
 pub mod resize;
 pub mod stage;
 pub mod stem;
+pub mod stem_pool_op;
 
 pub use params::{Buffer, Init, Param, ParamBuilder, ParamKind, ParamStore};
 pub use pool::{global_avg_pool, max_pool2d};

@@ -15,20 +15,20 @@ use rayon::prelude::*;
 
 /// The geometry of one pooling call, validated.
 #[derive(Clone, Copy, Debug)]
-struct Pool {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
+pub(crate) struct Pool {
+    pub(crate) n: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
     k: usize,
     s: usize,
     p: usize,
-    oh: usize,
-    ow: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
 }
 
 impl Pool {
-    fn new(x: &Tensor, k: usize, s: usize, p: usize) -> Result<Self> {
+    pub(crate) fn new(x: &Tensor, k: usize, s: usize, p: usize) -> Result<Self> {
         let (n, c, h, w) = x.dims4()?;
         if k == 0 || s == 0 {
             candle_core::bail!("max_pool2d: kernel {k} and stride {s} must be positive")
@@ -119,7 +119,8 @@ fn argmax_cpu(x: &Tensor, g: &Pool) -> Result<Tensor> {
     Tensor::from_vec(positions, (g.n * g.c, g.oh * g.ow), &Device::Cpu)
 }
 
-fn argmax_planes<T: WithDType>(data: &[T], g: &Pool) -> Vec<u32> {
+/// In-plane flat position of each window's maximum, for a contiguous `[N, C, H, W]` slice.
+pub(crate) fn argmax_planes<T: WithDType>(data: &[T], g: &Pool) -> Vec<u32> {
     let mut out = vec![0u32; g.n * g.c * g.oh * g.ow];
     // Window bounds clipped to the input, per output row/column: the padding is never read.
     let clip = |o: usize, size: usize| {

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::batch_norm::{batch_norm2d, BatchNorm2d};
 use super::conv::{conv2d, Conv2d, ConvSpec};
 use super::pool::max_pool2d;
+use super::stem_pool_op::BnReluMaxPool;
 use super::ParamBuilder;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -88,7 +89,17 @@ impl Stem {
     /// # Shapes
     /// ImageNet: `[N, 3, 224, 224]` → `[N, 64, 56, 56]`; small: `[N, C, H, W]` → `[N, 64, H, W]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn.forward_relu_t(&self.conv.forward(x)?, train)?;
+        let z = self.conv.forward(x)?;
+        if train && self.kind == StemKind::Imagenet {
+            // Batch norm, ReLU and max pool as one op: the full-size normalised map is never
+            // kept for the backward (`nn::stem_pool_op`). Where that op does not run (not CPU
+            // f32/f64), the composed path below gives the same values.
+            if let Some(op) = self.bn.fused_train_op(&z)? {
+                let op = BnReluMaxPool::new(op, &z, 3, 2, 1)?;
+                return z.apply_op3(self.bn.weight(), self.bn.bias(), op);
+            }
+        }
+        let h = self.bn.forward_relu_t(&z, train)?;
         match self.kind {
             StemKind::Imagenet => max_pool2d(&h, 3, 2, 1),
             StemKind::Small => Ok(h),
