@@ -185,3 +185,43 @@ fn half_precision_step_keeps_f32_master_weights_and_matches_f32() {
     }
     assert_halved("loco f16", (first, last));
 }
+
+/// Training updates each node as soon as its gradients are final (`update_when_final`, which
+/// is what lets a local method drop a unit's gradients early). That must be exactly the update
+/// of one optimizer step after the whole step: checked for LoCo (shared stages: a node is final
+/// only after its second backward) and GIM, with SGD, AdamW and LARS, over three steps.
+#[test]
+fn updating_each_node_when_final_equals_one_update_after_the_step() {
+    use locograph::exec::train::update_when_final;
+    use locograph::exec::{run_step_with, GradsFinal, Hooks};
+    let x = fixed_batch();
+    for text in [common::loco(), common::gim()] {
+        for opt in [
+            "{kind: sgd, momentum: 0.9, weight_decay: 1.0e-4}",
+            "{kind: adamw, weight_decay: 0.01}",
+            "{kind: lars, weight_decay: 1.0e-6}",
+        ] {
+            let cfg: OptimizerConfig = serde_yaml::from_str(opt).expect("optimizer");
+            let (_, c) = common::compiled(&text);
+            let (early, late) =
+                (Model::new(&c, 0, &Device::Cpu).expect("model"), Model::new(&c, 0, &Device::Cpu).expect("model"));
+            let (mut oe, mut ol) = (cfg.build(), cfg.build());
+            for _ in 0..3 {
+                let mut update = |f: GradsFinal<'_>| update_when_final(oe.as_mut(), &early, f, 0.05);
+                let out = run_step_with(&c, &early, &x, Hooks { grads_final: Some(&mut update), ..Hooks::default() })
+                    .expect("step");
+                assert!(out.grads.iter().all(Option::is_none), "every gradient was taken by the hook");
+                let out = run_step(&c, &late, &x).expect("step");
+                ol.step(&late.params.params, &out.grads, 0.05).expect("optimizer step");
+            }
+            for (a, b) in early.params.params.iter().zip(&late.params.params) {
+                let d = a
+                    .var
+                    .as_tensor()
+                    .sub(b.var.as_tensor())
+                    .and_then(|t| t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>());
+                assert_eq!(d.expect("diff"), 0.0, "{opt}: {} differs", a.name);
+            }
+        }
+    }
+}
