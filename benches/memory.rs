@@ -110,6 +110,11 @@ fn measure(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: 
         }
         let engine = out.peak_held_bytes;
         drop(out);
+        // The same number predicted from the shapes before running (`locograph profile`).
+        let predicted = locograph::eval::schedule_memory::held_bytes(&c, 2 * images, 4).peak().map_or(0, |p| p.1);
+        if predicted != engine {
+            eprintln!("{}: the schedule predicted {predicted} bytes held, the engine held {engine}", file.display());
+        }
         // The first step also allocates thread pools and caches: keep the smallest peak.
         if best.step_peak == 0 || peak - base < best.step_peak {
             best.step_peak = peak - base;

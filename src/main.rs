@@ -67,7 +67,8 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
-    /// Per stage: parameters, FLOPs and activation memory, beside the paper's table.
+    /// Per stage: parameters, FLOPs and activation memory, beside the paper's table; and the
+    /// activations this experiment's schedule holds at its peak.
     Profile {
         file: PathBuf,
         /// Input side in pixels.
@@ -318,6 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             loaded.experiment.input.size = input;
             let c = locograph::graph::compile(&loaded)?;
             print!("{}", locograph::eval::profile::profile(&c, input));
+            println!("{}", locograph::eval::schedule_memory::summary(&c));
         }
         Command::Eval {
             run,

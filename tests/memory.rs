@@ -79,3 +79,25 @@ fn measured_peaks_fall_from_simclr_to_loco_to_gim() {
     assert!(l > 1.4, "LoCo saves {l:.2}×");
     assert!(gim < loco, "GIM {gim} vs LoCo {loco}");
 }
+
+/// `eval::schedule_memory` replays the engine's bookkeeping from the shapes: after every
+/// schedule step it must predict exactly what the running engine reports holding, for
+/// SimCLR, GIM and LoCo (shared stages, stop edges, leaves, cotangents).
+#[test]
+fn the_schedule_prediction_equals_what_the_engine_holds() {
+    use locograph::eval::schedule_memory::held_bytes;
+    use locograph::graph::Step;
+    for text in [common::simclr(), common::gim(), common::loco()] {
+        let (_, c) = common::compiled(&text);
+        let model = Model::new(&c, 0, &Device::Cpu).expect("model");
+        let v: Vec<f32> = (0..8 * 64).map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5).collect();
+        let x = Tensor::from_vec(v, (8, 1, 8, 8), &Device::Cpu).expect("batch");
+        let mut seen: Vec<(Step, usize)> = vec![];
+        let mut after = |s: &Step, held: usize| seen.push((*s, held));
+        let out =
+            run_step_with(&c, &model, &x, Hooks { after_step: Some(&mut after), ..Hooks::default() }).expect("step");
+        let predicted = held_bytes(&c, 8, 4);
+        assert_eq!(predicted.steps, seen, "per step");
+        assert_eq!(predicted.peak().map(|p| p.1), Some(out.peak_held_bytes));
+    }
+}

@@ -3,7 +3,8 @@
 //! [`features`] (pooled node outputs of the frozen encoder) feed [`linear`] (the linear probe)
 //! and [`knn`]; [`report`] runs them on a run directory and writes `eval_<protocol>_<node>.json`.
 //! [`tsne`] and [`plot`] draw Fig. 1 (per-decoder loss curves) and Fig. 2 (t-SNE), composed
-//! from run directories by [`figures`]. [`profile`] counts parameters, FLOPs and activations.
+//! from run directories by [`figures`]. [`profile`] counts parameters, FLOPs and activations;
+//! [`schedule_memory`] predicts what a training step's schedule holds.
 
 pub mod features;
 pub mod figures;
@@ -12,6 +13,7 @@ pub mod linear;
 pub mod plot;
 pub mod profile;
 pub mod report;
+pub mod schedule_memory;
 pub mod tsne;
 
 pub use profile::{profile, Profile};

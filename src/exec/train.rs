@@ -589,7 +589,8 @@ pub fn validate(loaded: &Loaded) -> Result<Compiled> {
 /// configurations that could never run before they allocate anything.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MemoryEstimate {
-    /// Activations kept for the backward passes of one step of `2 × batch_size` views.
+    /// Activations held at the peak of one step of `2 × batch_size` views, with a margin for
+    /// the backward's working set, and the losses' similarity matrices.
     pub activations: f64,
     /// Parameters × 4 bytes × 4: weights, gradients and two optimizer slots (AdamW's moments).
     pub parameters: f64,
@@ -601,38 +602,32 @@ impl MemoryEstimate {
     }
 }
 
-/// Tensors kept alive per output element of a node during backward: a residual block
-/// holds about eight tensors of its output's size (two convolutions, two BatchNorms, the
-/// ReLUs, the sum), a stage holds that per block.
-const TENSORS_PER_BLOCK: f64 = 8.0;
+/// What a step's measured peak adds to the schedule's predicted activations: the gradients in
+/// flight inside a block's backward, 4–22 % at ImageNet scale (docs/performance.md).
+const WORKING_SET: f64 = 1.25;
 
 /// Estimates [`MemoryEstimate`] from the compiled shapes, without allocating anything:
-/// activations ≈ Σ over nodes of 2N × output elements × 4 bytes × tensors per output (8 per
-/// block), plus the input batch twice and each loss's 2N × 2N similarities ×4;
-/// parameters ≈ an upper bound per node from its widths (3×3 convolutions at the widest
-/// width of a block, the MLP's matrices).
+/// activations = the schedule's predicted peak (`eval::schedule_memory`, which follows the
+/// method's edges: GIM and LoCo free each unit before the next) × [`WORKING_SET`], plus each
+/// loss's `2N × 2N` similarities ×4; parameters ≈ an upper bound per node from its widths
+/// (3×3 convolutions at the widest width of a block, the MLP's matrices).
 pub fn estimate_memory(loaded: &Loaded, c: &Compiled) -> MemoryEstimate {
     use crate::config::NodeConfig;
     let views = 2.0 * loaded.experiment.train.batch_size as f64;
-    let elems = |shape: &[usize]| shape.iter().map(|&d| d as f64).product::<f64>();
-    let mut activations = 0.0;
+    let held = crate::eval::schedule_memory::held_bytes(c, 2 * loaded.experiment.train.batch_size, 4);
+    let mut activations = held.peak().map_or(0.0, |p| p.1 as f64) * WORKING_SET;
     let mut params = 0.0;
     for n in c.graph.node_indices() {
         let node = &c.graph[n];
-        let out = elems(&node.shape);
         let input: Vec<f64> =
             c.producer(n).map(|(_, p)| c.graph[p].shape.iter().map(|&d| d as f64).collect()).unwrap_or_default();
         let c_in = input.first().copied().unwrap_or(0.0);
         let sq = |x: f64| x * x;
         match &node.config {
-            None => activations += 2.0 * views * out * 4.0,
-            Some(NodeConfig::Stem(s)) => {
-                activations += views * out * 4.0 * TENSORS_PER_BLOCK;
-                params += 49.0 * c_in * s.channels as f64;
-            }
+            None => {}
+            Some(NodeConfig::Stem(s)) => params += 49.0 * c_in * s.channels as f64,
             Some(NodeConfig::Stage(s)) => {
                 let blocks = s.blocks.max(1) as f64;
-                activations += views * out * 4.0 * TENSORS_PER_BLOCK * blocks;
                 let widest = c_in.max(s.channels as f64).max(s.width.unwrap_or(0) as f64);
                 params += blocks * 2.0 * 9.0 * sq(widest) + c_in * s.channels as f64;
             }
@@ -640,15 +635,12 @@ pub fn estimate_memory(loaded: &Loaded, c: &Compiled) -> MemoryEstimate {
                 let mut width = c_in;
                 if let Some(cb) = &d.conv_block {
                     let ch = cb.channels.map_or(c_in, |x| x as f64);
-                    let spatial = input.iter().skip(1).product::<f64>();
-                    activations += views * ch * spatial * 4.0 * TENSORS_PER_BLOCK * cb.blocks.max(1) as f64;
                     params += cb.blocks.max(1) as f64 * 2.0 * 9.0 * sq(c_in.max(ch));
                     width = ch;
                 }
                 let hidden = d.mlp.hidden.map_or(width, |h| h as f64);
                 let depth = d.mlp.depth.max(1) as f64;
                 params += width * hidden + (depth - 1.0).max(0.0) * sq(hidden) + hidden * d.mlp.out as f64;
-                activations += views * hidden.max(out) * 4.0 * TENSORS_PER_BLOCK * depth;
             }
             Some(NodeConfig::NtXent(_)) => activations += sq(views) * 4.0 * 4.0,
         }
