@@ -64,13 +64,6 @@ struct Measured {
     step_secs: Vec<(String, f64)>,
 }
 
-fn step_name(c: &locograph::graph::Compiled, step: &Step) -> String {
-    match *step {
-        Step::Forward(n) => format!("F:{}", c.id(n)),
-        Step::Backward { node, group } => format!("B:{}[{group}]", c.id(node)),
-    }
-}
-
 fn measure(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: bool) -> Result<Measured, String> {
     let loaded = load(file).map_err(|e| e.to_string())?;
     let c = compile(&loaded).map_err(|e| e.to_string())?;
@@ -102,7 +95,7 @@ fn measure(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: 
             for (step, p, held, _) in &trace {
                 println!(
                     "    {:<12} peak {:>8.1} MB (engine {:>8.1} MB)",
-                    step_name(&c, step),
+                    c.step_name(step),
                     (p - base) as f64 / 1e6,
                     *held as f64 / 1e6
                 );
@@ -123,7 +116,7 @@ fn measure(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: 
         best.engine_peak = engine;
         best.secs = best.secs.min(secs);
         if best.step_secs.is_empty() {
-            best.step_secs = trace.iter().map(|t| (step_name(&c, &t.0), t.3)).collect();
+            best.step_secs = trace.iter().map(|t| (c.step_name(&t.0), t.3)).collect();
         } else {
             for (b, t) in best.step_secs.iter_mut().zip(&trace) {
                 b.1 = b.1.min(t.3);

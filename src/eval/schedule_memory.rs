@@ -37,24 +37,22 @@ impl HeldBytes {
 /// keep in all (about what a step would hold if nothing were freed before the last loss).
 pub fn summary(c: &Compiled) -> String {
     let held = held_bytes(c, 1, 4);
-    let all: usize = c
-        .graph
-        .node_indices()
-        .filter_map(|n| match (&c.graph[n].config, c.producer(n)) {
-            (Some(cfg), Some((_, p))) => Some(saved_elems(cfg, &c.graph[p].shape) as usize * 4),
-            _ => None,
-        })
-        .sum();
+    let all: usize = c.graph.node_indices().map(|n| kept_bytes(c, n, 1, 4)).sum();
     let Some((step, peak)) = held.peak() else { return String::new() };
-    let at = match step {
-        Step::Forward(n) => format!("F:{}", c.id(n)),
-        Step::Backward { node, group } => format!("B:{}[{group}]", c.id(node)),
-    };
+    let at = c.step_name(&step);
     format!(
         "this experiment's schedule holds at most {:.1} MB of activations per view (f32, after {at}); its nodes keep {:.1} MB in all",
         peak as f64 / 1e6,
         all as f64 / 1e6,
     )
+}
+
+/// What node `n` keeps for its backward ([`saved_elems`] of its input shape), in bytes.
+fn kept_bytes(c: &Compiled, n: petgraph::graph::NodeIndex, views: usize, elem_bytes: usize) -> usize {
+    match (&c.graph[n].config, c.producer(n)) {
+        (Some(cfg), Some((_, p))) => saved_elems(cfg, &c.graph[p].shape) as usize * views * elem_bytes,
+        _ => 0,
+    }
 }
 
 /// [`HeldBytes`] of one step on `views` images of the compiled input size, `elem_bytes` per
@@ -65,13 +63,7 @@ pub fn held_bytes(c: &Compiled, views: usize, elem_bytes: usize) -> HeldBytes {
     let elems = |n: petgraph::graph::NodeIndex| g[n].shape.iter().product::<usize>();
     let out: Vec<usize> =
         g.node_indices().map(|n| if g[n].is_loss() { elem_bytes } else { elems(n) * views * elem_bytes }).collect();
-    let kept: Vec<usize> = g
-        .node_indices()
-        .map(|n| match (&g[n].config, c.producer(n)) {
-            (Some(cfg), Some((_, p))) => saved_elems(cfg, &g[p].shape) as usize * views * elem_bytes,
-            _ => 0,
-        })
-        .collect();
+    let kept: Vec<usize> = g.node_indices().map(|n| kept_bytes(c, n, views, elem_bytes)).collect();
     let mut groups_left: Vec<usize> = g.node_indices().map(|n| c.reach.groups(n).len()).collect();
     // A stage run as a chain ends in a residual link whose output is a leaf already: reading
     // it as a leaf copies nothing.

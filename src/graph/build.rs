@@ -61,6 +61,13 @@ impl Compiled {
     pub fn id(&self, n: NodeIndex) -> &str {
         &self.graph[n].id
     }
+    /// A schedule step as the traces print it: `F:res3`, `B:res3[1]` (backward group 1).
+    pub fn step_name(&self, step: &super::Step) -> String {
+        match *step {
+            super::Step::Forward(n) => format!("F:{}", self.id(n)),
+            super::Step::Backward { node, group } => format!("B:{}[{group}]", self.id(node)),
+        }
+    }
     /// The single producer of `n` and the edge from it (`None` for `input`).
     pub fn producer(&self, n: NodeIndex) -> Option<(EdgeIndex, NodeIndex)> {
         use petgraph::visit::EdgeRef;
