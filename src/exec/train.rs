@@ -613,8 +613,9 @@ const WORKING_SET: f64 = 1.25;
 /// (3×3 convolutions at the widest width of a block, the MLP's matrices).
 pub fn estimate_memory(loaded: &Loaded, c: &Compiled) -> MemoryEstimate {
     use crate::config::NodeConfig;
-    let views = 2.0 * loaded.experiment.train.batch_size as f64;
-    let held = crate::eval::schedule_memory::held_bytes(c, 2 * loaded.experiment.train.batch_size, 4);
+    let n_views = 2 * loaded.experiment.train.batch_size;
+    let views = n_views as f64;
+    let held = crate::eval::schedule_memory::held_bytes(c, n_views, 4);
     let mut activations = held.peak().map_or(0.0, |p| p.1 as f64) * WORKING_SET;
     let mut params = 0.0;
     for n in c.graph.node_indices() {
