@@ -4,10 +4,10 @@
 //!
 //! `cargo bench --bench memory -- [--images N] [--models resnet50,presnet50] [--steps K] [--profile] [--trace] [--keep-grads] [--candle-conv] [--forward]`
 //! (`--profile` first prints `eval::profile` of each model's SimCLR encoder; `--trace`
-//! the peak between consecutive schedule steps of the last step; `--keep-grads` keeps every
+//! the peak between consecutive actions of the last step, beside what the engine holds itself; `--keep-grads` keeps every
 //! gradient to the end of the step instead of updating each node as soon as its gradients are
 //! final, as training does; `--candle-conv` candle's own conv backward instead of
-//! `nn::conv_op`'s; `--forward` each stage's kept bytes against `eval::profile::saved_elems`)
+//! `nn::conv_op`'s; `--forward` each stage's kept bytes against its `nn::Cost::saved`)
 //!
 //! Each (model, method) runs in a process of its own (this binary again, `--child`), so that
 //! its peak RSS (`VmHWM`) is its own. Each step runs the experiment's optimizer as training
@@ -29,10 +29,10 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use locograph::config::load;
-use locograph::exec::chain::Link;
+use locograph::exec::accounting::held_bytes;
 use locograph::exec::train::update_when_final;
-use locograph::exec::{run_step_with, GradsFinal, Hooks, Model};
-use locograph::graph::{compile, Step};
+use locograph::exec::{run_step_with, GradsFinal, Hooks, Model, StepState};
+use locograph::graph::{compile, Action};
 use locograph::malloc::{live_bytes, peak_bytes, CountingAlloc};
 
 #[global_allocator]
@@ -58,9 +58,9 @@ fn batch(views: usize) -> candle_core::Result<Tensor> {
 struct Measured {
     step_peak: usize,
     total_peak: usize,
-    engine_peak: usize,
+    predicted_peak: usize,
     secs: f64,
-    /// Seconds of each schedule step (fastest over the steps run), in schedule order.
+    /// Seconds of each action (fastest over the steps run), in execution order.
     step_secs: Vec<(String, f64)>,
 }
 
@@ -73,21 +73,21 @@ fn measure(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: 
     // gradients are final. Its slots are allocated in the first step and are state from then on
     // (like the weights): only later steps' peaks are comparable, hence `--steps` ≥ 2.
     let mut optimizer = loaded.experiment.optimizer.build();
-    let mut best = Measured { step_peak: 0, total_peak: 0, engine_peak: 0, secs: f64::INFINITY, step_secs: vec![] };
+    let mut best = Measured { step_peak: 0, total_peak: 0, predicted_peak: 0, secs: f64::INFINITY, step_secs: vec![] };
     for i in 0..steps {
         let base = reset_peak();
         let t = Instant::now();
         let mut trace = vec![];
         let mut last = Instant::now();
-        let mut after = |step: &Step, held: usize| {
-            // Peak since the previous step, then start a new interval.
+        let mut after = |action: &Action, state: &StepState<'_>| {
+            // Peak since the previous action, then start a new interval.
             let p = locograph::malloc::reset_peak().1;
-            trace.push((*step, p, held, last.elapsed().as_secs_f64()));
+            trace.push((*action, p, held_bytes(state), last.elapsed().as_secs_f64()));
             last = Instant::now();
         };
         let mut update = |f: GradsFinal<'_>| update_when_final(optimizer.as_mut(), &model, f, 1e-3);
         let hooks =
-            Hooks { after_step: Some(&mut after), grads_final: if keep_grads { None } else { Some(&mut update) } };
+            Hooks { after_action: Some(&mut after), grads_final: if keep_grads { None } else { Some(&mut update) } };
         let out = run_step_with(&c, &model, &x, hooks).map_err(|e| e.to_string())?;
         let secs = t.elapsed().as_secs_f64();
         let peak = trace.iter().map(|t| t.1).max().unwrap_or(0);
@@ -95,28 +95,24 @@ fn measure(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: 
             for (step, p, held, _) in &trace {
                 println!(
                     "    {:<12} peak {:>8.1} MB (engine {:>8.1} MB)",
-                    c.step_name(step),
+                    c.action_name(step),
                     (p - base) as f64 / 1e6,
                     *held as f64 / 1e6
                 );
             }
         }
-        let engine = out.peak_held_bytes;
         drop(out);
-        // The same number predicted from the shapes before running (`locograph profile`).
-        let predicted = locograph::eval::schedule_memory::held_bytes(&c, 2 * images, 4).peak().map_or(0, |p| p.1);
-        if predicted != engine {
-            eprintln!("{}: the schedule predicted {predicted} bytes held, the engine held {engine}", file.display());
-        }
+        // What the plan predicts from the layer specs before running (`locograph profile`).
+        let predicted = c.held_bytes(2 * images, 4).peak().map_or(0, |p| p.1);
         // The first step also allocates thread pools and caches: keep the smallest peak.
         if best.step_peak == 0 || peak - base < best.step_peak {
             best.step_peak = peak - base;
             best.total_peak = peak;
         }
-        best.engine_peak = engine;
+        best.predicted_peak = predicted;
         best.secs = best.secs.min(secs);
         if best.step_secs.is_empty() {
-            best.step_secs = trace.iter().map(|t| (c.step_name(&t.0), t.3)).collect();
+            best.step_secs = trace.iter().map(|t| (c.action_name(&t.0), t.3)).collect();
         } else {
             for (b, t) in best.step_secs.iter_mut().zip(&trace) {
                 b.1 = b.1.min(t.3);
@@ -134,7 +130,7 @@ fn child(file: &Path, images: usize, steps: usize, verbose: bool, keep_grads: bo
     let m = measure(file, images, steps, verbose, keep_grads)?;
     let rss = locograph::malloc::peak_rss().unwrap_or(0);
     let timings: Vec<String> = m.step_secs.iter().map(|(s, t)| format!("{s}={t:.4}")).collect();
-    println!("{RESULT} {} {} {} {} {} {}", m.step_peak, m.total_peak, m.engine_peak, rss, m.secs, timings.join(","));
+    println!("{RESULT} {} {} {} {} {} {}", m.step_peak, m.total_peak, m.predicted_peak, rss, m.secs, timings.join(","));
     Ok(())
 }
 
@@ -180,26 +176,24 @@ fn forward_trace(file: &Path, images: usize) -> Result<(), String> {
     let model = Model::new(&c, 0, &Device::Cpu).map_err(|e| e.to_string())?;
     let mut x = batch(2 * images).map_err(|e| e.to_string())?;
     let mut kept = vec![];
-    for n in c.schedule.forward_order().into_iter().skip(1) {
+    for n in c.order.forward_order().into_iter().skip(1) {
         let Some(cfg) = &c.graph[n].config else { continue };
         if cfg.is_loss() {
             break;
         }
         let before = live_bytes();
-        let input: Vec<usize> = x.dims()[1..].to_vec();
         // As the engine runs a node whose backward is to come: a chain of links (per block).
         let mut links = vec![];
         let mut h = x.clone();
-        for k in 0..model.pieces(n) {
+        for k in 0..model.links(n) {
             let leaf = if k == 0 { None } else { Some(candle_core::Var::from_tensor(&h).map_err(|e| e.to_string())?) };
-            let piece = model.forward_piece(n, k, &h, true).map_err(|e| e.to_string())?;
-            let link = Link::new(leaf, piece).map_err(|e| e.to_string())?;
+            let link = model.forward_link(n, k, leaf, &h, true).map_err(|e| e.to_string())?;
             h = link.output.clone();
             links.push(link);
         }
         let y = h;
         let grew = live_bytes() - before;
-        let est = locograph::eval::profile::saved_elems(cfg, &input) as usize * x.dim(0).unwrap_or(0) * 4;
+        let est = c.cost(n).saved as usize * x.dim(0).unwrap_or(0) * 4;
         // The node's own backward on a detached input: its transient peak.
         let leaf = candle_core::Var::from_tensor(&x.detach()).map_err(|e| e.to_string())?;
         let base = reset_peak();
@@ -256,7 +250,7 @@ fn main() {
     }
     if args.iter().any(|a| a == "--forward") {
         // Live bytes after each training-mode forward, graphs kept: what candle really saves,
-        // to compare with `eval::profile::saved_elems`.
+        // to compare with each node's `nn::Cost::saved`.
         for model in models.split(',') {
             if let Err(e) = forward_trace(&root.join(format!("simclr_{model}_imagenet.yaml")), images) {
                 eprintln!("{e}");
@@ -268,7 +262,7 @@ fn main() {
         for model in models.split(',') {
             let file = root.join(format!("simclr_{model}_imagenet.yaml"));
             match load(&file).map_err(|e| e.to_string()).and_then(|l| compile(&l).map_err(|e| e.to_string())) {
-                Ok(c) => println!("{model}:\n{}", locograph::eval::profile(&c, 224)),
+                Ok(c) => println!("{model}:\n{}", locograph::eval::profile(&c)),
                 Err(e) => eprintln!("{}: {e}", file.display()),
             }
         }
@@ -288,7 +282,7 @@ fn main() {
         "saving",
         "peak RSS MB",
         "saving",
-        "engine est MB",
+        "predicted MB",
         "saving",
         "paper",
         "step s"

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use locograph::config::{self, DeviceKind, Experiment, Precision};
+use locograph::error::exit;
 use locograph::exec::train::{self, TrainOptions};
 use locograph::graph::explain;
 
@@ -249,20 +250,41 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
-        Ok(()) if INTERRUPTED.load(Ordering::SeqCst) => ExitCode::from(130),
+        Ok(()) if INTERRUPTED.load(Ordering::SeqCst) => ExitCode::from(exit::INTERRUPTED),
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The README's exit status for an error: the library error's own, wherever it sits in the
+/// chain (commands add context on the way up).
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use locograph::export::ExportError;
+    for cause in e.chain() {
+        if let Some(l) = cause.downcast_ref::<locograph::Error>() {
+            return l.exit_code();
+        }
+        if let Some(ExportError::Locograph(l)) = cause.downcast_ref::<ExportError>() {
+            return l.exit_code();
+        }
+        if cause.is::<config::ConfigErrors>() || cause.is::<locograph::graph::GraphErrors>() {
+            return exit::USAGE;
+        }
+        if cause.is::<locograph::data::DataError>() {
+            return exit::DATA;
+        }
+    }
+    exit::OTHER
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Validate { file } => {
             let loaded = load(&file)?;
-            let c = train::validate(&loaded)?;
+            let c = locograph::exec::validate(&loaded)?;
             let losses: Vec<&str> = c.losses.iter().map(|&l| c.id(l)).collect();
             println!(
                 "{}: ok — {} nodes, {} edges, losses {}, method {}",
@@ -272,6 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 losses.join(", "),
                 locograph::exec::run_dir::method_name(&c)
             );
+            println!("memory: {}", locograph::exec::memory_guard::report(&loaded, &c));
         }
         Command::Explain { file, dot } => {
             let loaded = load(&file)?;
@@ -318,8 +341,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut loaded = load(&file)?;
             loaded.experiment.input.size = input;
             let c = locograph::graph::compile(&loaded)?;
-            print!("{}", locograph::eval::profile::profile(&c, input));
-            println!("{}", locograph::eval::schedule_memory::summary(&c));
+            print!("{}", locograph::eval::profile::profile(&c));
+            println!("{}", c.held_summary());
         }
         Command::Eval {
             run,

@@ -40,7 +40,7 @@ fn features_have_the_right_shapes_and_do_not_change() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run_dir = tiny_run(dir.path(), "loco", &common::loco());
     let run = open_run(&run_dir, &Device::Cpu).expect("open");
-    assert_eq!(features::default_node(&run.compiled).expect("node"), "res5");
+    assert_eq!(features::default_node(&run.plan).expect("node"), "res5");
     let before: Vec<Vec<f32>> = run
         .model
         .params

@@ -102,7 +102,7 @@ fn trained_run(encoder: &str, size: usize, dir: &Path) -> OpenRun {
         p.var.set(&t).expect("set");
     }
     let enc: Vec<_> = c
-        .schedule
+        .order
         .forward_order()
         .into_iter()
         .filter(|&n| matches!(model.module(n), Some(NodeModule::Stem(_) | NodeModule::Stage(_))))

@@ -8,6 +8,7 @@ pub mod experiment;
 pub mod load;
 pub mod location;
 pub mod node;
+pub mod values;
 
 use std::fmt;
 
@@ -16,6 +17,7 @@ pub use experiment::{DeviceKind, Experiment, GraphFile, InputConfig, Precision, 
 pub use load::{load, parse_str, Loaded, Locations};
 pub use location::{Location, SpanIndex};
 pub use node::{NodeConfig, NtXentConfig};
+pub use values::check_values;
 
 /// One problem in an experiment file.
 #[derive(Clone, Debug, PartialEq)]

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::nn::decoder::DecoderConfig;
 use crate::nn::stage::StageConfig;
 use crate::nn::stem::StemConfig;
+use crate::nn::Cost;
 
 fn half() -> f64 {
     0.5
@@ -40,7 +41,33 @@ pub enum NodeConfig {
     NtXent(NtXentConfig),
 }
 
+impl NtXentConfig {
+    /// NT-Xent keeps its `2N × 2N` similarities, their exponentials, the softmax and its
+    /// gradient: four matrices of the batch's square.
+    pub fn cost(&self) -> Cost {
+        Cost { pairwise: 4, ..Cost::default() }
+    }
+}
+
 impl NodeConfig {
+    /// What the node costs per image on a per-image `input` shape that [`crate::graph::shape`]
+    /// accepted (the layer spec's own count; zero where the input does not fit).
+    pub fn cost(&self, input: &[usize]) -> Cost {
+        match (self, input) {
+            (NodeConfig::Stem(s), &[c, h, w]) => s.cost([c, h, w]),
+            (NodeConfig::Stage(s), &[c, h, w]) => s.cost([c, h, w]),
+            (NodeConfig::Decoder(d), _) => d.cost(input),
+            (NodeConfig::NtXent(l), _) => l.cost(),
+            _ => Cost::default(),
+        }
+    }
+    /// The factor on a loss's gradient (1 for every other node).
+    pub fn loss_weight(&self) -> f64 {
+        match self {
+            NodeConfig::NtXent(l) => l.weight,
+            _ => 1.0,
+        }
+    }
     pub fn op_name(&self) -> &'static str {
         match self {
             NodeConfig::Stem(_) => "stem",

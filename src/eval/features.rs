@@ -7,12 +7,13 @@
 use candle_core::{Device, Tensor};
 use petgraph::graph::NodeIndex;
 
+use super::error::EvalError;
 use crate::config::NodeConfig;
 use crate::data::{self, EvalLoader, Split};
 use crate::exec::forward_to;
 use crate::exec::run_dir::OpenRun;
-use crate::graph::Compiled;
-use crate::{Error, Result};
+use crate::graph::Plan;
+use crate::Result;
 
 /// One row of `dim` floats per image, with its label.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,16 +54,24 @@ impl Features {
     /// Checks that `x` holds `n × dim` values and every label is below `num_classes`.
     pub fn validate(&self) -> Result<()> {
         if self.x.len() != self.n * self.dim || self.labels.len() != self.n {
-            return Err(Error::Msg(format!(
-                "features: {} values and {} labels for {} rows of width {}",
-                self.x.len(),
-                self.labels.len(),
-                self.n,
-                self.dim
-            )));
+            return Err(EvalError::Shape {
+                what: "features",
+                why: format!(
+                    "{} values and {} labels for {} rows of width {}",
+                    self.x.len(),
+                    self.labels.len(),
+                    self.n,
+                    self.dim
+                ),
+            }
+            .into());
         }
         if let Some(l) = self.labels.iter().find(|&&l| l as usize >= self.num_classes) {
-            return Err(Error::Msg(format!("features: label {l} but only {} classes", self.num_classes)));
+            return Err(EvalError::Shape {
+                what: "features",
+                why: format!("label {l} but only {} classes", self.num_classes),
+            }
+            .into());
         }
         Ok(())
     }
@@ -88,13 +97,16 @@ pub fn pool(t: &Tensor) -> Result<Tensor> {
     match t.rank() {
         2 => Ok(t.clone()),
         4 => Ok(t.mean((2, 3))?),
-        _ => Err(Error::Msg(format!("features: cannot pool a tensor of shape {:?}", t.dims()))),
+        _ => {
+            Err(EvalError::Shape { what: "features", why: format!("cannot pool a tensor of shape {:?}", t.dims()) }
+                .into())
+        }
     }
 }
 
 /// The encoder node a decoder or loss ultimately reads from: walks producers past decoders and
 /// losses. `None` for the input.
-pub fn encoder_source(c: &Compiled, node: NodeIndex) -> Option<NodeIndex> {
+pub fn encoder_source(c: &Plan, node: NodeIndex) -> Option<NodeIndex> {
     let mut n = node;
     loop {
         if n == c.input {
@@ -109,7 +121,7 @@ pub fn encoder_source(c: &Compiled, node: NodeIndex) -> Option<NodeIndex> {
 }
 
 /// Number of edges from the input to `node` (stage depth, for ordering).
-pub fn depth(c: &Compiled, node: NodeIndex) -> usize {
+pub fn depth(c: &Plan, node: NodeIndex) -> usize {
     let mut d = 0;
     let mut n = node;
     while let Some((_, p)) = c.producer(n) {
@@ -121,33 +133,32 @@ pub fn depth(c: &Compiled, node: NodeIndex) -> usize {
 
 /// The default node to evaluate: the deepest encoder node any loss reads from (`res5` for
 /// SimCLR, GIM and LoCo alike), i.e. the encoder's output.
-pub fn default_node(c: &Compiled) -> Result<String> {
+pub fn default_node(c: &Plan) -> Result<String> {
     c.losses
         .iter()
         .filter_map(|&l| encoder_source(c, l))
         .max_by_key(|&n| depth(c, n))
         .map(|n| c.id(n).to_string())
-        .ok_or_else(|| Error::Msg("the graph has no loss reading an encoder node".into()))
+        .ok_or_else(|| EvalError::NoEncoder.into())
 }
 
 /// Pooled features of node `node` for `split`, with the run's `data:` section (evaluation
 /// transform: no random augmentation).
 pub fn extract(run: &OpenRun, node: &str, split: Split, opts: &FeatureOptions) -> Result<Features> {
-    let c = &run.compiled;
+    let c = &run.plan;
     let Some(&idx) = c.ids.get(node) else {
         let known: Vec<&str> = c.ids.keys().map(String::as_str).collect();
-        return Err(Error::Msg(format!("no node `{node}` in this run's graph (nodes: {})", known.join(", "))));
+        return Err(EvalError::UnknownNode { node: node.into(), known: known.join(", ") }.into());
     };
     if c.graph[idx].is_loss() {
-        return Err(Error::Msg(format!("`{node}` is a loss; evaluate an encoder or decoder node")));
+        return Err(EvalError::LossNode { node: node.into() }.into());
     }
     let mut cfg = run.loaded.experiment.data.clone();
     if opts.limit.is_some() {
         cfg.limit = opts.limit;
     }
     let ds = data::open(&cfg, &run.loaded.base_dir, Some(split))?;
-    let num_classes =
-        ds.num_classes().ok_or_else(|| Error::Msg(format!("{}: unlabeled data cannot be evaluated", ds.name())))?;
+    let num_classes = ds.num_classes().ok_or_else(|| EvalError::Unlabeled { dataset: ds.name() })?;
     let mut x = Vec::new();
     let mut labels = Vec::new();
     let mut dim = 0;

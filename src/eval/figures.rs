@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
+use super::error::EvalError;
 use super::features::{self, FeatureOptions, Features};
 use super::plot::{self, Format, LinePanel, ScatterPanel, Series};
 use super::tsne::{self, TsneConfig};
@@ -35,10 +36,10 @@ pub fn label_run(arg: &str) -> Result<(String, PathBuf)> {
         }
     };
     if label.is_empty() || dir.as_os_str().is_empty() {
-        return Err(Error::Msg(format!("`{arg}`: expected LABEL=RUN_DIR")));
+        return Err(EvalError::LabelRun(arg.into()).into());
     }
     if !dir.is_dir() {
-        return Err(Error::Msg(format!("{}: not a run directory", dir.display())));
+        return Err(EvalError::NotARunDir(dir).into());
     }
     Ok((label, dir))
 }
@@ -73,7 +74,7 @@ pub fn read_loss_run(dir: &Path, label: &str) -> Result<LossRun> {
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
     let Some(step_col) = header.iter().position(|h| *h == "step") else {
-        return Err(Error::Msg(format!("{}: no `step` column in the header", path.display())));
+        return Err(EvalError::Metrics { path: path.clone(), why: "no `step` column in the header".into() }.into());
     };
     let rows: Vec<Vec<f64>> = lines
         .filter(|l| !l.trim().is_empty())
@@ -83,7 +84,7 @@ pub fn read_loss_run(dir: &Path, label: &str) -> Result<LossRun> {
     for &l in &c.losses {
         let id = c.id(l);
         let Some(col) = header.iter().position(|h| *h == id) else {
-            return Err(Error::Msg(format!("{}: no column for loss `{id}`", path.display())));
+            return Err(EvalError::Metrics { path: path.clone(), why: format!("no column for loss `{id}`") }.into());
         };
         let Some(src) = features::encoder_source(&c, l) else { continue };
         let points = rows.iter().filter_map(|r| Some((*r.get(step_col)?, *r.get(col)?))).collect();
@@ -217,7 +218,7 @@ pub fn tsne_figure(runs: &[(String, PathBuf)], opts: &TsneFigureOptions, outs: &
         let run = open_run(dir, &Device::Cpu)?;
         let node = match &opts.node {
             Some(n) => n.clone(),
-            None => features::default_node(&run.compiled)?,
+            None => features::default_node(&run.plan)?,
         };
         let f = tsne_features(&run, &node, opts.classes, opts.per_class)?;
         let points = tsne::tsne(&f.x, f.n, f.dim, &opts.tsne)?;

@@ -8,8 +8,9 @@
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::error::EvalError;
 use super::features::Features;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Settings of the kNN classifier; written into the report next to the result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,10 +78,18 @@ pub fn predict(train: &Features, test: &Features, cfg: &KnnConfig) -> Result<Vec
     train.validate()?;
     test.validate()?;
     if cfg.k == 0 || cfg.chunk == 0 || cfg.temperature.is_nan() || cfg.temperature <= 0.0 {
-        return Err(Error::Msg(format!("kNN: k and chunk must be at least 1 and the temperature > 0, got {cfg:?}")));
+        return Err(EvalError::Settings {
+            what: "kNN",
+            problems: vec![format!("k and chunk must be at least 1 and the temperature > 0, got {cfg:?}")],
+        }
+        .into());
     }
     if train.dim != test.dim || train.n == 0 {
-        return Err(Error::Msg(format!("kNN: train is {}×{}, test {}×{}", train.n, train.dim, test.n, test.dim)));
+        return Err(EvalError::Shape {
+            what: "kNN",
+            why: format!("train is {}×{}, test {}×{}", train.n, train.dim, test.n, test.dim),
+        }
+        .into());
     }
     let classes = train.num_classes.max(test.num_classes);
     let k = cfg.k.min(train.n);

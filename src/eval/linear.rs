@@ -14,10 +14,11 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::error::EvalError;
 use super::features::Features;
 use crate::nn::{Param, ParamKind};
 use crate::optim::{LrSchedule, Optimizer, Sgd, SgdConfig};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Settings of the probe; written into the report next to the result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,8 +84,7 @@ impl LinearConfig {
         if why.is_empty() {
             Ok(())
         } else {
-            let list: Vec<String> = why.iter().enumerate().map(|(i, w)| format!("  {}. {w}", i + 1)).collect();
-            Err(Error::Msg(format!("invalid linear probe settings:\n{}", list.join("\n"))))
+            Err(EvalError::Settings { what: "linear probe", problems: why }.into())
         }
     }
 }
@@ -144,10 +144,11 @@ pub fn probe(train: &Features, test: &Features, cfg: &LinearConfig) -> Result<Li
     train.validate()?;
     test.validate()?;
     if train.dim != test.dim || train.n == 0 || test.n == 0 {
-        return Err(Error::Msg(format!(
-            "linear probe: train is {}×{}, test {}×{}",
-            train.n, train.dim, test.n, test.dim
-        )));
+        return Err(EvalError::Shape {
+            what: "linear probe",
+            why: format!("train is {}×{}, test {}×{}", train.n, train.dim, test.n, test.dim),
+        }
+        .into());
     }
     let classes = train.num_classes.max(test.num_classes);
     let norm = cfg.standardize.then(|| moments(train));
@@ -193,7 +194,7 @@ pub fn probe(train: &Features, test: &Features, cfg: &LinearConfig) -> Result<Li
             opt.step(&params, &g, schedule.lr(step))?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
-                return Err(Error::Msg(format!("linear probe: loss is {l} at step {step}; lower the LR")));
+                return Err(EvalError::ProbeDiverged { loss: l, step }.into());
             }
             sum += l * chunk.len() as f64;
             count += chunk.len();

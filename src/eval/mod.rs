@@ -3,9 +3,10 @@
 //! [`features`] (pooled node outputs of the frozen encoder) feed [`linear`] (the linear probe)
 //! and [`knn`]; [`report`] runs them on a run directory and writes `eval_<protocol>_<node>.json`.
 //! [`tsne`] and [`plot`] draw Fig. 1 (per-decoder loss curves) and Fig. 2 (t-SNE), composed
-//! from run directories by [`figures`]. [`profile`] counts parameters, FLOPs and activations;
-//! [`schedule_memory`] predicts what a training step's schedule holds.
+//! from run directories by [`figures`]. [`profile`] prints the plan's per-stage costs (parameters,
+//! FLOPs, activations) beside the paper's table.
 
+pub mod error;
 pub mod features;
 pub mod figures;
 pub mod knn;
@@ -13,7 +14,7 @@ pub mod linear;
 pub mod plot;
 pub mod profile;
 pub mod report;
-pub mod schedule_memory;
 pub mod tsne;
 
+pub use error::EvalError;
 pub use profile::{profile, Profile};

@@ -14,6 +14,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
+use super::error::EvalError;
 use crate::{Error, Result};
 
 /// Output file type.
@@ -29,7 +30,7 @@ impl Format {
         match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
             Some("png") => Ok(Format::Png),
             Some("svg") => Ok(Format::Svg),
-            _ => Err(Error::Msg(format!("{}: a figure must end in .png or .svg", path.display()))),
+            _ => Err(EvalError::FigureFormat(path.into()).into()),
         }
     }
 }
@@ -116,11 +117,11 @@ fn ensure_font() -> Result<()> {
             .map_err(|_| format!("{}: not a TrueType/OpenType font", path.display()))
     })
     .clone()
-    .map_err(Error::Msg)
+    .map_err(|e| EvalError::Plot(e).into())
 }
 
 fn err<E: std::fmt::Display>(e: E) -> Error {
-    Error::Msg(format!("plot: {e}"))
+    EvalError::Plot(e.to_string()).into()
 }
 
 /// A whole figure, drawable on any backend (plotters backends are distinct types, and a
@@ -318,12 +319,13 @@ impl Figure for Scatters<'_> {
 pub fn scatter_figure(title: &str, panels: &[ScatterPanel], class_names: &[String], format: Format) -> Result<Vec<u8>> {
     for p in panels {
         if p.points.len() != p.labels.len() {
-            return Err(Error::Msg(format!(
-                "plot: {} points but {} labels in `{}`",
+            return Err(EvalError::Plot(format!(
+                "{} points but {} labels in `{}`",
                 p.points.len(),
                 p.labels.len(),
                 p.title
-            )));
+            ))
+            .into());
         }
     }
     let (rows, cols) = grid(panels.len(), 3);

@@ -1,5 +1,6 @@
-//! `locograph profile`: parameters, FLOPs and activation memory of every encoder stage, from
-//! the shapes alone (nothing is allocated), printed beside the LoCo supplementary's table.
+//! `locograph profile`: parameters, FLOPs and activation memory of every encoder stage, as the
+//! plan's per-node costs give them (from the layer specs; nothing is allocated), printed beside
+//! the LoCo supplementary's table.
 //!
 //! What is counted, per image:
 //! - **Parameters**: convolution weights and BatchNorm scale/shift (not the running
@@ -14,8 +15,8 @@
 //!   supplementary's ResNet-50 shares exactly (43.64 / 29.09 / 21.82 / 5.45 %), and its
 //!   PResNet-50 shares exactly for a res4 of 512 channels (128 wide) instead of Table 1's 576
 //!   (docs/performance.md, "How to read the supplementary's table").
-//! - **Memory, saved**: every tensor the engine keeps for the node's backward, as this crate
-//!   builds the node (see [`saved_elems`]): what a node holds while its graph is alive.
+//! - **Memory, saved**: every tensor the node keeps for its backward, as this crate builds the
+//!   node ([`Cost::saved`]): what a node holds while its graph is alive.
 //!
 //! The stem is **folded into the first stage** (the paper's "conv1 + res2" row): its
 //! parameters, FLOPs and saved tensors are added to that row; it has no paper-style memory,
@@ -24,11 +25,8 @@
 use std::fmt;
 
 use crate::config::NodeConfig;
-use crate::graph::Compiled;
-use crate::nn::block::BlockSpec;
-use crate::nn::conv::ConvSpec;
-use crate::nn::decoder::DecoderConfig;
-use crate::nn::stem::{StemConfig, StemKind};
+use crate::graph::Plan;
+use crate::nn::Cost;
 
 /// One row of the profile: an encoder stage (with the stem folded into the first one).
 #[derive(Clone, Debug, PartialEq)]
@@ -93,180 +91,35 @@ const PRESNET50: Reference = Reference {
            (docs/performance.md, \"How to read the supplementary's table\")",
 };
 
-fn conv_params(s: &ConvSpec) -> u64 {
-    (s.out_channels * (s.in_channels / s.groups) * s.kernel * s.kernel) as u64
-}
-
-/// Tensors of a conv's output size kept for the backward of conv + training-mode BatchNorm
-/// (`nn::batch_norm_op`): the conv output (the batch norm's input) and the batch norm's output
-/// (the next conv's input, ReLU fused in).
-const CONV_BN_SAVED: u64 = 2;
-
-/// Cost of one block on a `[C, H, W]` input, per image.
-struct BlockCost {
-    params: u64,
-    macs: u64,
-    /// Elements the engine keeps for the backward.
-    saved: u64,
-    /// The residual branch's conv channels at the block's output size (the paper-style count).
-    branch_maps: u64,
-    output: [usize; 3],
-}
-
-/// Saved as `exec::chain` runs a block in training: each conv's output; each batch norm's
-/// output but the last, whose batch norm, residual sum and ReLU are one op writing the block's
-/// output (the next block's leaf); the projection's conv and batch norm outputs.
-fn block_cost(spec: &BlockSpec, h: usize, w: usize) -> BlockCost {
-    let mut convs = spec.convs();
-    let projection = if spec.has_projection() { convs.pop() } else { None };
-    let (mut params, mut macs, mut saved, mut branch_maps) = (0, 0, 0, 0);
-    let (mut ch, mut cw) = (h, w);
-    let last = convs.len() - 1;
-    for (i, s) in convs.iter().enumerate() {
-        (ch, cw) = (s.out_size(ch), s.out_size(cw));
-        let out = (s.out_channels * ch * cw) as u64;
-        params += conv_params(s) + 2 * s.out_channels as u64;
-        macs += s.macs(ch, cw);
-        saved += out * if i != last { CONV_BN_SAVED } else { 1 };
-        branch_maps += s.out_channels as u64;
-    }
-    branch_maps *= (ch * cw) as u64;
-    let out = (spec.out_channels * ch * cw) as u64;
-    if let Some(p) = projection {
-        let (ph, pw) = (p.out_size(h), p.out_size(w));
-        params += conv_params(&p) + 2 * p.out_channels as u64;
-        macs += p.macs(ph, pw);
-        saved += (p.out_channels * ph * pw) as u64 * CONV_BN_SAVED;
-    }
-    // The block's output.
-    saved += out;
-    BlockCost { params, macs, saved, branch_maps, output: [spec.out_channels, ch, cw] }
-}
-
-fn stem_cost(cfg: &StemConfig, input: [usize; 3]) -> (u64, u64, u64) {
-    let s = cfg.conv_spec(input[0]);
-    let (h, w) = (s.out_size(input[1]), s.out_size(input[2]));
-    let conv_out = (s.out_channels * h * w) as u64;
-    let saved = if cfg.kind == StemKind::Imagenet {
-        // `nn::stem_pool_op`: the conv output, then the max pool's output and the u32 argmax
-        // positions (same size); the normalised map is never kept.
-        conv_out + 2 * (s.out_channels * ((h - 1) / 2 + 1) * ((w - 1) / 2 + 1)) as u64
-    } else {
-        conv_out * CONV_BN_SAVED
-    };
-    (conv_params(&s) + 2 * s.out_channels as u64, s.macs(h, w), saved)
-}
-
-fn decoder_saved(cfg: &DecoderConfig, input: &[usize]) -> u64 {
-    let mut saved = 0;
-    let mut pooled = input.first().copied().unwrap_or(0);
-    if let [c, h, w] = *input {
-        let (mut c, mut h, mut w) = (c, h, w);
-        for spec in cfg.block_specs(c) {
-            let b = block_cost(&spec, h, w);
-            saved += b.saved;
-            [c, h, w] = b.output;
-        }
-        pooled = c;
-        saved += c as u64;
-    }
-    // Each linear layer keeps its matmul and bias-add outputs, a ReLU between layers.
-    let hidden = cfg.mlp.hidden.unwrap_or(pooled);
-    for i in 0..cfg.mlp.depth {
-        let last = i + 1 == cfg.mlp.depth;
-        let d = if last { cfg.mlp.out } else { hidden } as u64;
-        saved += d * (2 + u64::from(!last) + if cfg.mlp.batch_norm && !last { 4 } else { 0 });
-    }
-    saved
-}
-
-/// Elements (per image) of every tensor candle's autograd keeps alive for the backward of a
-/// node built from `cfg` on a per-image `input` shape, the node's output included.
-///
-/// Counted: each conv output, each fused batch norm + ReLU output but a block's last (see
-/// [`block_cost`]), each block's output, a stage's bilinear resize (the row-resized
-/// intermediate and the output), the stem's max pool output and argmax positions, a decoder's
-/// pooled vector and MLP activations. Not counted: per-channel statistics, the node's input
-/// (its producer or the engine owns it), and the loss (its `[2N, 2N]` similarity matrix does
-/// not scale with the image).
-pub fn saved_elems(cfg: &NodeConfig, input: &[usize]) -> u64 {
-    match (cfg, input) {
-        (NodeConfig::Stem(s), &[c, h, w]) => stem_cost(s, [c, h, w]).2,
-        (NodeConfig::Stage(s), &[c, h, w]) => {
-            let mut saved = 0;
-            let (mut h, mut w) = (h, w);
-            if let Some(r) = s.resize {
-                // Columns first ([C, H, r]), then rows ([C, r, r]); a side already at r is skipped.
-                if w != r {
-                    saved += (c * h * r) as u64;
-                }
-                if h != r {
-                    saved += (c * r * r) as u64;
-                }
-                (h, w) = (r, r);
-            }
-            for spec in s.block_specs(c) {
-                let b = block_cost(&spec, h, w);
-                saved += b.saved;
-                (h, w) = (b.output[1], b.output[2]);
-            }
-            saved
-        }
-        (NodeConfig::Decoder(d), _) => decoder_saved(d, input),
-        _ => 0,
-    }
-}
-
-/// Profiles the encoder of `c` (its stem and stage nodes, in forward order) for a square
-/// `input × input` image with the experiment's channel count. Decoders and losses are left out.
-///
-/// Shapes are inferred again for `input`; a stage that does not fit that size (a feature map
-/// that vanishes) ends the profile there.
-pub fn profile(c: &Compiled, input: usize) -> Profile {
-    let channels = c.graph[c.input].shape.first().copied().unwrap_or(3);
-    let mut shapes: Vec<Option<Vec<usize>>> = vec![None; c.graph.node_count()];
-    shapes[c.input.index()] = Some(vec![channels, input, input]);
+/// Profiles the encoder of `plan` (its stem and stage nodes, in forward order) at the plan's
+/// input size, from the plan's per-node costs. Decoders and losses are left out.
+pub fn profile(plan: &Plan) -> Profile {
+    let input = plan.graph[plan.input].shape.get(1).copied().unwrap_or(0);
     let mut rows: Vec<NodeProfile> = vec![];
-    let mut stem: Option<(String, u64, u64, u64)> = None;
+    let mut stem: Option<(String, Cost)> = None;
     let mut last_channels = 0;
-    for n in c.schedule.forward_order() {
-        let Some(cfg) = &c.graph[n].config else { continue };
-        if !matches!(cfg, NodeConfig::Stem(_) | NodeConfig::Stage(_)) {
-            continue;
-        }
-        let Some(inp) = c.producer(n).and_then(|(_, p)| shapes[p.index()].clone()) else { continue };
-        let Ok(out) = crate::graph::shape::infer(cfg, &inp) else { break };
-        let &[ic, ih, iw] = inp.as_slice() else { break };
-        shapes[n.index()] = Some(out.clone());
-        last_channels = out[0];
+    for n in plan.order.forward_order() {
+        let Some(cfg) = &plan.graph[n].config else { continue };
+        let cost = *plan.cost(n);
         match cfg {
-            NodeConfig::Stem(s) => {
-                let (p, m, sv) = stem_cost(s, [ic, ih, iw]);
-                stem = Some((c.id(n).to_string(), p, m, sv));
-            }
-            NodeConfig::Stage(s) => {
+            NodeConfig::Stem(_) => stem = Some((plan.id(n).to_string(), cost)),
+            NodeConfig::Stage(_) => {
+                let output = plan.graph[n].shape.clone();
+                last_channels = output.first().copied().unwrap_or(0);
                 let mut row = NodeProfile {
-                    id: c.id(n).to_string(),
+                    id: plan.id(n).to_string(),
                     folded: vec![],
-                    output: out.clone(),
-                    params: 0,
-                    macs: 0,
-                    paper_elems: 0,
-                    saved_elems: saved_elems(cfg, &inp),
+                    output,
+                    params: cost.params,
+                    macs: cost.macs,
+                    paper_elems: cost.paper,
+                    saved_elems: cost.saved,
                 };
-                let (mut h, mut w) = s.resize.map_or((ih, iw), |r| (r, r));
-                for spec in s.block_specs(ic) {
-                    let b = block_cost(&spec, h, w);
-                    row.params += b.params;
-                    row.macs += b.macs;
-                    row.paper_elems += b.branch_maps;
-                    (h, w) = (b.output[1], b.output[2]);
-                }
-                if let Some((id, p, m, sv)) = stem.take() {
+                if let Some((id, s)) = stem.take() {
                     row.folded.push(id);
-                    row.params += p;
-                    row.macs += m;
-                    row.saved_elems += sv;
+                    row.params += s.params;
+                    row.macs += s.macs;
+                    row.saved_elems += s.saved;
                 }
                 rows.push(row);
             }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 
+use super::error::EvalError;
 use super::features::{self, FeatureOptions, Features};
 use super::knn::{self, KnnConfig};
 use super::linear::{self, LinearConfig};
@@ -36,7 +37,7 @@ impl Protocol {
         match name {
             "linear" => Ok(Protocol::Linear(LinearConfig::default())),
             "knn" => Ok(Protocol::Knn(KnnConfig::default())),
-            _ => Err(Error::Msg(format!("unknown protocol `{name}` (expected `linear` or `knn`)"))),
+            _ => Err(EvalError::UnknownProtocol(name.into()).into()),
         }
     }
 }
@@ -78,7 +79,7 @@ pub fn evaluate_run(
     let run = open_run(run_dir, &Device::Cpu)?;
     let node = match &opts.node {
         Some(n) => n.clone(),
-        None => features::default_node(&run.compiled)?,
+        None => features::default_node(&run.plan)?,
     };
     let t0 = Instant::now();
     let (train, test) = split_features(&run, &node, opts)?;
@@ -111,7 +112,7 @@ pub fn evaluate_run(
             "locograph": env!("CARGO_PKG_VERSION"),
         });
         let path = report_path(run_dir, p.name(), &node);
-        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Msg(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&report).map_err(|e| EvalError::Serialise(e.to_string()))?;
         std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))?;
         out.push((path, report));
     }
@@ -127,5 +128,5 @@ pub fn summary(path: &Path, report: &serde_json::Value) -> String {
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
-    serde_json::to_value(v).map_err(|e| Error::Msg(format!("cannot serialise the report: {e}")))
+    serde_json::to_value(v).map_err(|e| EvalError::Serialise(e.to_string()).into())
 }

@@ -11,7 +11,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use super::error::EvalError;
+use crate::Result;
 
 /// t-SNE settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,18 +119,26 @@ fn joint_p(d: &[f64], n: usize, perplexity: f64) -> Vec<f64> {
 /// `x: [n, dim]` → `n` points `[f64; 2]`.
 pub fn tsne(x: &[f32], n: usize, dim: usize, cfg: &TsneConfig) -> Result<Vec<[f64; 2]>> {
     if x.len() != n * dim || n < 2 {
-        return Err(Error::Msg(format!("t-SNE: {} values for {n} points of width {dim} (need ≥ 2 points)", x.len())));
+        return Err(EvalError::Shape {
+            what: "t-SNE",
+            why: format!("{} values for {n} points of width {dim} (need ≥ 2 points)", x.len()),
+        }
+        .into());
     }
     if !(cfg.perplexity > 0.0 && cfg.perplexity < (n - 1) as f64) {
-        return Err(Error::Msg(format!("t-SNE: perplexity {} must be in (0, n - 1 = {})", cfg.perplexity, n - 1)));
+        return Err(EvalError::Settings {
+            what: "t-SNE",
+            problems: vec![format!("perplexity {} must be in (0, n - 1 = {})", cfg.perplexity, n - 1)],
+        }
+        .into());
     }
     if x.iter().any(|v| !v.is_finite()) {
-        return Err(Error::Msg("t-SNE: the features contain NaN or infinity".into()));
+        return Err(EvalError::Shape { what: "t-SNE", why: "the features contain NaN or infinity".into() }.into());
     }
     let lr = cfg.learning_rate.unwrap_or((n as f64 / cfg.early_exaggeration / 4.0).max(50.0));
     let p = joint_p(&sq_distances(x, n, dim), n, cfg.perplexity);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let normal = Normal::new(0.0, 1e-4).map_err(|e| Error::Msg(e.to_string()))?;
+    let normal = Normal::new(0.0, 1e-4).map_err(|e| EvalError::Shape { what: "t-SNE", why: e.to_string() })?;
     let mut y: Vec<[f64; 2]> = (0..n).map(|_| [normal.sample(&mut rng), normal.sample(&mut rng)]).collect();
     let mut velocity = vec![[0f64; 2]; n];
     let mut gains = vec![[1f64; 2]; n];

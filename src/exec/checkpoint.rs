@@ -30,6 +30,8 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::durable::fsync;
+use super::error::{CheckpointError, TrainError};
 use super::model::Model;
 use crate::config::Experiment;
 use crate::optim::Optimizer;
@@ -109,23 +111,6 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Flushes a file's data (or a folder's entries) to the disk.
-pub fn fsync(path: &Path) -> Result<()> {
-    File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(path, e))
-}
-
-/// Writes `bytes` to `path` so that a crash leaves either the old or the new content:
-/// temporary file beside it, fsync, rename, fsync of the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    fsync(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    fsync(dir)
-}
-
 /// Refuses to checkpoint a model with a NaN or infinite value: a loss can still be finite
 /// on the step whose update overflowed, and saving then would replace the last good
 /// checkpoint with a broken one.
@@ -133,9 +118,7 @@ pub fn check_finite(model: &Model, step: u64) -> Result<()> {
     for (name, t) in model.params.named_tensors() {
         let v = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         if let Some(x) = v.iter().find(|x| !x.is_finite()) {
-            return Err(Error::Msg(format!(
-                "parameter `{name}` is {x} after step {step}: training diverged; not saving a checkpoint (the previous one is kept). Lower the learning rate?"
-            )));
+            return Err(TrainError::NonFiniteParameter { param: name, value: *x, step }.into());
         }
     }
     Ok(())
@@ -169,7 +152,8 @@ pub fn save(
         fsync(&p)?;
         state.files.insert(f.to_string(), sha256_file(&p)?);
     }
-    let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Msg(format!("checkpoint state: {e}")))?;
+    let json = serde_json::to_string_pretty(&state)
+        .map_err(|e| CheckpointError::Serialise { what: "the checkpoint state", why: e.to_string() })?;
     std::fs::write(tmp.join(STATE), json).map_err(|e| Error::io(tmp.join(STATE), e))?;
     fsync(&tmp.join(STATE))?;
     fsync(&tmp)?;
@@ -221,57 +205,43 @@ pub struct Checkpoint {
 }
 
 /// Reads the newest checkpoint of `run` and verifies its files against their hashes.
-/// A damaged checkpoint is refused (never silently skipped), naming the previous one.
+/// A damaged checkpoint is refused (never silently skipped), naming the older one if any.
 pub fn latest(run: &Path) -> Result<Checkpoint> {
-    if !run.join(super::run_dir::CONFIG).is_file() {
-        return Err(Error::Msg(format!("{}: not a run directory (no {})", run.display(), super::run_dir::CONFIG)));
-    }
     let all = list(run)?;
-    let Some((_, dir)) = all.last() else {
-        return Err(Error::Msg(format!(
-            "{}: no checkpoint in this run (it stopped before its first checkpoint; set `train.checkpoint_every` and start it again with `locograph run`)",
-            run.display()
-        )));
-    };
-    let previous = match all.len() {
-        n if n >= 2 => {
-            format!("; to resume from the previous checkpoint instead, move {} out of the way", dir.display())
-        }
-        _ => String::new(),
-    };
-    read(dir).map_err(|e| Error::Msg(format!("{e}{previous}")))
+    let Some((_, dir)) = all.last() else { return Err(CheckpointError::NoCheckpoint { run: run.into() }.into()) };
+    read(dir, all.len() >= 2)
 }
 
-/// Reads and verifies one checkpoint folder.
-pub fn read(dir: &Path) -> Result<Checkpoint> {
-    let damaged = |what: String| Error::Msg(format!("checkpoint {} is damaged: {what}", dir.display()));
+/// Reads and verifies one checkpoint folder; `older`: another checkpoint exists before it
+/// (named in the error when this one is damaged).
+pub fn read(dir: &Path, older: bool) -> Result<Checkpoint> {
+    let damaged = |file: &str, why: String| -> Error {
+        CheckpointError::Damaged { dir: dir.into(), file: file.into(), why, older }.into()
+    };
     let state_path = dir.join(STATE);
-    let text = std::fs::read_to_string(&state_path).map_err(|e| damaged(format!("{STATE}: {e}")))?;
+    let text = std::fs::read_to_string(&state_path).map_err(|e| damaged(STATE, e.to_string()))?;
     // Read the version alone first, so a newer format gets a version message, not a parse error.
     let version = serde_json::from_str::<serde_json::Value>(&text)
-        .map_err(|e| damaged(format!("{STATE}: {e}")))?
+        .map_err(|e| damaged(STATE, e.to_string()))?
         .get("format_version")
         .and_then(serde_json::Value::as_u64);
     if version != Some(u64::from(FORMAT_VERSION)) {
-        return Err(Error::Msg(format!(
-            "checkpoint {} has format version {}, this locograph reads version {FORMAT_VERSION}",
-            dir.display(),
-            version.map_or("(none)".to_string(), |v| v.to_string())
-        )));
+        return Err(CheckpointError::FormatVersion { dir: dir.into(), found: version, expected: FORMAT_VERSION }.into());
     }
-    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| damaged(format!("{STATE}: {e}")))?;
+    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| damaged(STATE, e.to_string()))?;
     for f in [WEIGHTS, OPTIMIZER, CONFIG] {
-        let want = state.files.get(f).ok_or_else(|| damaged(format!("{STATE} lists no hash for {f}")))?;
+        let want = state.files.get(f).ok_or_else(|| damaged(STATE, format!("it lists no hash for {f}")))?;
         let p = dir.join(f);
         if !p.exists() {
-            return Err(damaged(format!("{f} is missing")));
+            return Err(damaged(f, "missing".into()));
         }
         let got = sha256_file(&p)?;
         if &got != want {
             let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-            return Err(damaged(format!(
-                "{f} ({len} bytes) does not match its recorded sha256 (truncated or overwritten?)"
-            )));
+            return Err(damaged(
+                f,
+                format!("does not match its recorded sha256 ({len} bytes: truncated or overwritten?)"),
+            ));
         }
     }
     Ok(Checkpoint { dir: dir.to_path_buf(), state })
@@ -284,7 +254,7 @@ impl Checkpoint {
         model.params.load_safetensors(&self.dir.join(WEIGHTS))?;
         let path = self.dir.join(OPTIMIZER);
         let mut state: Vec<(String, Tensor)> = candle_core::safetensors::load(&path, &Device::Cpu)
-            .map_err(|e| Error::Msg(format!("{}: cannot read optimizer state: {e}", path.display())))?
+            .map_err(|e| CheckpointError::OptimizerState { path: path.clone(), why: format!("cannot read it: {e}") })?
             .into_iter()
             .collect();
         // The optimizer keeps its state on the model's device.
@@ -293,8 +263,6 @@ impl Checkpoint {
             *t = t.to_device(&device)?;
         }
         state.sort_by(|a, b| a.0.cmp(&b.0));
-        optimizer
-            .load_state(&state)
-            .map_err(|e| Error::Msg(format!("{}: optimizer state does not fit: {e}", path.display())))
+        optimizer.load_state(&state).map_err(|e| CheckpointError::OptimizerState { path, why: e.to_string() }.into())
     }
 }

@@ -1,13 +1,24 @@
-//! Runs a compiled graph with candle.
+//! Runs a plan with candle: one training step ([`step`], walked by [`engine`]), the training
+//! loop around it ([`train`]: [`setup`], [`memory_guard`], [`metrics`], [`checkpoint`],
+//! [`run_dir`]), and the naive reference the step is tested against ([`reference`]).
 
-pub mod chain;
+pub mod accounting;
 pub mod checkpoint;
+pub mod durable;
 pub mod engine;
+pub mod error;
+pub mod memory_guard;
+pub mod metrics;
 pub mod model;
 pub mod reference;
 pub mod run_dir;
+pub mod setup;
+pub mod step;
 pub mod train;
 
-pub use engine::{forward_to, run_step, run_step_with, GradsFinal, Hooks, StepOutput};
-pub use model::{Model, NodeModule, Piece};
+pub use engine::{forward_to, run_step, run_step_with, Hooks, StepOutput};
+pub use error::{CheckpointError, TrainError};
+pub use model::{Model, NodeModule};
 pub use reference::reference_grads;
+pub use setup::validate;
+pub use step::{GradsFinal, StepState};

@@ -1,92 +1,79 @@
-//! The modules of a compiled graph, built with seeded, named parameters.
+//! The layers of a plan, built with seeded, named parameters.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use petgraph::graph::NodeIndex;
 use tracing::info_span;
 
 use crate::config::NodeConfig;
-use crate::graph::Compiled;
-use crate::loss::nt_xent;
-use crate::nn::batch_norm_op::BatchNormTrain;
+use crate::graph::Plan;
+use crate::loss::NtXent;
 use crate::nn::decoder::{decoder, Decoder};
 use crate::nn::stage::{stage, Stage};
 use crate::nn::stem::{stem, Stem};
-use crate::nn::{ParamBuilder, ParamStore};
+use crate::nn::{Layer, Link, ParamBuilder, ParamStore};
 
-/// What one node computes.
+/// What one node computes. The engine sees only its [`Layer`]; exporters read the concrete
+/// layers (`export::onnx` writes a stage's convolutions).
 #[derive(Clone, Debug)]
 pub enum NodeModule {
     Stem(Stem),
     Stage(Stage),
     Decoder(Decoder),
-    NtXent { temperature: f64 },
+    NtXent(NtXent),
 }
 
 impl NodeModule {
-    /// # Shapes
-    /// `[2N, …]` → `[2N, …]` (a loss: `[2N, D]` → scalar).
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn layer(&self) -> &dyn Layer {
         match self {
-            NodeModule::Stem(m) => m.forward_t(x, train),
-            NodeModule::Stage(m) => m.forward_t(x, train),
-            NodeModule::Decoder(m) => m.forward_t(x, train),
-            NodeModule::NtXent { temperature } => nt_xent(x, *temperature),
+            NodeModule::Stem(m) => m,
+            NodeModule::Stage(m) => m,
+            NodeModule::Decoder(m) => m,
+            NodeModule::NtXent(m) => m,
         }
     }
 }
 
-/// What one piece of a node's forward returns.
-#[derive(Clone, Debug)]
-pub enum Piece {
-    /// The piece's output.
-    Plain(Tensor),
-    /// The two terms of an output `relu(branch + shortcut)` (a residual block).
-    Residual { branch: Tensor, shortcut: Tensor },
-    /// A residual block whose branch ends in a training-mode batch norm: the output is
-    /// `relu(op(z; γ, β) + shortcut)`, computed by the engine in one pass (`exec::chain`).
-    Tail { z: Tensor, op: BatchNormTrain, gamma: Tensor, beta: Tensor, shortcut: Tensor },
-}
-
-/// All modules, indexed like the graph's nodes, and their parameters.
+/// All modules, indexed like the plan's nodes, and their parameters.
 #[derive(Clone, Debug)]
 pub struct Model {
     pub modules: Vec<Option<NodeModule>>,
-    /// Frozen nodes run BatchNorm in eval mode even while training.
+    /// Frozen nodes run batch norm in eval mode even while training.
     pub frozen: Vec<bool>,
     pub params: ParamStore,
     /// Indices into `params.params` of each node's parameters.
     pub node_params: Vec<Vec<usize>>,
     /// The type stems, stages and decoders compute in (`precision:`); parameters stay f32 and
-    /// are cast on use, so their gradients arrive in f32 ("master weights").
+    /// are cast on use, so their gradients arrive in f32 ("master weights"). Losses compute in
+    /// f32 whatever this says (a softmax over 2N similarities).
     pub compute: DType,
 }
 
 impl Model {
     /// Builds every node; parameter names start with the node id.
-    pub fn new(c: &Compiled, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(plan: &Plan, seed: u64, device: &Device) -> Result<Self> {
         let pb = ParamBuilder::new(seed, device, DType::F32);
-        let n = c.graph.node_count();
+        let n = plan.graph.node_count();
         let mut modules = vec![None; n];
         let mut frozen = vec![false; n];
-        for idx in c.graph.node_indices() {
-            let node = &c.graph[idx];
+        for idx in plan.graph.node_indices() {
+            let node = &plan.graph[idx];
             let Some(cfg) = &node.config else { continue };
             let _span = info_span!("build", node = %node.id).entered();
-            let in_c = c.producer(idx).map(|(_, p)| c.graph[p].shape.first().copied().unwrap_or(0)).unwrap_or(0);
+            let in_c = plan.producer(idx).map(|(_, p)| plan.graph[p].shape.first().copied().unwrap_or(0)).unwrap_or(0);
             frozen[idx.index()] = cfg.is_frozen();
             let b = pb.pp(&node.id).frozen(cfg.is_frozen());
             modules[idx.index()] = Some(match cfg {
                 NodeConfig::Stem(s) => NodeModule::Stem(stem(s, in_c, &b)?),
                 NodeConfig::Stage(s) => NodeModule::Stage(stage(s, in_c, &b)?),
                 NodeConfig::Decoder(d) => NodeModule::Decoder(decoder(d, in_c, &b)?),
-                NodeConfig::NtXent(l) => NodeModule::NtXent { temperature: l.temperature },
+                NodeConfig::NtXent(l) => NodeModule::NtXent(NtXent { temperature: l.temperature }),
             });
         }
         let params = pb.store();
         let mut node_params = vec![vec![]; n];
         for (i, p) in params.params.iter().enumerate() {
             let id = p.name.split('.').next().unwrap_or_default();
-            if let Some(&ni) = c.ids.get(id) {
+            if let Some(&ni) = plan.ids.get(id) {
                 node_params[ni.index()].push(i);
             }
         }
@@ -103,34 +90,20 @@ impl Model {
         self.modules[n.index()].as_ref()
     }
 
-    /// How many pieces the engine cuts node `n`'s forward into, so that its backward can free
-    /// them one by one: a stage's residual blocks, one piece for any other node.
-    pub fn pieces(&self, n: NodeIndex) -> usize {
-        match self.module(n) {
-            Some(NodeModule::Stage(s)) => s.blocks().len().max(1),
-            _ => 1,
-        }
+    /// How many links node `n`'s training forward is cut into ([`Layer::links`]); 1 for
+    /// `input`.
+    pub fn links(&self, n: NodeIndex) -> usize {
+        self.module(n).map_or(1, |m| m.layer().links())
     }
 
-    /// Piece `k` of node `n`'s forward ([`Model::pieces`]); piece 0 reads the node's input,
-    /// piece `k` the output of piece `k − 1`. Chained, the pieces compute [`Model::forward_node`].
-    pub fn forward_piece(&self, n: NodeIndex, k: usize, x: &Tensor, train: bool) -> Result<Piece> {
+    /// Link `k` of node `n`'s forward ([`Layer::forward_link`]), its input cast to the node's
+    /// compute type; a frozen node runs in eval mode.
+    pub fn forward_link(&self, n: NodeIndex, k: usize, input: Option<Var>, x: &Tensor, train: bool) -> Result<Link> {
         let train = train && !self.frozen[n.index()];
         match self.module(n) {
-            Some(NodeModule::Stage(s)) if !s.blocks().is_empty() => {
-                let x = if k == 0 { s.resize_input(&x.to_dtype(self.compute)?)? } else { x.clone() };
-                let block = &s.blocks()[k];
-                let (z, shortcut) = block.forward_tail_inputs(&x, train)?;
-                let bn = block.last_bn();
-                if train {
-                    if let Some(op) = bn.fused_train_op(&z)? {
-                        let (gamma, beta) = (bn.weight().clone(), bn.bias().clone());
-                        return Ok(Piece::Tail { z, op, gamma, beta, shortcut });
-                    }
-                }
-                Ok(Piece::Residual { branch: bn.forward_t(&z, train)?, shortcut })
-            }
-            _ => Ok(Piece::Plain(self.forward_node(n, x, train)?)),
+            Some(m) if k == 0 => m.layer().forward_link(0, input, &x.to_dtype(self.dtype(m))?, train),
+            Some(m) => m.layer().forward_link(k, input, x, train),
+            None => Ok(Link::plain(input, x.clone())),
         }
     }
 
@@ -138,11 +111,16 @@ impl Model {
     pub fn forward_node(&self, n: NodeIndex, x: &Tensor, train: bool) -> Result<Tensor> {
         let train = train && !self.frozen[n.index()];
         match self.module(n) {
-            // Losses are computed in f32 whatever the precision (softmax over 2N similarities).
-            Some(m @ NodeModule::NtXent { .. }) => m.forward_t(&x.to_dtype(DType::F32)?, train),
-            // A no-op in f32; otherwise the cast's backward returns f32 cotangents upstream.
-            Some(m) => m.forward_t(&x.to_dtype(self.compute)?, train),
+            // A no-op in the compute type; otherwise the cast's backward returns f32 cotangents.
+            Some(m) => m.layer().forward_t(&x.to_dtype(self.dtype(m))?, train),
             None => Ok(x.clone()),
+        }
+    }
+
+    fn dtype(&self, m: &NodeModule) -> DType {
+        match m {
+            NodeModule::NtXent(_) => DType::F32,
+            _ => self.compute,
         }
     }
 }

@@ -17,10 +17,10 @@ use petgraph::algo::toposort;
 
 use super::model::Model;
 use crate::config::NodeConfig;
-use crate::graph::Compiled;
+use crate::graph::Plan;
 
 /// Parameter gradients (`Model::params.params` order) summed over all losses.
-pub fn reference_grads(c: &Compiled, model: &Model, batch: &Tensor) -> Result<Vec<Option<Tensor>>> {
+pub fn reference_grads(c: &Plan, model: &Model, batch: &Tensor) -> Result<Vec<Option<Tensor>>> {
     let order = toposort(&c.graph, None).map_err(|_| candle_core::Error::Msg("cycle".into()))?;
     let mut total: Vec<Option<Tensor>> = vec![None; model.params.params.len()];
     for &l in &c.reach.losses {
@@ -37,10 +37,7 @@ pub fn reference_grads(c: &Compiled, model: &Model, batch: &Tensor) -> Result<Ve
             };
             values[n.index()] = Some(v);
         }
-        let w = match &c.graph[l].config {
-            Some(NodeConfig::NtXent(x)) => x.weight,
-            _ => 1.0,
-        };
+        let w = c.graph[l].config.as_ref().map_or(1.0, NodeConfig::loss_weight);
         let loss = values[l.index()].take().expect("loss computed");
         let gs = (loss * w)?.backward()?;
         for (i, p) in model.params.params.iter().enumerate() {

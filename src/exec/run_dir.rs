@@ -16,10 +16,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
-use super::checkpoint::{fsync, write_atomic};
+use super::durable::{fsync, write_atomic};
+use super::error::CheckpointError;
 use super::model::Model;
 use crate::config::{parse_str, Experiment, Loaded};
-use crate::graph::{compile, Compiled};
+use crate::graph::{compile, Plan};
 use crate::{Error, Result};
 
 pub const CONFIG: &str = "config.yaml";
@@ -33,14 +34,46 @@ pub const DERIVED: &str = "derived.json";
 pub fn resolved_yaml(exp: &Experiment) -> Result<String> {
     let mut e = exp.clone();
     e.encoder = None;
-    serde_yaml::to_string(&e).map_err(|err| Error::Msg(format!("cannot serialise the experiment: {err}")))
+    serde_yaml::to_string(&e)
+        .map_err(|err| CheckpointError::Serialise { what: "the experiment", why: err.to_string() }.into())
+}
+
+/// A new run directory's name: `<root>/<name>-YYYYmmdd-HHMMSS` (UTC).
+pub fn new_dir(root: &Path, name: &str) -> PathBuf {
+    root.join(format!("{name}-{}", timestamp()))
+}
+
+/// `YYYYmmdd-HHMMSS` in UTC, without a date-time dependency.
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Refuses a folder that is not a run directory (no `config.yaml`).
+pub fn check(dir: &Path) -> Result<()> {
+    if dir.join(CONFIG).is_file() {
+        Ok(())
+    } else {
+        Err(CheckpointError::NotARunDir { dir: dir.into(), file: CONFIG }.into())
+    }
 }
 
 /// A trained run opened again: its experiment, graph and model with the saved weights.
 pub struct OpenRun {
     pub dir: PathBuf,
     pub loaded: Loaded,
-    pub compiled: Compiled,
+    pub plan: Plan,
     pub model: Model,
     pub meta: serde_json::Value,
 }
@@ -48,6 +81,7 @@ pub struct OpenRun {
 /// Reads a run's `config.yaml`, resolving relative paths against the original experiment's
 /// folder (recorded in `meta.json`).
 pub fn load_config(dir: &Path) -> Result<Loaded> {
+    check(dir)?;
     let cfg_path = dir.join(CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let mut loaded = parse_str(&text, &cfg_path)?;
@@ -66,23 +100,23 @@ pub fn load_config(dir: &Path) -> Result<Loaded> {
 /// Errors name the missing or mismatching file and keys; nothing is written.
 pub fn open_run(dir: &Path, device: &Device) -> Result<OpenRun> {
     let loaded = load_config(dir)?;
-    let compiled = compile(&loaded)?;
-    let model = Model::new(&compiled, loaded.experiment.seed, device)?;
+    let plan = compile(&loaded)?;
+    let model = Model::new(&plan, loaded.experiment.seed, device)?;
     let w = dir.join(WEIGHTS);
     if !w.exists() {
-        return Err(Error::Msg(format!("{}: no weights in this run (was it trained?)", w.display())));
+        return Err(CheckpointError::NoWeights { path: w }.into());
     }
     model.params.load_safetensors(&w)?;
     let meta = std::fs::read_to_string(dir.join(META))
         .ok()
         .and_then(|m| serde_json::from_str(&m).ok())
         .unwrap_or(serde_json::Value::Null);
-    Ok(OpenRun { dir: dir.to_path_buf(), loaded, compiled, model, meta })
+    Ok(OpenRun { dir: dir.to_path_buf(), loaded, plan, model, meta })
 }
 
 /// The method a graph implements, for metadata: `simclr` (one loss, no stops), `gim` (a stop
 /// for all losses at every stage input), `loco` (stops naming losses), else `custom`.
-pub fn method_name(c: &Compiled) -> &'static str {
+pub fn method_name(c: &Plan) -> &'static str {
     use crate::config::Stop;
     let stops: Vec<&Stop> = c.graph.edge_weights().map(|e| &e.stop).filter(|s| !s.is_none()).collect();
     match (c.reach.losses.len(), stops.is_empty()) {
@@ -96,7 +130,7 @@ pub fn method_name(c: &Compiled) -> &'static str {
 /// Writes `config.yaml`, `weights.safetensors` and `meta.json` for `model` at `step`.
 /// Files are written to a temporary name, fsynced and renamed (and the folder fsynced), so a
 /// crash never leaves a torn file. What `resume` reads is the checkpoint, not these files.
-pub fn save(dir: &Path, loaded: &Loaded, compiled: &Compiled, model: &Model, step: u64) -> Result<()> {
+pub fn save(dir: &Path, loaded: &Loaded, plan: &Plan, model: &Model, step: u64) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let write = |name: &str, bytes: &[u8]| write_atomic(&dir.join(name), bytes);
     write(CONFIG, resolved_yaml(&loaded.experiment)?.as_bytes())?;
@@ -105,11 +139,11 @@ pub fn save(dir: &Path, loaded: &Loaded, compiled: &Compiled, model: &Model, ste
     fsync(&tmp)?;
     std::fs::rename(&tmp, dir.join(WEIGHTS)).map_err(|e| Error::io(dir.join(WEIGHTS), e))?;
     fsync(dir)?;
-    let losses: Vec<&str> = compiled.losses.iter().map(|&l| compiled.id(l)).collect();
+    let losses: Vec<&str> = plan.losses.iter().map(|&l| plan.id(l)).collect();
     let base = std::fs::canonicalize(&loaded.base_dir).unwrap_or_else(|_| loaded.base_dir.clone());
     let meta = serde_json::json!({
         "name": loaded.experiment.name,
-        "method": method_name(compiled),
+        "method": method_name(plan),
         "step": step,
         "losses": losses,
         "base_dir": base,

@@ -17,13 +17,13 @@ pub use verify::{parity, verify, OutputDiff, TOLERANCE};
 use petgraph::graph::NodeIndex;
 
 use crate::exec::{Model, NodeModule};
-use crate::graph::Compiled;
+use crate::graph::Plan;
 
 /// The encoder's nodes in forward order: stems and stages whose producer is the input or
 /// another encoder node. Everything downstream of a decoder is not part of the encoder.
-pub fn encoder_nodes(c: &Compiled, model: &Model) -> Vec<NodeIndex> {
+pub fn encoder_nodes(c: &Plan, model: &Model) -> Vec<NodeIndex> {
     let mut enc: Vec<NodeIndex> = vec![];
-    for n in c.schedule.forward_order() {
+    for n in c.order.forward_order() {
         let is_layer = matches!(model.module(n), Some(NodeModule::Stem(_) | NodeModule::Stage(_)));
         let fed = c.producer(n).is_some_and(|(_, p)| p == c.input || enc.contains(&p));
         if is_layer && fed {
@@ -35,7 +35,7 @@ pub fn encoder_nodes(c: &Compiled, model: &Model) -> Vec<NodeIndex> {
 
 /// The node whose pooled output is the embedding: the last encoder node in forward order that
 /// no other encoder node reads (`res5` in a ResNet).
-pub fn embedding_node(c: &Compiled, model: &Model) -> Option<NodeIndex> {
+pub fn embedding_node(c: &Plan, model: &Model) -> Option<NodeIndex> {
     let enc = encoder_nodes(c, model);
     enc.iter().rev().copied().find(|&n| !enc.iter().any(|&m| c.producer(m).is_some_and(|(_, p)| p == n)))
 }

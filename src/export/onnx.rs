@@ -79,7 +79,7 @@ impl std::fmt::Display for ExportReport {
 
 /// The default outputs: every stage (not the stem) and `embedding`.
 pub fn default_outputs(run: &OpenRun) -> Vec<String> {
-    let (c, m) = (&run.compiled, &run.model);
+    let (c, m) = (&run.plan, &run.model);
     let mut v: Vec<String> = encoder_nodes(c, m)
         .into_iter()
         .filter(|&n| matches!(m.module(n), Some(NodeModule::Stage(_))))
@@ -130,7 +130,7 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// The ONNX model for `outputs` (see [`export_onnx`]), not yet written.
 pub fn build_model(run: &OpenRun, outputs: &[String]) -> Result<ModelProto> {
-    let (c, m) = (&run.compiled, &run.model);
+    let (c, m) = (&run.plan, &run.model);
     let enc = encoder_nodes(c, m);
     let last = embedding_node(c, m).ok_or(ExportError::NoEncoder)?;
     let wanted: Vec<String> = if outputs.is_empty() { default_outputs(run) } else { outputs.to_vec() };

@@ -32,7 +32,7 @@ use crate::nn::stem::StemKind;
 /// for bottlenecks), no `resize`, no groups. Otherwise
 /// the error lists every reason.
 pub fn torchvision_state_dict(run: &OpenRun) -> Result<Vec<(String, Tensor)>> {
-    let (c, m) = (&run.compiled, &run.model);
+    let (c, m) = (&run.plan, &run.model);
     let enc = encoder_nodes(c, m);
     let mut why = vec![];
     match enc.first().and_then(|&n| m.module(n)) {

@@ -51,7 +51,7 @@ pub struct OutputDiff {
 /// forward ([`forward_to`]) and returns the difference of every output. Output names are node
 /// ids or `embedding` (the pooled [`embedding_node`]).
 pub fn parity(run: &OpenRun, onnx_path: &Path, inputs: &[Tensor]) -> Result<Vec<OutputDiff>> {
-    let (c, m) = (&run.compiled, &run.model);
+    let (c, m) = (&run.plan, &run.model);
     let env = runtime()?;
     let rt = |e: ort::Error| ExportError::Runtime(format!("{}: {e}", onnx_path.display()));
     let mut session = Session::builder(&env)

@@ -1,94 +1,26 @@
-//! From a loaded experiment to a checked petgraph DAG.
+//! From a loaded experiment to a checked petgraph DAG and its [`Plan`].
 
 use std::collections::HashMap;
 
 use indexmap::IndexMap;
 use petgraph::algo::toposort;
-use petgraph::graph::{DiGraph, EdgeIndex, NodeIndex};
+use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::Direction;
 
+use super::node::{GEdge, GNode, INPUT};
+use super::order::Order;
+use super::plan::Plan;
 use super::reach::Reachability;
-use super::schedule::Schedule;
 use super::{shape, GraphError, GraphErrors};
-use crate::config::{Loaded, Location, NodeConfig, Stop};
-
-/// The reserved id of the image batch.
-pub const INPUT: &str = "input";
-
-/// A node of the compiled graph. `config` is `None` for `input`.
-#[derive(Clone, Debug)]
-pub struct GNode {
-    pub id: String,
-    pub config: Option<NodeConfig>,
-    /// Per-image output shape (`[]` for a loss).
-    pub shape: Vec<usize>,
-    pub location: Location,
-}
-
-impl GNode {
-    pub fn is_loss(&self) -> bool {
-        self.config.as_ref().is_some_and(NodeConfig::is_loss)
-    }
-    pub fn is_trainable(&self) -> bool {
-        self.config.as_ref().is_some_and(NodeConfig::is_trainable)
-    }
-}
-
-/// An edge; `index` is its position under `edges:`.
-#[derive(Clone, Debug)]
-pub struct GEdge {
-    pub index: usize,
-    pub stop: Stop,
-    pub location: Location,
-}
-
-/// A validated graph with shapes, reachability and a schedule.
-#[derive(Clone, Debug)]
-pub struct Compiled {
-    pub graph: DiGraph<GNode, GEdge>,
-    pub ids: IndexMap<String, NodeIndex>,
-    pub input: NodeIndex,
-    /// Loss nodes, in the order their forward completes.
-    pub losses: Vec<NodeIndex>,
-    pub reach: Reachability,
-    pub schedule: Schedule,
-}
-
-impl Compiled {
-    pub fn node(&self, id: &str) -> Option<&GNode> {
-        self.ids.get(id).map(|&i| &self.graph[i])
-    }
-    pub fn id(&self, n: NodeIndex) -> &str {
-        &self.graph[n].id
-    }
-    /// A schedule step as the traces print it: `F:res3`, `B:res3[1]` (backward group 1).
-    pub fn step_name(&self, step: &super::Step) -> String {
-        match *step {
-            super::Step::Forward(n) => format!("F:{}", self.id(n)),
-            super::Step::Backward { node, group } => format!("B:{}[{group}]", self.id(node)),
-        }
-    }
-    /// The single producer of `n` and the edge from it (`None` for `input`).
-    pub fn producer(&self, n: NodeIndex) -> Option<(EdgeIndex, NodeIndex)> {
-        use petgraph::visit::EdgeRef;
-        self.graph.edges_directed(n, Direction::Incoming).next().map(|e| (e.id(), e.source()))
-    }
-    pub fn edge_name(&self, e: EdgeIndex) -> String {
-        let (a, b) = self.graph.edge_endpoints(e).expect("edge exists");
-        format!("{} -> {}", self.graph[a].id, self.graph[b].id)
-    }
-    /// Trainable nodes in forward order.
-    pub fn trainable_nodes(&self) -> Vec<NodeIndex> {
-        self.schedule.forward_order().into_iter().filter(|&n| self.graph[n].is_trainable()).collect()
-    }
-}
+use crate::config::{Loaded, Location, Stop};
+use crate::nn::Cost;
 
 fn push(errors: &mut Vec<GraphError>, location: Location, message: String) {
     errors.push(GraphError { location, message });
 }
 
 /// Checks the graph of `loaded` and compiles it; reports every problem found.
-pub fn compile(loaded: &Loaded) -> Result<Compiled, GraphErrors> {
+pub fn compile(loaded: &Loaded) -> Result<Plan, GraphErrors> {
     let exp = &loaded.experiment;
     let loc = &loaded.locations;
     let mut errors: Vec<GraphError> = vec![];
@@ -233,7 +165,14 @@ pub fn compile(loaded: &Loaded) -> Result<Compiled, GraphErrors> {
     if !errors.is_empty() {
         return Err(GraphErrors(errors));
     }
-    let schedule = Schedule::new(&graph, input, &reach);
-    let losses = schedule.forward_order().into_iter().filter(|&n| graph[n].is_loss()).collect();
-    Ok(Compiled { graph, ids, input, losses, reach, schedule })
+    let order = Order::new(&graph, input, &reach);
+    let losses = order.forward_order().into_iter().filter(|&n| graph[n].is_loss()).collect();
+    let costs = graph
+        .node_indices()
+        .map(|n| match (&graph[n].config, graph.neighbors_directed(n, Direction::Incoming).next()) {
+            (Some(cfg), Some(p)) => cfg.cost(&graph[p].shape),
+            _ => Cost::default(),
+        })
+        .collect();
+    Ok(Plan { graph, ids, input, losses, reach, order, costs })
 }

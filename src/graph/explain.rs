@@ -5,13 +5,13 @@ use std::fmt::Write;
 
 use petgraph::visit::EdgeRef;
 
-use super::build::Compiled;
+use super::order::Action;
+use super::plan::Plan;
 use super::reach::Reason;
-use super::schedule::Step;
 use crate::config::Stop;
 
 /// `res3 <- L1 + L2` for every trainable node, in forward order: the golden-test view.
-pub fn summary(c: &Compiled) -> Vec<String> {
+pub fn summary(c: &Plan) -> Vec<String> {
     c.trainable_nodes()
         .into_iter()
         .map(|n| {
@@ -35,7 +35,7 @@ fn pad(rows: &[Vec<String>]) -> String {
 }
 
 /// The full table printed by `locograph explain` and saved as `explain.txt` in a run.
-pub fn table(c: &Compiled) -> String {
+pub fn table(c: &Plan) -> String {
     let losses: Vec<&str> = c.reach.losses.iter().map(|&l| c.id(l)).collect();
     let mut out = String::new();
     let _ = writeln!(
@@ -77,7 +77,7 @@ pub fn table(c: &Compiled) -> String {
 
     let _ = writeln!(out, "\nBackward passes per training step (the forward runs once):");
     let mut rows = vec![];
-    for n in c.schedule.forward_order() {
+    for n in c.order.forward_order() {
         let groups = c.reach.groups(n);
         if groups.is_empty() {
             continue;
@@ -108,24 +108,24 @@ pub fn table(c: &Compiled) -> String {
     out.push_str(&pad(&rows));
 
     let steps: Vec<String> = c
-        .schedule
-        .steps
+        .order
+        .actions
         .iter()
         .map(|s| match *s {
-            Step::Forward(n) => format!("F:{}", c.id(n)),
-            Step::Backward { node, group } => {
+            Action::Forward(n) => format!("F:{}", c.id(n)),
+            Action::Backward { node, group } => {
                 let g = &c.reach.groups(node)[group];
                 let ls: Vec<&str> = g.losses.iter().map(|&l| c.id(l)).collect();
                 format!("B:{}{{{}}}", c.id(node), ls.join("+"))
             }
         })
         .collect();
-    let _ = writeln!(out, "\nSchedule: {}", steps.join(" "));
+    let _ = writeln!(out, "\nExecution order: {}", steps.join(" "));
     out
 }
 
 /// Graphviz: solid edges carry every gradient, dashed red ones stop some (label: which).
-pub fn dot(c: &Compiled) -> String {
+pub fn dot(c: &Plan) -> String {
     let mut out = String::from("digraph locograph {\n  rankdir=TB;\n  node [fontname=\"Helvetica\"];\n");
     for n in c.graph.node_indices() {
         let node = &c.graph[n];

@@ -1,17 +1,24 @@
 //! Graph compilation with petgraph: build and validate, infer shapes, find which losses reach
-//! which nodes (and through which edges), and plan one forward pass with per-loss backwards.
+//! which nodes (and through which edges), and plan one training step: the execution order of
+//! one forward pass with per-loss backwards, and what each node and the whole step cost.
 
 pub mod build;
 pub mod explain;
+pub mod memory;
+pub mod node;
+pub mod order;
+pub mod plan;
 pub mod reach;
-pub mod schedule;
 pub mod shape;
 
 use std::fmt;
 
-pub use build::{compile, Compiled, GEdge, GNode, INPUT};
+pub use build::compile;
+pub use memory::{HeldBytes, MemoryEstimate};
+pub use node::{GEdge, GNode, INPUT};
+pub use order::{Action, Order};
+pub use plan::Plan;
 pub use reach::{BackwardGroup, Reachability};
-pub use schedule::{Schedule, Step};
 
 use crate::config::Location;
 

@@ -18,7 +18,7 @@ use petgraph::graph::{DiGraph, EdgeIndex, NodeIndex};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 
-use super::build::{GEdge, GNode};
+use super::node::{GEdge, GNode};
 
 /// One backward pass through a node: the losses whose cotangents are summed for it, and the
 /// input edges whose gradient it must produce (empty: parameters only).

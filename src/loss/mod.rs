@@ -2,4 +2,4 @@
 
 mod nt_xent;
 
-pub use nt_xent::{contrastive_accuracy, nt_xent};
+pub use nt_xent::{contrastive_accuracy, nt_xent, NtXent};

@@ -28,6 +28,20 @@ pub fn nt_xent(z: &Tensor, temperature: f64) -> Result<Tensor> {
     log_prob.gather(&positive, 1)?.mean_all()?.neg()
 }
 
+/// [`nt_xent`] as a graph node (`op: nt_xent`); it has no parameters and no training mode.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NtXent {
+    pub temperature: f64,
+}
+
+impl crate::nn::Layer for NtXent {
+    /// # Shapes
+    /// `[2N, D]` → scalar.
+    fn forward_t(&self, z: &Tensor, _train: bool) -> Result<Tensor> {
+        nt_xent(z, self.temperature)
+    }
+}
+
 /// Contrastive top-1 accuracy: the fraction of the 2N anchors whose positive has the highest
 /// similarity among the 2N−1 other rows. For logging only (no gradient is recorded); the
 /// temperature does not change the ranking, so it is not an argument.

@@ -1,11 +1,17 @@
 //! Residual blocks: basic (ResNet-18/34) and bottleneck (ResNet-50, v1.5: stride on the 3×3).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::batch_norm::{batch_norm2d, BatchNorm2d};
 use super::conv::{conv2d, Conv2d, ConvSpec};
-use super::ParamBuilder;
+use super::link::Link;
+use super::{Cost, ParamBuilder};
+
+/// Tensors of a conv's output size kept for the backward of conv + training-mode batch norm
+/// (`nn::batch_norm_op`): the conv output (the batch norm's input) and the batch norm's output
+/// (the next conv's input, ReLU fused in).
+pub(crate) const CONV_BN_SAVED: u64 = 2;
 
 /// Which residual block a stage is made of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -54,6 +60,41 @@ impl BlockSpec {
     /// A 1×1 projection on the shortcut when the shape changes (torchvision's `downsample`).
     pub fn has_projection(&self) -> bool {
         self.stride != 1 || self.in_channels != self.out_channels
+    }
+
+    /// The block's cost on an `h × w` input and its output `[C, H, W]`.
+    ///
+    /// Saved, as [`Block::forward_link`] runs the block in training: each conv's output; each
+    /// batch norm's output but the last, whose batch norm, residual sum and ReLU are one op
+    /// writing the block's output (the next block's leaf); the projection's conv and batch norm
+    /// outputs; the block's output.
+    pub fn cost(&self, h: usize, w: usize) -> (Cost, [usize; 3]) {
+        let mut convs = self.convs();
+        let projection = if self.has_projection() { convs.pop() } else { None };
+        let mut cost = Cost { output_is_leaf: true, ..Cost::default() };
+        let (mut ch, mut cw) = (h, w);
+        let last = convs.len() - 1;
+        let mut branch_channels = 0;
+        let conv_bn = |s: &ConvSpec, oh: usize, ow: usize, cost: &mut Cost| {
+            cost.params += s.params() + 2 * s.out_channels as u64;
+            cost.buffers += 2 * s.out_channels as u64;
+            cost.macs += s.macs(oh, ow);
+        };
+        for (i, s) in convs.iter().enumerate() {
+            (ch, cw) = (s.out_size(ch), s.out_size(cw));
+            conv_bn(s, ch, cw, &mut cost);
+            cost.saved += (s.out_channels * ch * cw) as u64 * if i != last { CONV_BN_SAVED } else { 1 };
+            branch_channels += s.out_channels as u64;
+        }
+        cost.paper = branch_channels * (ch * cw) as u64;
+        if let Some(p) = projection {
+            let (ph, pw) = (p.out_size(h), p.out_size(w));
+            conv_bn(&p, ph, pw, &mut cost);
+            cost.saved += (p.out_channels * ph * pw) as u64 * CONV_BN_SAVED;
+        }
+        cost.output = (self.out_channels * ch * cw) as u64;
+        cost.saved += cost.output;
+        (cost, [self.out_channels, ch, cw])
     }
 }
 
@@ -111,15 +152,30 @@ impl Block {
         (branch + shortcut)?.relu()
     }
 
+    /// The block as one [`Link`] reading `x` (the tensor of leaf `input`, when there is one).
+    /// In training, on CPU f32/f64, the tail `relu(bn(z) + shortcut)` is one op
+    /// ([`Link::tail`]); elsewhere the last batch norm runs on its own and the link sums and
+    /// rectifies ([`Link::residual`]).
+    pub fn forward_link(&self, input: Option<Var>, x: &Tensor, train: bool) -> Result<Link> {
+        let (z, shortcut) = self.forward_tail_inputs(x, train)?;
+        let bn = self.last_bn();
+        if train {
+            if let Some(op) = bn.fused_train_op(&z)? {
+                return Link::tail(input, &z, op, bn.weight(), bn.bias(), shortcut);
+            }
+        }
+        Link::residual(input, bn.forward_t(&z, train)?, shortcut)
+    }
+
     /// `(branch(x), shortcut(x))`, the two terms of the block's output before the sum and the
-    /// final ReLU. The engine applies those itself, into a leaf it owns (see `exec::chain`).
+    /// final ReLU.
     pub fn forward_parts(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let (z, shortcut) = self.forward_tail_inputs(x, train)?;
         Ok((self.last_bn().forward_t(&z, train)?, shortcut))
     }
 
     /// `(z, shortcut(x))` where the branch is `last_bn(z)`: everything but the block's tail
-    /// (last batch norm, sum, ReLU), which the engine can run as one op (see `exec::chain`).
+    /// (last batch norm, sum, ReLU), which [`Block::forward_link`] runs as one op.
     pub fn forward_tail_inputs(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let mut h = x.clone();
         let last = self.convs.len() - 1;

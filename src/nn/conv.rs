@@ -28,6 +28,10 @@ impl ConvSpec {
     pub fn out_size(&self, size: usize) -> usize {
         (size + 2 * self.padding - self.kernel) / self.stride + 1
     }
+    /// Weights of the kernel (`[out, in/groups, k, k]`; bias-free).
+    pub fn params(&self) -> u64 {
+        (self.out_channels * (self.in_channels / self.groups) * self.kernel * self.kernel) as u64
+    }
     /// Multiply-accumulates per image for an output of `oh×ow`.
     pub fn macs(&self, oh: usize, ow: usize) -> u64 {
         (self.out_channels * oh * ow * (self.in_channels / self.groups) * self.kernel * self.kernel) as u64

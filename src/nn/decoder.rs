@@ -7,7 +7,7 @@ use super::batch_norm::{batch_norm2d, BatchNorm2d};
 use super::block::{blocks, Block, BlockKind, BlockSpec};
 use super::linear::{linear, Linear};
 use super::pool::global_avg_pool;
-use super::ParamBuilder;
+use super::{Cost, Layer, ParamBuilder};
 
 fn two() -> usize {
     2
@@ -118,6 +118,44 @@ impl DecoderConfig {
         Ok(vec![self.mlp.out])
     }
 
+    /// Cost on a `[C, H, W]` or `[C]` input (which [`DecoderConfig::out_shape`] accepts).
+    ///
+    /// Saved: the conv blocks as [`BlockSpec::cost`] counts them (an upper bound here: a
+    /// decoder runs its blocks as one piece, whose sum and ReLU candle keeps instead of the
+    /// fused tail), the pooled vector, and per linear layer its matmul and bias-add outputs, a
+    /// ReLU output between layers and a batch norm's four vectors where there is one.
+    pub fn cost(&self, input: &[usize]) -> Cost {
+        let mut cost = Cost::default();
+        let mut pooled = input.first().copied().unwrap_or(0);
+        if let [c, h, w] = *input {
+            let (mut c, mut h, mut w) = (c, h, w);
+            for spec in self.block_specs(c) {
+                let (b, out) = spec.cost(h, w);
+                cost += b;
+                [c, h, w] = out;
+            }
+            pooled = c;
+            cost.saved += c as u64;
+        }
+        let hidden = self.mlp.hidden.unwrap_or(pooled);
+        for i in 0..self.mlp.depth {
+            let last = i + 1 == self.mlp.depth;
+            let d_in = if i == 0 { pooled } else { hidden } as u64;
+            let d = if last { self.mlp.out } else { hidden } as u64;
+            cost.params += d_in * d + d;
+            cost.macs += d_in * d;
+            let bn = self.mlp.batch_norm && !last;
+            if bn {
+                cost.params += 2 * d;
+                cost.buffers += 2 * d;
+            }
+            cost.saved += d * (2 + u64::from(!last) + if bn { 4 } else { 0 });
+        }
+        cost.output = self.mlp.out as u64;
+        cost.output_is_leaf = false;
+        cost
+    }
+
     /// Pooled width (what the MLP sees) for an input with `in_channels` channels.
     pub fn pooled_dim(&self, in_channels: usize) -> usize {
         self.block_specs(in_channels).last().map(|s| s.out_channels).unwrap_or(in_channels)
@@ -151,10 +189,10 @@ pub fn decoder(cfg: &DecoderConfig, in_channels: usize, pb: &ParamBuilder) -> Re
     Ok(Decoder { blocks, layers })
 }
 
-impl Decoder {
+impl Layer for Decoder {
     /// # Shapes
     /// `[N, C, H, W]` (or `[N, C]`) → `[N, out]`.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for b in &self.blocks {
             h = b.forward_t(&h, train)?;

@@ -1,11 +1,13 @@
 //! A ResNet stage: optional bilinear downsampling, then `blocks` residual blocks.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::block::{blocks, Block, BlockKind, BlockSpec};
+use super::layer::Layer;
+use super::link::Link;
 use super::resize::resize_bilinear;
-use super::ParamBuilder;
+use super::{Cost, ParamBuilder};
 
 fn one() -> usize {
     1
@@ -64,6 +66,30 @@ impl StageConfig {
                 group_expand: self.group_expand && i > 0,
             })
             .collect()
+    }
+
+    /// Cost on a `[C, H, W]` input (which [`StageConfig::out_shape`] accepts): the bilinear
+    /// resize (the row-resized intermediate and the output; a side already at the size is
+    /// skipped), then each block's [`BlockSpec::cost`].
+    pub fn cost(&self, input: [usize; 3]) -> Cost {
+        let [c, mut h, mut w] = input;
+        let mut cost = Cost::default();
+        if let Some(r) = self.resize {
+            // Columns first ([C, H, r]), then rows ([C, r, r]).
+            if w != r {
+                cost.saved += (c * h * r) as u64;
+            }
+            if h != r {
+                cost.saved += (c * r * r) as u64;
+            }
+            (h, w) = (r, r);
+        }
+        for spec in self.block_specs(c) {
+            let (b, out) = spec.cost(h, w);
+            cost += b;
+            (h, w) = (out[1], out[2]);
+        }
+        cost
     }
 
     /// Output `[C, H, W]` for an input `[C, H, W]`, or what does not fit.
@@ -128,9 +154,21 @@ impl Stage {
         self.resize
     }
 
+    /// The stage's input as its first block sees it (bilinearly resized in PResNet-50).
+    pub fn resize_input(&self, x: &Tensor) -> Result<Tensor> {
+        match self.resize {
+            Some(r) => resize_bilinear(x, r, r),
+            None => Ok(x.clone()),
+        }
+    }
+}
+
+/// One link per residual block (the resize belongs to the first), so that the engine's last
+/// backward frees each block's activations as soon as the block is done.
+impl Layer for Stage {
     /// # Shapes
     /// `[N, in, H, W]` → `[N, channels, H', W']` (see [`StageConfig::out_shape`]).
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = self.resize_input(x)?;
         for b in &self.blocks {
             h = b.forward_t(&h, train)?;
@@ -138,11 +176,18 @@ impl Stage {
         Ok(h)
     }
 
-    /// The stage's input as its first block sees it (bilinearly resized in PResNet-50).
-    pub fn resize_input(&self, x: &Tensor) -> Result<Tensor> {
-        match self.resize {
-            Some(r) => resize_bilinear(x, r, r),
-            None => Ok(x.clone()),
+    fn links(&self) -> usize {
+        self.blocks.len().max(1)
+    }
+
+    fn forward_link(&self, k: usize, input: Option<Var>, x: &Tensor, train: bool) -> Result<Link> {
+        let Some(block) = self.blocks.get(k) else {
+            candle_core::bail!("a stage of {} blocks has no link {k}", self.blocks.len())
+        };
+        if k == 0 {
+            block.forward_link(input, &self.resize_input(x)?, train)
+        } else {
+            block.forward_link(input, x, train)
         }
     }
 }

@@ -4,10 +4,11 @@ use candle_core::{Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::batch_norm::{batch_norm2d, BatchNorm2d};
+use super::block::CONV_BN_SAVED;
 use super::conv::{conv2d, Conv2d, ConvSpec};
 use super::pool::max_pool2d;
 use super::stem_pool_op::BnReluMaxPool;
-use super::ParamBuilder;
+use super::{Cost, Layer, ParamBuilder};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -42,6 +43,31 @@ impl StemConfig {
             StemKind::Small => ConvSpec::new(in_channels, self.channels, 3, 1),
         }
     }
+    /// Cost on a `[C, H, W]` input (which [`StemConfig::out_shape`] accepts). Saved in
+    /// training: the ImageNet stem's conv output, then its max pool's output and the u32 argmax
+    /// positions (same size; `nn::stem_pool_op`: the normalised map is never kept); the small
+    /// stem's conv output and its batch norm + ReLU output.
+    pub fn cost(&self, input: [usize; 3]) -> Cost {
+        let s = self.conv_spec(input[0]);
+        let (h, w) = (s.out_size(input[1]), s.out_size(input[2]));
+        let conv_out = (s.out_channels * h * w) as u64;
+        let (saved, output) = match self.kind {
+            StemKind::Imagenet => {
+                let pooled = (s.out_channels * ((h - 1) / 2 + 1) * ((w - 1) / 2 + 1)) as u64;
+                (conv_out + 2 * pooled, pooled)
+            }
+            StemKind::Small => (conv_out * CONV_BN_SAVED, conv_out),
+        };
+        Cost {
+            params: s.params() + 2 * s.out_channels as u64,
+            buffers: 2 * s.out_channels as u64,
+            macs: s.macs(h, w),
+            saved,
+            output,
+            ..Cost::default()
+        }
+    }
+
     pub fn out_shape(&self, input: [usize; 3]) -> std::result::Result<[usize; 3], String> {
         let [c, h, w] = input;
         if self.channels == 0 {
@@ -85,10 +111,12 @@ impl Stem {
     pub fn bn(&self) -> &BatchNorm2d {
         &self.bn
     }
+}
 
+impl Layer for Stem {
     /// # Shapes
     /// ImageNet: `[N, 3, 224, 224]` → `[N, 64, 56, 56]`; small: `[N, C, H, W]` → `[N, 64, H, W]`.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let z = self.conv.forward(x)?;
         if train && self.kind == StemKind::Imagenet {
             // Batch norm, ReLU and max pool as one op: the full-size normalised map is never

@@ -68,6 +68,15 @@ impl Default for OptimizerConfig {
 }
 
 impl OptimizerConfig {
+    /// Tensors of state kept per parameter (what the memory guard counts): AdamW's two moments,
+    /// one momentum buffer for SGD and LARS (counted even with momentum 0: an upper bound).
+    pub fn state_slots(&self) -> usize {
+        match self {
+            OptimizerConfig::Adamw(_) => 2,
+            OptimizerConfig::Sgd(_) | OptimizerConfig::Lars(_) => 1,
+        }
+    }
+
     pub fn build(&self) -> Box<dyn Optimizer> {
         match self {
             OptimizerConfig::Sgd(c) => Box::new(Sgd::new(c.clone())),

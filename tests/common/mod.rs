@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use locograph::config::{parse_str, Loaded};
-use locograph::graph::{compile, Compiled};
+use locograph::graph::{compile, Plan};
 
 /// The sections every experiment needs besides its graph.
 pub const TAIL: &str = r#"
@@ -72,7 +72,7 @@ pub fn load(text: &str) -> Loaded {
     }
 }
 
-pub fn compiled(text: &str) -> (Loaded, Compiled) {
+pub fn compiled(text: &str) -> (Loaded, Plan) {
     let l = load(text);
     let c = match compile(&l) {
         Ok(c) => c,

@@ -1,11 +1,12 @@
-//! A node's forward as a chain of links (a stage: one per residual block), each with its own
-//! candle graph, so that the node's last backward can free a block's activations as soon as
-//! that block is done instead of when the whole stage is. Without this, the backward of a
-//! stage holds all of the stage's saved activations plus the gradients candle computes on the
-//! way: the peak of a GIM or LoCo step (docs/performance.md, "Memory").
+//! A link: one piece of a layer's training forward with its own candle graph (a stage has one
+//! per residual block, see [`super::Layer`]), so that the engine's last backward through the
+//! layer can free a block's activations as soon as that block is done instead of when the
+//! whole stage is. Without this, the backward of a stage holds all of the stage's saved
+//! activations plus the gradients candle computes on the way: the peak of a GIM or LoCo step
+//! (docs/performance.md, "Memory").
 //!
 //! Three details keep the cut free in memory:
-//! - a block ends in `relu(branch + shortcut)`. The engine computes that sum and ReLU itself, in
+//! - a block ends in `relu(branch + shortcut)`. The link computes that sum and ReLU itself, in
 //!   one pass straight into a `Var` built from the output vector (zero copy), which is then both
 //!   the block's output and the next link's leaf. candle's add and ReLU would keep the sum and
 //!   the output; a `Var::from_tensor` leaf would copy the output once more.
@@ -20,11 +21,11 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
-use super::model::Piece;
-use crate::nn::batch_norm_op::{tail_forward, TailSeed};
-use crate::nn::cpu_slice::with_slice;
+use super::batch_norm_op::{tail_forward, BatchNormTrain, TailSeed};
+use super::cpu_slice::with_slice;
 
-/// One link of a node's chain, alive until the node's last backward has passed it.
+/// One link of a layer's chain, alive until the engine's last backward through the layer has
+/// passed it.
 #[derive(Debug)]
 pub struct Link {
     /// Where the link reads its input: `None` for the first link (the engine's edge leaf).
@@ -53,21 +54,32 @@ enum Seeds {
 }
 
 impl Link {
-    /// The link made of one forward piece read from `input`.
-    pub fn new(input: Option<Var>, piece: Piece) -> Result<Self> {
-        Ok(match piece {
-            Piece::Plain(t) => Link { input, seeds: Seeds::Output, output: t },
-            Piece::Residual { branch, shortcut } => {
-                let output = rectified_sum(&branch, &shortcut)?.as_tensor().clone();
-                Link { input, seeds: Seeds::Residual { branch, shortcut }, output }
-            }
-            Piece::Tail { z, op, gamma, beta, shortcut } => {
-                let output = tail_forward(&op, &z, &gamma, &beta, &shortcut)?.as_tensor().clone();
-                let slot = Arc::new(Mutex::new(None));
-                let anchor = z.apply_op3(&gamma, &beta, TailSeed { op, slot: slot.clone() })?;
-                Link { input, seeds: Seeds::Tail { anchor, slot, shortcut }, output }
-            }
-        })
+    /// A link whose output is `output` itself (any layer's whole forward).
+    pub fn plain(input: Option<Var>, output: Tensor) -> Self {
+        Link { input, seeds: Seeds::Output, output }
+    }
+
+    /// A residual block's link: the output `relu(branch + shortcut)`, written into a new leaf.
+    pub fn residual(input: Option<Var>, branch: Tensor, shortcut: Tensor) -> Result<Self> {
+        let output = rectified_sum(&branch, &shortcut)?.as_tensor().clone();
+        Ok(Link { input, seeds: Seeds::Residual { branch, shortcut }, output })
+    }
+
+    /// A residual block whose branch ends in a training-mode batch norm `op` on `z`: the output
+    /// `relu(op(z; γ, β) + shortcut)` in one pass, written into a new leaf; the branch is never
+    /// stored (its backward reads the cotangent the link hands it).
+    pub fn tail(
+        input: Option<Var>,
+        z: &Tensor,
+        op: BatchNormTrain,
+        gamma: &Tensor,
+        beta: &Tensor,
+        shortcut: Tensor,
+    ) -> Result<Self> {
+        let output = tail_forward(&op, z, gamma, beta, &shortcut)?.as_tensor().clone();
+        let slot = Arc::new(Mutex::new(None));
+        let anchor = z.apply_op3(gamma, beta, TailSeed { op, slot: slot.clone() })?;
+        Ok(Link { input, seeds: Seeds::Tail { anchor, slot, shortcut }, output })
     }
 
     /// Backward of the link with cotangent `g` at its output: the gradients of its parameters
@@ -250,10 +262,7 @@ mod tests {
 
             let y_ref = (branch(x.as_tensor())? + x.as_tensor())?.relu()?;
             let want = y_ref.mul(&g)?.sum_all()?.backward()?;
-            let link = Link::new(
-                Some(x.clone()),
-                Piece::Residual { branch: branch(x.as_tensor())?, shortcut: x.as_tensor().clone() },
-            )?;
+            let link = Link::residual(Some(x.clone()), branch(x.as_tensor())?, x.as_tensor().clone())?;
             assert!(link.output.is_variable(), "the output is the next link's leaf");
             let got = link.backward(g.clone())?;
 
@@ -297,8 +306,7 @@ mod tests {
         let want = y_ref.mul(&g)?.sum_all()?.backward()?;
 
         let op = bn.fused_train_op(&z)?.expect("CPU f64 takes the fused op");
-        let (gamma, beta) = (bn.weight().clone(), bn.bias().clone());
-        let link = Link::new(Some(x.clone()), Piece::Tail { z, op, gamma, beta, shortcut: x.as_tensor().clone() })?;
+        let link = Link::tail(Some(x.clone()), &z, op, bn.weight(), bn.bias(), x.as_tensor().clone())?;
         let got = link.backward(g.clone())?;
         let output = link.output.clone();
         // The last pass (graph given up) repeats the first exactly.

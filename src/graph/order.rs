@@ -1,4 +1,5 @@
-//! One forward pass, with each backward pass run as soon as its cotangents exist.
+//! The execution order of one training step: one forward pass, with each backward pass run
+//! as soon as its cotangents exist. (Not the learning-rate schedule: that is `optim::LrSchedule`.)
 //!
 //! The forward order is topological, preferring nodes that lead to the earliest loss, so GIM
 //! and LoCo finish one unit (forward, loss, local backward) before starting the next. A
@@ -12,11 +13,12 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 
-use super::build::{GEdge, GNode};
+use super::node::{GEdge, GNode};
 use super::reach::Reachability;
 
+/// One action of a step's execution order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
+pub enum Action {
     Forward(NodeIndex),
     /// Backward group `group` of `node` (an index into `Reachability::groups(node)`).
     Backward {
@@ -25,12 +27,13 @@ pub enum Step {
     },
 }
 
+/// The actions of one training step, in the order the engine runs them.
 #[derive(Clone, Debug)]
-pub struct Schedule {
-    pub steps: Vec<Step>,
+pub struct Order {
+    pub actions: Vec<Action>,
 }
 
-impl Schedule {
+impl Order {
     pub fn new(graph: &DiGraph<GNode, GEdge>, input: NodeIndex, reach: &Reachability) -> Self {
         let order = toposort(graph, None).expect("acyclic");
         let nn = graph.node_count();
@@ -55,7 +58,7 @@ impl Schedule {
             }
         }
 
-        let mut steps = vec![];
+        let mut actions = vec![];
         let mut forwarded = vec![false; nn];
         let mut done: HashSet<(NodeIndex, usize)> = HashSet::new();
         let mut remaining_inputs: Vec<usize> =
@@ -65,7 +68,7 @@ impl Schedule {
             let (pos, _) =
                 ready.iter().enumerate().min_by_key(|(_, n)| (prio[n.index()], n.index())).expect("non-empty");
             let n = ready.swap_remove(pos);
-            steps.push(Step::Forward(n));
+            actions.push(Action::Forward(n));
             forwarded[n.index()] = true;
             for c in graph.neighbors_directed(n, Direction::Outgoing) {
                 remaining_inputs[c.index()] -= 1;
@@ -99,7 +102,7 @@ impl Schedule {
                         });
                         if ok {
                             done.insert((m, gi));
-                            steps.push(Step::Backward { node: m, group: gi });
+                            actions.push(Action::Backward { node: m, group: gi });
                             progressed = true;
                         }
                     }
@@ -109,14 +112,14 @@ impl Schedule {
                 }
             }
         }
-        Schedule { steps }
+        Order { actions }
     }
 
     pub fn forward_order(&self) -> Vec<NodeIndex> {
-        self.steps
+        self.actions
             .iter()
             .filter_map(|s| match s {
-                Step::Forward(n) => Some(*n),
+                Action::Forward(n) => Some(*n),
                 _ => None,
             })
             .collect()

@@ -1,0 +1,102 @@
+//! From a loaded experiment to what training needs: the validated plan, the device, the
+//! dataset, the model and the optimizer. Everything is checked (values, graph, the data's
+//! shape, whether a step fits in memory) before the model is allocated.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use super::error::TrainError;
+use super::memory_guard;
+use super::model::Model;
+use crate::config::{check_values, ConfigError, ConfigErrors, DeviceKind, Loaded};
+use crate::data::{self, Dataset};
+use crate::graph::{compile, Plan};
+use crate::optim::{LrSchedule, Optimizer};
+use crate::Result;
+
+/// Picks the device named in the experiment; CUDA needs a `--features cuda` build.
+pub fn device(kind: DeviceKind) -> Result<Device> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => Ok(Device::new_cuda(0)?),
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => Err(TrainError::CudaNotBuilt.into()),
+    }
+}
+
+/// Whether the experiment is right: its values and its graph (what `locograph validate`
+/// runs). Whether it fits this machine is another question ([`memory_guard`]).
+pub fn validate(loaded: &Loaded) -> Result<Plan> {
+    match (compile(loaded), check_values(loaded)) {
+        (Ok(plan), Ok(())) => Ok(plan),
+        (Err(g), _) => Err(g.into()),
+        (Ok(_), Err(v)) => Err(v.into()),
+    }
+}
+
+/// What training needs, built from an experiment before the first step.
+pub struct Setup {
+    pub plan: Plan,
+    pub device: Device,
+    pub ds: Arc<dyn Dataset>,
+    pub model: Model,
+    pub optimizer: Box<dyn Optimizer>,
+    pub schedule: LrSchedule,
+    pub total: u64,
+    pub steps_per_epoch: u64,
+    pub batch_size: usize,
+    /// Size of rayon's pool, recorded in checkpoints (determinism needs the same count).
+    pub threads: usize,
+}
+
+impl Setup {
+    /// Checks everything and only then allocates the model. `total` replaces the run's length;
+    /// `threads` is the count to use when the experiment names none (a resumed run's).
+    pub fn new(loaded: &Loaded, total: Option<u64>, threads: Option<usize>) -> Result<Self> {
+        let plan = validate(loaded)?;
+        memory_guard::check_fits(loaded, &plan)?;
+        let exp = &loaded.experiment;
+        if let Some(t) = exp.train.threads.or(threads) {
+            // candle's CPU kernels and the gemm crate read rayon's global pool.
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
+        }
+        let device = device(exp.device)?;
+        let ds: Arc<dyn Dataset> = data::open(&exp.data, &loaded.base_dir, None)?;
+        let (c, h, w) = exp.data.output_shape(ds.as_ref());
+        if (c, h, w) != (exp.input.channels, exp.input.size, exp.input.size) {
+            return Err(ConfigErrors(vec![ConfigError {
+                location: loaded.locations.path("input"),
+                path: "input".into(),
+                message: format!(
+                    "the data pipeline gives {c}×{h}×{w} images but `input` says {}×{}×{}: set `data.augment.size`/`to_rgb` or `input`",
+                    exp.input.channels, exp.input.size, exp.input.size
+                ),
+            }])
+            .into());
+        }
+        let batch_size = exp.train.batch_size;
+        if ds.len() < batch_size {
+            // The loader drops the last incomplete batch, so an epoch would have no step at all.
+            return Err(TrainError::DatasetTooSmall { dataset: ds.name(), images: ds.len(), batch_size }.into());
+        }
+        let steps_per_epoch = (ds.len() / batch_size).max(1) as u64;
+        let total = total.or(exp.train.steps).unwrap_or_else(|| exp.train.epochs.unwrap_or(1) * steps_per_epoch);
+        let schedule = exp.schedule.build(batch_size, total as usize, steps_per_epoch as usize);
+        let model = Model::new(&plan, exp.seed, &device)?.with_compute(exp.precision.dtype());
+        let optimizer = exp.optimizer.build();
+        Ok(Setup {
+            plan,
+            device,
+            ds,
+            model,
+            optimizer,
+            schedule,
+            total,
+            steps_per_epoch,
+            batch_size,
+            threads: rayon::current_num_threads(),
+        })
+    }
+}

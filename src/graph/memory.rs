@@ -1,0 +1,174 @@
+//! What a training step holds, predicted from the plan before anything runs: the engine's
+//! rules (`exec::step`) applied to the per-node costs over the execution order. This is where
+//! a method's memory saving is visible without training: GIM's and LoCo's orders free each
+//! unit before the next one's forward.
+//!
+//! Counted after each action, as the engine keeps things: each node's saved activations
+//! ([`Cost::saved`](crate::nn::Cost)) from its forward to its last backward, then its output
+//! until its consumers have read it; the leaf a consumer reads where gradient crosses an edge
+//! (a copy, except of an output that already is a leaf); each cotangent until its node's
+//! backward takes it. Not counted: parameters, gradients, optimizer state and the backward's
+//! working set inside a node ([`WORKING_SET`] covers the last). `tests/memory.rs` checks the
+//! prediction against what a counting allocator measures.
+
+use petgraph::graph::NodeIndex;
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+
+use super::order::Action;
+use super::plan::Plan;
+
+/// Bytes held after each action of one step.
+#[derive(Clone, Debug)]
+pub struct HeldBytes {
+    pub actions: Vec<(Action, usize)>,
+}
+
+impl HeldBytes {
+    /// The largest, and the first action where it is reached.
+    pub fn peak(&self) -> Option<(Action, usize)> {
+        self.actions.iter().copied().fold(None, |best, s| match best {
+            Some((_, b)) if b >= s.1 => best,
+            _ => Some(s),
+        })
+    }
+}
+
+/// What a step's measured peak adds to the predicted activations: the gradients in flight
+/// inside a block's backward (measured 4–22 % at ImageNet scale, docs/performance.md).
+pub const WORKING_SET: f64 = 1.25;
+
+/// The memory one training step needs, in bytes (f64: absurd configurations must not overflow).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MemoryEstimate {
+    /// Activations held at the step's peak ([`Plan::held_bytes`]) × [`WORKING_SET`].
+    pub activations: f64,
+    /// Parameters and buffers, the parameters' gradients and the optimizer's state slots.
+    pub parameters: f64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> f64 {
+        self.activations + self.parameters
+    }
+}
+
+impl Plan {
+    /// [`HeldBytes`] of one step on `views` images at `elem_bytes` per activation element
+    /// (4 for f32).
+    pub fn held_bytes(&self, views: usize, elem_bytes: usize) -> HeldBytes {
+        let g = &self.graph;
+        let nn = g.node_count();
+        let out: Vec<usize> = g.node_indices().map(|n| self.cost(n).output_bytes(views, elem_bytes)).collect();
+        let kept: Vec<usize> = g
+            .node_indices()
+            .map(|n| if g[n].config.is_some() { self.cost(n).saved_bytes(views, elem_bytes) } else { 0 })
+            .collect();
+        let mut groups_left: Vec<usize> = g.node_indices().map(|n| self.reach.groups(n).len()).collect();
+        // An output that is a leaf already is read as a leaf without a copy (a chained node's,
+        // when a backward will run through it).
+        let is_leaf: Vec<bool> =
+            g.node_indices().map(|n| self.cost(n).output_is_leaf && groups_left[n.index()] > 0).collect();
+        let mut consumers_left: Vec<usize> =
+            g.node_indices().map(|n| g.neighbors_directed(n, Direction::Outgoing).count()).collect();
+        let (mut value, mut graph) = (vec![false; nn], vec![false; nn]);
+        let mut leaf = vec![false; g.edge_count()];
+        // (node, the first loss of the group whose backward sends it, bytes)
+        let mut cots: Vec<(usize, NodeIndex, usize)> = vec![];
+
+        let release = |n: usize, value: &mut [bool], graph: &mut [bool], consumers_left: &[usize], left: &[usize]| {
+            if left[n] == 0 {
+                graph[n] = false;
+                if consumers_left[n] == 0 {
+                    value[n] = false;
+                }
+            }
+        };
+
+        let mut actions = vec![];
+        for &action in &self.order.actions {
+            match action {
+                Action::Forward(n) => {
+                    if let Some((e, p)) = self.producer(n) {
+                        leaf[e.index()] = self.reach.any_flows(e);
+                        graph[n.index()] = g[n].config.is_some();
+                        consumers_left[p.index()] -= 1;
+                        release(p.index(), &mut value, &mut graph, &consumers_left, &groups_left);
+                    }
+                    value[n.index()] = true;
+                }
+                Action::Backward { node: m, group } => {
+                    let grp = &self.reach.groups(m)[group];
+                    cots.retain(|&(at, first, _)| !(at == m.index() && grp.losses.contains(&first)));
+                    for &e in &grp.input_edges {
+                        let (p, _) = g.edge_endpoints(e).expect("edge exists");
+                        cots.push((p.index(), grp.losses[0], out[p.index()]));
+                    }
+                    groups_left[m.index()] -= 1;
+                    if groups_left[m.index()] == 0 {
+                        for e in g.edges_directed(m, Direction::Incoming) {
+                            leaf[e.id().index()] = false;
+                        }
+                    }
+                    release(m.index(), &mut value, &mut graph, &consumers_left, &groups_left);
+                }
+            }
+            // A leaf that is its producer's own output keeps that storage, counted once.
+            let mut storage_alive: Vec<bool> = value.clone();
+            let mut copies = 0;
+            for e in g.edge_references() {
+                if leaf[e.id().index()] {
+                    let p = e.source().index();
+                    if is_leaf[p] {
+                        storage_alive[p] = true;
+                    } else {
+                        copies = usize::saturating_add(copies, out[p]);
+                    }
+                }
+            }
+            let nodes = (0..nn).map(|n| {
+                if graph[n] {
+                    kept[n].max(out[n])
+                } else if storage_alive[n] {
+                    out[n]
+                } else {
+                    0
+                }
+            });
+            let held = nodes.chain(cots.iter().map(|c| c.2)).fold(copies, usize::saturating_add);
+            actions.push((action, held));
+        }
+        HeldBytes { actions }
+    }
+
+    /// Trained parameters and saved buffers of every node (elements).
+    pub fn parameter_counts(&self) -> (u64, u64) {
+        self.costs.iter().fold((0, 0), |(p, b), c| (p + c.params, b + c.buffers))
+    }
+
+    /// The memory a training step of `views` images needs, with `optimizer_slots` tensors of
+    /// state per parameter (SGD with momentum and LARS 1, AdamW 2), activations at
+    /// `elem_bytes` per element; master weights, gradients and optimizer state in f32.
+    pub fn memory_estimate(&self, views: usize, elem_bytes: usize, optimizer_slots: usize) -> MemoryEstimate {
+        let held = self.held_bytes(views, elem_bytes).peak().map_or(0, |p| p.1);
+        let (params, buffers) = self.parameter_counts();
+        MemoryEstimate {
+            activations: held as f64 * WORKING_SET,
+            parameters: (params as f64 * (2 + optimizer_slots) as f64 + buffers as f64) * 4.0,
+        }
+    }
+
+    /// One line for `locograph profile`: the step's predicted peak per view, and what its nodes
+    /// keep in all (about what a step would hold if nothing were freed before the last loss).
+    pub fn held_summary(&self) -> String {
+        let held = self.held_bytes(1, 4);
+        let all: usize = self.costs.iter().map(|c| c.saved as usize * 4).sum();
+        let Some((action, peak)) = held.peak() else { return String::new() };
+        format!(
+            "this experiment's order holds at most {:.1} MB of activations per view (f32, after {}); its nodes keep {:.1} MB in all",
+            peak as f64 / 1e6,
+            self.action_name(&action),
+            all as f64 / 1e6,
+        )
+    }
+}

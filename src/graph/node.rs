@@ -1,0 +1,33 @@
+//! The nodes and edges of a compiled graph.
+
+use crate::config::{Location, NodeConfig, Stop};
+
+/// The reserved id of the image batch.
+pub const INPUT: &str = "input";
+
+/// A node of the compiled graph. `config` is `None` for `input`.
+#[derive(Clone, Debug)]
+pub struct GNode {
+    pub id: String,
+    pub config: Option<NodeConfig>,
+    /// Per-image output shape (`[]` for a loss).
+    pub shape: Vec<usize>,
+    pub location: Location,
+}
+
+impl GNode {
+    pub fn is_loss(&self) -> bool {
+        self.config.as_ref().is_some_and(NodeConfig::is_loss)
+    }
+    pub fn is_trainable(&self) -> bool {
+        self.config.as_ref().is_some_and(NodeConfig::is_trainable)
+    }
+}
+
+/// An edge; `index` is its position under `edges:`.
+#[derive(Clone, Debug)]
+pub struct GEdge {
+    pub index: usize,
+    pub stop: Stop,
+    pub location: Location,
+}
