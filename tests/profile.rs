@@ -1,4 +1,5 @@
-//! Profile goldens (ResNet-50, Progressive ResNet-50) and every shipped file compiles.
+//! Profile goldens (ResNet-50, Progressive ResNet-50), every shipped file compiles, and each
+//! node's cost matches the layer it builds.
 
 mod common;
 
@@ -199,6 +200,30 @@ fn local_methods_hold_less_than_simclr_and_gradients_carry_no_graph() {
     for out in [&simclr, &gim, &loco] {
         for g in out.grads.iter().flatten() {
             assert!(!g.track_op(), "a parameter gradient still holds its graph");
+        }
+    }
+}
+
+/// Every node's cost counts exactly the parameters and buffers its layer builds, for every
+/// shipped experiment (the memory guard and `profile` read the costs, the model is what runs).
+#[test]
+fn each_node_costs_what_its_layer_builds() {
+    for p in files("experiments") {
+        let c = compiled(&p);
+        let model = Model::new(&c, 0, &Device::Cpu).expect("model");
+        for n in c.graph.node_indices() {
+            let id = c.id(n);
+            let prefix = format!("{id}.");
+            let params: usize =
+                model.params.params.iter().filter(|q| q.name.starts_with(&prefix)).map(|q| q.var.elem_count()).sum();
+            let buffers: usize =
+                model.params.buffers.iter().filter(|b| b.name.starts_with(&prefix)).map(|b| b.var.elem_count()).sum();
+            assert_eq!(c.cost(n).params, params as u64, "{}: parameters of `{id}`", p.display());
+            assert_eq!(c.cost(n).buffers, buffers as u64, "{}: buffers of `{id}`", p.display());
+            if c.graph[n].config.is_some() && !c.graph[n].is_loss() {
+                let elems: usize = c.graph[n].shape.iter().product();
+                assert_eq!(c.cost(n).output, elems as u64, "{}: output of `{id}`", p.display());
+            }
         }
     }
 }

@@ -7,25 +7,11 @@ use petgraph::graph::NodeIndex;
 use tracing::debug_span;
 
 use super::model::Model;
-use super::step::{GradsFinal, StepState};
+use super::step::{OnGradsFinal, StepOutput, StepState};
 use crate::graph::{Action, Plan};
-
-/// What one training step produced.
-#[derive(Debug)]
-pub struct StepOutput {
-    /// Each loss's value (unweighted), in `Plan::losses` order.
-    pub losses: Vec<(NodeIndex, f32)>,
-    /// Gradient of each parameter (`Model::params.params` order); `None` for frozen ones and
-    /// for those a [`Hooks::grads_final`] hook took.
-    pub grads: Vec<Option<Tensor>>,
-    /// Backward passes run through each node (graph node order).
-    pub passes: Vec<usize>,
-}
 
 /// [`Hooks::after_action`]: called after each action, once what it no longer needs is dropped.
 pub type AfterAction<'a> = dyn FnMut(&Action, &StepState<'_>) + 'a;
-/// [`Hooks::grads_final`].
-pub type OnGradsFinal<'a> = dyn FnMut(GradsFinal<'_>) -> Result<()> + 'a;
 
 /// What a caller sees while a step runs. Observers only read: nothing they do changes what
 /// the step computes.

@@ -16,9 +16,9 @@ pub mod setup;
 pub mod step;
 pub mod train;
 
-pub use engine::{forward_to, run_step, run_step_with, Hooks, StepOutput};
+pub use engine::{forward_to, run_step, run_step_with, Hooks};
 pub use error::{CheckpointError, TrainError};
 pub use model::{Model, NodeModule};
 pub use reference::reference_grads;
 pub use setup::validate;
-pub use step::{GradsFinal, StepState};
+pub use step::{GradsFinal, StepOutput, StepState};

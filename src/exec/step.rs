@@ -19,7 +19,6 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use tracing::debug_span;
 
-use super::engine::OnGradsFinal;
 use super::model::Model;
 use crate::graph::Plan;
 use crate::nn::Link;
@@ -35,6 +34,21 @@ pub struct GradsFinal<'a> {
     /// The losses computed so far (every loss whose gradient reaches the node is among them).
     pub losses: &'a [(NodeIndex, f32)],
 }
+
+/// What one training step produced.
+#[derive(Debug)]
+pub struct StepOutput {
+    /// Each loss's value (unweighted), in `Plan::losses` order.
+    pub losses: Vec<(NodeIndex, f32)>,
+    /// Gradient of each parameter (`Model::params.params` order); `None` for frozen ones and
+    /// for those a [`super::Hooks::grads_final`] hook took.
+    pub grads: Vec<Option<Tensor>>,
+    /// Backward passes run through each node (graph node order).
+    pub passes: Vec<usize>,
+}
+
+/// Sees a node's gradients as soon as they are final ([`super::Hooks::grads_final`]).
+pub type OnGradsFinal<'a> = dyn FnMut(GradsFinal<'_>) -> Result<()> + 'a;
 
 /// What a step has computed and still holds, between actions.
 pub struct StepState<'a> {
@@ -269,7 +283,7 @@ impl<'a> StepState<'a> {
     }
 
     /// What the step produced.
-    pub fn finish(self) -> super::engine::StepOutput {
-        super::engine::StepOutput { losses: self.losses, grads: self.grads, passes: self.passes }
+    pub fn finish(self) -> StepOutput {
+        StepOutput { losses: self.losses, grads: self.grads, passes: self.passes }
     }
 }
