@@ -77,45 +77,7 @@ enum Command {
         input: usize,
     },
     /// Evaluate a run's frozen encoder: linear probe and/or weighted kNN on pooled features.
-    Eval {
-        run: PathBuf,
-        /// `linear` and/or `knn` (repeat the flag for both).
-        #[arg(long = "protocol", default_values = ["linear"])]
-        protocols: Vec<String>,
-        /// Node whose pooled output is the feature (default: the deepest encoder stage).
-        #[arg(long)]
-        node: Option<String>,
-        /// Linear probe: epochs.
-        #[arg(long, default_value_t = 100)]
-        epochs: usize,
-        /// Linear probe: learning rate (features are standardised).
-        #[arg(long, default_value_t = 0.1)]
-        lr: f64,
-        /// Linear probe: batch size.
-        #[arg(long, default_value_t = 256)]
-        batch_size: usize,
-        /// Linear probe: weight decay.
-        #[arg(long, default_value_t = 0.0)]
-        weight_decay: f64,
-        /// Linear probe: SGD momentum (the paper uses none).
-        #[arg(long, default_value_t = 0.0)]
-        momentum: f64,
-        /// Linear probe: do not standardise the features.
-        #[arg(long)]
-        no_standardize: bool,
-        /// kNN: neighbours.
-        #[arg(long, default_value_t = 200)]
-        k: usize,
-        /// kNN: temperature of the exp(sim/τ) vote weights.
-        #[arg(long, default_value_t = 0.07)]
-        temperature: f64,
-        /// Use only the first N training images.
-        #[arg(long)]
-        train_limit: Option<usize>,
-        /// Use only the first N test images.
-        #[arg(long)]
-        test_limit: Option<usize>,
-    },
+    Eval(EvalArgs),
     /// Figures from run directories, given as LABEL=RUN_DIR.
     Plot {
         #[command(subcommand)]
@@ -144,6 +106,48 @@ enum Command {
         #[command(subcommand)]
         command: DataCommand,
     },
+}
+
+/// `locograph eval`'s options.
+#[derive(clap::Args)]
+struct EvalArgs {
+    run: PathBuf,
+    /// `linear` and/or `knn` (repeat the flag for both).
+    #[arg(long = "protocol", default_values = ["linear"])]
+    protocols: Vec<String>,
+    /// Node whose pooled output is the feature (default: the deepest encoder stage).
+    #[arg(long)]
+    node: Option<String>,
+    /// Linear probe: epochs.
+    #[arg(long, default_value_t = 100)]
+    epochs: usize,
+    /// Linear probe: learning rate (features are standardised).
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    /// Linear probe: batch size.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Linear probe: weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Linear probe: SGD momentum (the paper uses none).
+    #[arg(long, default_value_t = 0.0)]
+    momentum: f64,
+    /// Linear probe: do not standardise the features.
+    #[arg(long)]
+    no_standardize: bool,
+    /// kNN: neighbours.
+    #[arg(long, default_value_t = 200)]
+    k: usize,
+    /// kNN: temperature of the exp(sim/τ) vote weights.
+    #[arg(long, default_value_t = 0.07)]
+    temperature: f64,
+    /// Use only the first N training images.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Use only the first N test images.
+    #[arg(long)]
+    test_limit: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -282,132 +286,173 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Validate { file } => {
-            let loaded = load(&file)?;
-            let c = locograph::exec::validate(&loaded)?;
-            let losses: Vec<&str> = c.losses.iter().map(|&l| c.id(l)).collect();
-            println!(
-                "{}: ok — {} nodes, {} edges, losses {}, method {}",
-                file.display(),
-                c.graph.node_count() - 1,
-                c.graph.edge_count(),
-                losses.join(", "),
-                locograph::exec::run_dir::method_name(&c)
-            );
-            println!("memory: {}", locograph::exec::memory_guard::report(&loaded, &c));
-        }
-        Command::Explain { file, dot } => {
-            let loaded = load(&file)?;
-            let c = locograph::graph::compile(&loaded)?;
-            if dot {
-                print!("{}", explain::dot(&c));
-            } else {
-                print!("{}", explain::table(&c));
-            }
-        }
-        Command::Run { file, steps, runs_dir, quiet, device, precision } => {
-            let mut loaded = load(&file)?;
-            // Overrides land in the experiment itself, so the run's config.yaml records them.
-            if let Some(d) = device {
-                loaded.experiment.device = d;
-            }
-            if let Some(p) = precision {
-                loaded.experiment.precision = p;
-            }
-            let opts = TrainOptions { steps, runs_dir, run_dir: None, quiet, stop: Some(stop_flag()) };
-            let s = train::train(&loaded, &opts).with_context(|| format!("training {}", file.display()))?;
-            report(&s);
-        }
+        Command::Validate { file } => validate(&file),
+        Command::Explain { file, dot } => explain_cmd(&file, dot),
+        Command::Run { file, steps, runs_dir, quiet, device, precision } => run_cmd(
+            &file,
+            TrainOptions { steps, runs_dir, run_dir: None, quiet, stop: Some(stop_flag()) },
+            device,
+            precision,
+        ),
         Command::Resume { run, steps, quiet } => {
             let opts = TrainOptions { steps, quiet, stop: Some(stop_flag()), ..TrainOptions::default() };
             let s = train::resume(&run, &opts).with_context(|| format!("resuming {}", run.display()))?;
             report(&s);
+            Ok(())
         }
         Command::Export { run, onnx, outputs, torchvision, verify } => {
-            let opened = locograph::exec::run_dir::open_run(&run, &candle_core::Device::Cpu)?;
-            let report = locograph::export::export_onnx(&opened, &outputs, &onnx)?;
-            println!("{report}");
-            if let Some(tv) = torchvision {
-                let n = locograph::export::write_torchvision(&opened, &tv)?;
-                println!("{}: {n} tensors under torchvision names", tv.display());
-            }
-            if verify {
-                let batch = real_images(&opened, 3)?;
-                let d = locograph::export::verify(&opened, &onnx, &[batch])?;
-                println!("verified with ONNX Runtime: max |ort - candle| = {d:.3e} (limit 1e-4)");
-            }
+            export(&run, &onnx, &outputs, torchvision, verify)
         }
-        Command::Profile { file, input } => {
-            let mut loaded = load(&file)?;
-            loaded.experiment.input.size = input;
-            let c = locograph::graph::compile(&loaded)?;
-            print!("{}", locograph::eval::profile::profile(&c));
-            println!("{}", c.held_summary());
-        }
-        Command::Eval {
-            run,
-            protocols,
-            node,
-            epochs,
-            lr,
-            batch_size,
-            weight_decay,
-            momentum,
-            no_standardize,
-            k,
-            temperature,
-            train_limit,
-            test_limit,
-        } => {
-            use locograph::eval::knn::KnnConfig;
-            use locograph::eval::linear::LinearConfig;
-            use locograph::eval::report::{self, EvalOptions, Protocol};
-            let ps = protocols
-                .iter()
-                .map(|p| {
-                    Ok(match p.as_str() {
-                        "linear" => Protocol::Linear(LinearConfig {
-                            epochs,
-                            lr,
-                            batch_size,
-                            weight_decay,
-                            momentum,
-                            standardize: !no_standardize,
-                            ..Default::default()
-                        }),
-                        "knn" => Protocol::Knn(KnnConfig { k, temperature, ..Default::default() }),
-                        _ => Protocol::from_name(p)?,
-                    })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let opts = EvalOptions { node, batch_size: 256, train_limit, test_limit };
-            for (path, r) in report::evaluate_run(&run, &ps, &opts)? {
-                println!("{}", report::summary(&path, &r));
-            }
-        }
-        Command::Plot { command } => {
-            use locograph::eval::figures;
-            match command {
-                PlotCommand::Losses { out, smoothing, runs } => {
-                    let runs = runs.iter().map(|a| figures::label_run(a)).collect::<Result<Vec<_>, _>>()?;
-                    figures::loss_curves(&runs, smoothing, &out)?;
-                    out.iter().for_each(|o| println!("wrote {}", o.display()));
-                }
-                PlotCommand::Tsne { out, node, classes, per_class, seed, runs } => {
-                    let runs = runs.iter().map(|a| figures::label_run(a)).collect::<Result<Vec<_>, _>>()?;
-                    let tsne = locograph::eval::tsne::TsneConfig { seed, ..Default::default() };
-                    figures::tsne_figure(&runs, &figures::TsneFigureOptions { node, classes, per_class, tsne }, &out)?;
-                    out.iter().for_each(|o| println!("wrote {}", o.display()));
-                }
-            }
-        }
+        Command::Profile { file, input } => profile(&file, input),
+        Command::Eval(args) => eval(args),
+        Command::Plot { command } => plot(command),
         Command::Schema => {
             let schema = schemars::schema_for!(Experiment);
             println!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(())
         }
         Command::Data { command: DataCommand::Fetch { name, dest } } => {
             let path = locograph::data::fetch::fetch(&name, &dest)?;
             println!("{name}: {}", path.display());
+            Ok(())
+        }
+    }
+}
+
+fn validate(file: &Path) -> anyhow::Result<()> {
+    let loaded = load(file)?;
+    let c = locograph::exec::validate(&loaded)?;
+    let losses: Vec<&str> = c.losses.iter().map(|&l| c.id(l)).collect();
+    println!(
+        "{}: ok — {} nodes, {} edges, losses {}, method {}",
+        file.display(),
+        c.graph.node_count() - 1,
+        c.graph.edge_count(),
+        losses.join(", "),
+        locograph::exec::run_dir::method_name(&c)
+    );
+    println!("memory: {}", locograph::exec::memory_guard::report(&loaded, &c));
+    Ok(())
+}
+
+fn explain_cmd(file: &Path, dot: bool) -> anyhow::Result<()> {
+    let loaded = load(file)?;
+    let c = locograph::graph::compile(&loaded)?;
+    if dot {
+        print!("{}", explain::dot(&c));
+    } else {
+        print!("{}", explain::table(&c));
+    }
+    Ok(())
+}
+
+fn run_cmd(
+    file: &Path,
+    opts: TrainOptions,
+    device: Option<DeviceKind>,
+    precision: Option<Precision>,
+) -> anyhow::Result<()> {
+    let mut loaded = load(file)?;
+    // Overrides land in the experiment itself, so the run's config.yaml records them.
+    if let Some(d) = device {
+        loaded.experiment.device = d;
+    }
+    if let Some(p) = precision {
+        loaded.experiment.precision = p;
+    }
+    let s = train::train(&loaded, &opts).with_context(|| format!("training {}", file.display()))?;
+    report(&s);
+    Ok(())
+}
+
+fn export(
+    run: &Path,
+    onnx: &Path,
+    outputs: &[String],
+    torchvision: Option<PathBuf>,
+    verify: bool,
+) -> anyhow::Result<()> {
+    let opened = locograph::exec::run_dir::open_run(run, &candle_core::Device::Cpu)?;
+    let report = locograph::export::export_onnx(&opened, outputs, onnx)?;
+    println!("{report}");
+    if let Some(tv) = torchvision {
+        let n = locograph::export::write_torchvision(&opened, &tv)?;
+        println!("{}: {n} tensors under torchvision names", tv.display());
+    }
+    if verify {
+        let batch = real_images(&opened, 3)?;
+        let d = locograph::export::verify(&opened, onnx, &[batch])?;
+        println!("verified with ONNX Runtime: max |ort - candle| = {d:.3e} (limit 1e-4)");
+    }
+    Ok(())
+}
+
+fn profile(file: &Path, input: usize) -> anyhow::Result<()> {
+    let mut loaded = load(file)?;
+    loaded.experiment.input.size = input;
+    let c = locograph::graph::compile(&loaded)?;
+    print!("{}", locograph::eval::profile::profile(&c));
+    println!("{}", c.held_summary());
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let EvalArgs {
+        run,
+        protocols,
+        node,
+        epochs,
+        lr,
+        batch_size,
+        weight_decay,
+        momentum,
+        no_standardize,
+        k,
+        temperature,
+        train_limit,
+        test_limit,
+    } = a;
+    use locograph::eval::knn::KnnConfig;
+    use locograph::eval::linear::LinearConfig;
+    use locograph::eval::report::{self, EvalOptions, Protocol};
+    let ps = protocols
+        .iter()
+        .map(|p| {
+            Ok(match p.as_str() {
+                "linear" => Protocol::Linear(LinearConfig {
+                    epochs,
+                    lr,
+                    batch_size,
+                    weight_decay,
+                    momentum,
+                    standardize: !no_standardize,
+                    ..Default::default()
+                }),
+                "knn" => Protocol::Knn(KnnConfig { k, temperature, ..Default::default() }),
+                _ => Protocol::from_name(p)?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let opts = EvalOptions { node, batch_size: 256, train_limit, test_limit };
+    for (path, r) in report::evaluate_run(&run, &ps, &opts)? {
+        println!("{}", report::summary(&path, &r));
+    }
+    Ok(())
+}
+
+fn plot(command: PlotCommand) -> anyhow::Result<()> {
+    use locograph::eval::figures;
+    match command {
+        PlotCommand::Losses { out, smoothing, runs } => {
+            let runs = runs.iter().map(|a| figures::label_run(a)).collect::<Result<Vec<_>, _>>()?;
+            figures::loss_curves(&runs, smoothing, &out)?;
+            out.iter().for_each(|o| println!("wrote {}", o.display()));
+        }
+        PlotCommand::Tsne { out, node, classes, per_class, seed, runs } => {
+            let runs = runs.iter().map(|a| figures::label_run(a)).collect::<Result<Vec<_>, _>>()?;
+            let tsne = locograph::eval::tsne::TsneConfig { seed, ..Default::default() };
+            figures::tsne_figure(&runs, &figures::TsneFigureOptions { node, classes, per_class, tsne }, &out)?;
+            out.iter().for_each(|o| println!("wrote {}", o.display()));
         }
     }
     Ok(())

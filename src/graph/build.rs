@@ -15,156 +15,40 @@ use super::{shape, GraphError, GraphErrors};
 use crate::config::{Loaded, Location, Stop};
 use crate::nn::Cost;
 
-fn push(errors: &mut Vec<GraphError>, location: Location, message: String) {
-    errors.push(GraphError { location, message });
+/// The graph being built, and every problem found so far.
+struct Builder<'a> {
+    loaded: &'a Loaded,
+    graph: DiGraph<GNode, GEdge>,
+    ids: IndexMap<String, NodeIndex>,
+    input: NodeIndex,
+    errors: Vec<GraphError>,
 }
 
-/// Checks the graph of `loaded` and compiles it; reports every problem found.
+/// Checks the graph of `loaded` and compiles it into a [`Plan`]; reports every problem found
+/// (a later phase runs only when the earlier ones found nothing it depends on).
 pub fn compile(loaded: &Loaded) -> Result<Plan, GraphErrors> {
-    let exp = &loaded.experiment;
-    let loc = &loaded.locations;
-    let mut errors: Vec<GraphError> = vec![];
-
-    let mut graph: DiGraph<GNode, GEdge> = DiGraph::new();
-    let mut ids: IndexMap<String, NodeIndex> = IndexMap::new();
-    let input_shape = vec![exp.input.channels, exp.input.size, exp.input.size];
-    let input =
-        graph.add_node(GNode { id: INPUT.into(), config: None, shape: input_shape, location: loc.path("input") });
-    ids.insert(INPUT.into(), input);
-    for (id, cfg) in &exp.nodes {
-        let n =
-            graph.add_node(GNode { id: id.clone(), config: Some(cfg.clone()), shape: vec![], location: loc.node(id) });
-        ids.insert(id.clone(), n);
-    }
-    let loss_ids: Vec<&String> = exp.nodes.iter().filter(|(_, c)| c.is_loss()).map(|(id, _)| id).collect();
-    if loss_ids.is_empty() {
-        push(&mut errors, loc.path("nodes"), "the graph has no loss: add a node with `op: nt_xent`".into());
-    }
-
-    let mut seen: HashMap<(NodeIndex, NodeIndex), usize> = HashMap::new();
-    for (i, e) in exp.edges.iter().enumerate() {
-        let at = loc.edge(i);
-        let from = ids.get(&e.from).copied();
-        let to = ids.get(&e.to).copied();
-        let known = |s: &str| -> String {
-            let mut all: Vec<&str> = ids.keys().map(String::as_str).collect();
-            all.sort();
-            format!("edge `{}`: unknown node `{s}`; the nodes are: {}", e, all.join(", "))
-        };
-        if from.is_none() {
-            push(&mut errors, at.clone(), known(&e.from));
-        }
-        if to.is_none() {
-            push(&mut errors, at.clone(), known(&e.to));
-        }
-        if to == Some(input) {
-            push(&mut errors, at.clone(), format!("edge `{e}`: nothing may feed `input`"));
-        }
-        if let Stop::Losses(ls) = &e.stop {
-            for l in ls {
-                if !loss_ids.contains(&l) {
-                    let what = if exp.nodes.contains_key(l) { "is not a loss" } else { "does not exist" };
-                    push(
-                        &mut errors,
-                        at.clone(),
-                        format!(
-                            "edge `{e}`: stop names `{l}`, which {what}; the losses are: {}",
-                            loss_ids.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-                        ),
-                    );
-                }
-            }
-        }
-        if let (Some(a), Some(b)) = (from, to) {
-            if let Some(j) = seen.insert((a, b), i) {
-                push(&mut errors, at.clone(), format!("edge `{e}` is given twice (also as edges[{j}])"));
-                continue;
-            }
-            if graph[a].is_loss() {
-                push(&mut errors, at.clone(), format!("edge `{e}`: a loss has no output to feed other nodes"));
-            }
-            graph.add_edge(a, b, GEdge { index: i, stop: e.stop.clone(), location: at });
-        }
-    }
-
-    for (id, &n) in &ids {
-        if n == input {
-            continue;
-        }
-        let k = graph.edges_directed(n, Direction::Incoming).count();
-        let what = if graph[n].is_loss() { "loss" } else { "node" };
-        if k == 0 {
-            push(
-                &mut errors,
-                graph[n].location.clone(),
-                format!("{what} `{id}` has no input: add an edge `{{from: …, to: {id}}}`"),
-            );
-        } else if k > 1 {
-            push(
-                &mut errors,
-                graph[n].location.clone(),
-                format!("{what} `{id}` has {k} inputs; every node takes exactly one"),
-            );
-        }
-    }
-
-    let order = match toposort(&graph, None) {
+    let mut b = Builder::new(loaded);
+    b.add_edges();
+    b.check_inputs();
+    let order = match toposort(&b.graph, None) {
         Ok(o) => o,
         Err(cycle) => {
             let n = cycle.node_id();
-            push(&mut errors, graph[n].location.clone(), format!("the edges form a cycle through `{}`", graph[n].id));
-            return Err(GraphErrors(errors));
+            let id = b.graph[n].id.clone();
+            b.push(b.graph[n].location.clone(), format!("the edges form a cycle through `{id}`"));
+            return Err(GraphErrors(b.errors));
         }
     };
-
-    // Shapes, in topological order; a node after a broken one is not checked again.
-    let mut broken = vec![false; graph.node_count()];
-    for &n in &order {
-        if n == input {
-            continue;
-        }
-        let Some(p) = graph.neighbors_directed(n, Direction::Incoming).next() else {
-            broken[n.index()] = true;
-            continue;
-        };
-        if broken[p.index()] {
-            broken[n.index()] = true;
-            continue;
-        }
-        let cfg = graph[n].config.clone().expect("non-input nodes have a config");
-        match shape::infer(&cfg, &graph[p].shape) {
-            Ok(s) => graph[n].shape = s,
-            Err(why) => {
-                broken[n.index()] = true;
-                push(
-                    &mut errors,
-                    graph[n].location.clone(),
-                    format!("node `{}` ({}): {why}", graph[n].id, cfg.op_name()),
-                );
-            }
-        }
+    b.infer_shapes(&order);
+    if !b.errors.is_empty() {
+        return Err(GraphErrors(b.errors));
     }
-    if !errors.is_empty() {
-        return Err(GraphErrors(errors));
+    let reach = Reachability::new(&b.graph, b.input);
+    b.check_reached(&order, &reach);
+    if !b.errors.is_empty() {
+        return Err(GraphErrors(b.errors));
     }
-
-    let reach = Reachability::new(&graph, input);
-    for &n in &order {
-        if graph[n].is_trainable() && reach.reached_by(n).is_empty() {
-            let why = reach.why_unreached(&graph, n);
-            push(
-                &mut errors,
-                graph[n].location.clone(),
-                format!(
-                    "trainable node `{}` is reached by no loss ({why}); connect it to a loss, or set `frozen: true`",
-                    graph[n].id
-                ),
-            );
-        }
-    }
-    if !errors.is_empty() {
-        return Err(GraphErrors(errors));
-    }
+    let Builder { graph, ids, input, .. } = b;
     let order = Order::new(&graph, input, &reach);
     let losses = order.forward_order().into_iter().filter(|&n| graph[n].is_loss()).collect();
     let costs = graph
@@ -175,4 +59,142 @@ pub fn compile(loaded: &Loaded) -> Result<Plan, GraphErrors> {
         })
         .collect();
     Ok(Plan { graph, ids, input, losses, reach, order, costs })
+}
+
+impl<'a> Builder<'a> {
+    /// `input` and every node of `nodes:` (shapes still unknown); a graph needs a loss.
+    fn new(loaded: &'a Loaded) -> Self {
+        let (exp, loc) = (&loaded.experiment, &loaded.locations);
+        let mut graph: DiGraph<GNode, GEdge> = DiGraph::new();
+        let mut ids: IndexMap<String, NodeIndex> = IndexMap::new();
+        let input_shape = vec![exp.input.channels, exp.input.size, exp.input.size];
+        let input =
+            graph.add_node(GNode { id: INPUT.into(), config: None, shape: input_shape, location: loc.path("input") });
+        ids.insert(INPUT.into(), input);
+        for (id, cfg) in &exp.nodes {
+            let n = graph.add_node(GNode {
+                id: id.clone(),
+                config: Some(cfg.clone()),
+                shape: vec![],
+                location: loc.node(id),
+            });
+            ids.insert(id.clone(), n);
+        }
+        let mut b = Builder { loaded, graph, ids, input, errors: vec![] };
+        if !exp.nodes.values().any(|c| c.is_loss()) {
+            b.push(loc.path("nodes"), "the graph has no loss: add a node with `op: nt_xent`".into());
+        }
+        b
+    }
+
+    fn push(&mut self, location: Location, message: String) {
+        self.errors.push(GraphError { location, message });
+    }
+
+    /// Every edge of `edges:` between known nodes, once; stops name existing losses.
+    fn add_edges(&mut self) {
+        let (exp, loc) = (&self.loaded.experiment, &self.loaded.locations);
+        let loss_ids: Vec<&String> = exp.nodes.iter().filter(|(_, c)| c.is_loss()).map(|(id, _)| id).collect();
+        let mut seen: HashMap<(NodeIndex, NodeIndex), usize> = HashMap::new();
+        for (i, e) in exp.edges.iter().enumerate() {
+            let at = loc.edge(i);
+            let from = self.ids.get(&e.from).copied();
+            let to = self.ids.get(&e.to).copied();
+            let mut all: Vec<&str> = self.ids.keys().map(String::as_str).collect();
+            all.sort();
+            let known = |s: &str| format!("edge `{e}`: unknown node `{s}`; the nodes are: {}", all.join(", "));
+            let mut problems = vec![];
+            if from.is_none() {
+                problems.push(known(&e.from));
+            }
+            if to.is_none() {
+                problems.push(known(&e.to));
+            }
+            if to == Some(self.input) {
+                problems.push(format!("edge `{e}`: nothing may feed `input`"));
+            }
+            if let Stop::Losses(ls) = &e.stop {
+                for l in ls.iter().filter(|l| !loss_ids.contains(l)) {
+                    let what = if exp.nodes.contains_key(l) { "is not a loss" } else { "does not exist" };
+                    let losses: Vec<&str> = loss_ids.iter().map(|s| s.as_str()).collect();
+                    problems.push(format!(
+                        "edge `{e}`: stop names `{l}`, which {what}; the losses are: {}",
+                        losses.join(", ")
+                    ));
+                }
+            }
+            if let (Some(a), Some(b)) = (from, to) {
+                if let Some(j) = seen.insert((a, b), i) {
+                    problems.push(format!("edge `{e}` is given twice (also as edges[{j}])"));
+                } else {
+                    if self.graph[a].is_loss() {
+                        problems.push(format!("edge `{e}`: a loss has no output to feed other nodes"));
+                    }
+                    self.graph.add_edge(a, b, GEdge { index: i, stop: e.stop.clone(), location: at.clone() });
+                }
+            }
+            for p in problems {
+                self.push(at.clone(), p);
+            }
+        }
+    }
+
+    /// Every node but `input` takes exactly one input.
+    fn check_inputs(&mut self) {
+        let mut problems = vec![];
+        for (id, &n) in &self.ids {
+            if n == self.input {
+                continue;
+            }
+            let k = self.graph.edges_directed(n, Direction::Incoming).count();
+            let what = if self.graph[n].is_loss() { "loss" } else { "node" };
+            let at = self.graph[n].location.clone();
+            if k == 0 {
+                problems.push((at, format!("{what} `{id}` has no input: add an edge `{{from: …, to: {id}}}`")));
+            } else if k > 1 {
+                problems.push((at, format!("{what} `{id}` has {k} inputs; every node takes exactly one")));
+            }
+        }
+        for (at, p) in problems {
+            self.push(at, p);
+        }
+    }
+
+    /// Shapes, in topological order; a node after a broken one is not checked again.
+    fn infer_shapes(&mut self, order: &[NodeIndex]) {
+        let mut broken = vec![false; self.graph.node_count()];
+        for &n in order {
+            let Some(cfg) = self.graph[n].config.clone() else { continue };
+            let Some(p) = self.graph.neighbors_directed(n, Direction::Incoming).next() else {
+                broken[n.index()] = true;
+                continue;
+            };
+            if broken[p.index()] {
+                broken[n.index()] = true;
+                continue;
+            }
+            match shape::infer(&cfg, &self.graph[p].shape) {
+                Ok(s) => self.graph[n].shape = s,
+                Err(why) => {
+                    broken[n.index()] = true;
+                    let message = format!("node `{}` ({}): {why}", self.graph[n].id, cfg.op_name());
+                    self.push(self.graph[n].location.clone(), message);
+                }
+            }
+        }
+    }
+
+    /// Every trainable node is reached by some loss.
+    fn check_reached(&mut self, order: &[NodeIndex], reach: &Reachability) {
+        for &n in order {
+            if self.graph[n].is_trainable() && reach.reached_by(n).is_empty() {
+                let why = reach.why_unreached(&self.graph, n);
+                let message = format!(
+                    "trainable node `{}` is reached by no loss ({why}); connect it to a loss, or set `frozen: true`",
+                    self.graph[n].id
+                );
+                self.push(self.graph[n].location.clone(), message);
+            }
+        }
+    }
 }
