@@ -5,8 +5,8 @@
 #
 #   bench/gpu.sh [BATCH] [STEPS] [ROUNDS]     # defaults 256 10 1
 #
-# Runs on the GPU machine, from the working tree the device tool carries: the locograph bench
-# binary is built here with the CUDA recipe (../shared/cuda-build.md) and carried compressed as
+# Runs on the GPU machine, from a copy of the working tree: the locograph bench
+# binary is built here with the CUDA recipe (docs/gpu.md, "Build") and carried compressed as
 # .gpu/train_step.xz; PyTorch is the machine's own. Peak GPU memory is sampled from nvidia-smi
 # every 20 ms for each process (CUDA context included, the same measure for both) beside
 # PyTorch's own max_memory_allocated. Prints every run, then images/s, peak memory, the ratios

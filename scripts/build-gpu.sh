@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CUDA binaries for the GPU machine here (no GPU needed), following
-# ../shared/cuda-build.md: nvcc 13.0 and the CUDA/cuDNN link libraries from PyPI in .cuda-tk/
+# docs/gpu.md ("Build"): nvcc 13.0 and the CUDA/cuDNN link libraries from PyPI in .cuda-tk/
 # (gitignored, ~1.7 GB once), a stub libcuda.so for linking, sm_90 (H100). Leaves
-# .gpu/{locograph,train_step}.xz and .gpu/run-on-gpu.sh (gitignored) for the device tool's carry.
+# .gpu/{locograph,train_step}.xz and .gpu/run-on-gpu.sh (gitignored), to copy to the GPU machine with the working tree.
 # Its own target folder (default target-cuda/), so the CPU build in target/ is untouched.
 #
 #   scripts/build-gpu.sh [FEATURES]      # cudnn (default) or cuda

@@ -1,6 +1,6 @@
 //! Fuzzes what `locograph validate` does with an experiment file: parse (strict serde, spans),
-//! compile (graph checks, shapes, reachability, schedule), value checks and the memory
-//! estimate. Any input must give `Ok` or an error, never a panic, overflow or hang.
+//! compile (graph checks, shapes, reachability, execution order, costs), value checks and the
+//! memory prediction. Any input must give `Ok` or an error, never a panic, overflow or hang.
 //!
 //! Seeded with `experiments/*.yaml` and `graphs/*.yaml` (see `scripts/fuzz.sh`).
 #![no_main]
@@ -18,8 +18,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(loaded) = locograph::config::parse_str(text, &file) else {
         return;
     };
-    let _ = locograph::graph::compile(&loaded);
-    let _ = locograph::exec::train::check_values(&loaded);
-    // compile + check_values + check_memory, as `validate` and `train` run them.
-    let _ = locograph::exec::train::validate(&loaded);
+    let _ = locograph::config::check_values(&loaded);
+    // compile + check_values, as `validate` runs them, then the memory report and check.
+    if let Ok(plan) = locograph::exec::validate(&loaded) {
+        let _ = locograph::exec::memory_guard::report(&loaded, &plan);
+        let _ = locograph::exec::memory_guard::check_fits(&loaded, &plan);
+    }
 });

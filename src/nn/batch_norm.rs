@@ -101,7 +101,7 @@ impl BatchNorm2d {
 impl BatchNorm2d {
     /// The fused training op for `x` with the batch's statistics (and the running statistics
     /// updated), where it applies: CPU, f32/f64 like the weights, not the composed reference.
-    /// For callers that apply the op their own way (`exec::chain`'s block tails).
+    /// For callers that apply the op their own way (`nn::Link::tail`, a block's tail).
     pub fn fused_train_op(&self, x: &Tensor) -> Result<Option<BatchNormTrain>> {
         let fused = x.device().is_cpu()
             && matches!(x.dtype(), DType::F32 | DType::F64)

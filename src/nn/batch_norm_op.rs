@@ -229,7 +229,7 @@ impl CustomOp3 for BatchNormTrain {
 }
 
 /// A residual block's tail, `relu(bn(z) + shortcut)`, with the batch norm in training mode, as
-/// one pass that writes the block's output into a vector the caller owns (`exec::chain` makes
+/// one pass that writes the block's output into a vector the caller owns (`nn::Link::tail` makes
 /// it the next block's leaf without a copy). The branch `bn(z)` is never stored: it is the one
 /// activation of a block that nothing needs for the backward. Its backward is [`TailSeed`].
 pub fn tail_forward(op: &BatchNormTrain, z: &Tensor, gamma: &Tensor, beta: &Tensor, shortcut: &Tensor) -> Result<Var> {
