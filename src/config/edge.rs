@@ -89,7 +89,8 @@ impl schemars::JsonSchema for Stop {
     }
 }
 
-/// `{from: res2, to: res3, stop: [L2]}`.
+/// `{from: res2, to: res3, stop: [L2]}`; `{from: labels, to: CE, as: labels}` names the input
+/// of a node that takes several.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
@@ -100,6 +101,11 @@ pub struct EdgeConfig {
     /// Losses whose gradient may not flow back across this edge.
     #[serde(default, skip_serializing_if = "Stop::is_none")]
     pub stop: Stop,
+    /// Which input of the consumer this edge feeds, for a node that takes several (`mse`'s
+    /// `prediction` and `target`, `cross_entropy`'s `logits` and `labels`); a node with one
+    /// input needs none.
+    #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
 }
 
 impl fmt::Display for EdgeConfig {

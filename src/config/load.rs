@@ -157,8 +157,8 @@ fn check_nodes(v: &Value, c: &mut Collector) -> IndexMap<String, NodeConfig> {
             continue;
         };
         let path = format!("nodes.{id}");
-        if id == "input" {
-            c.push(&path, "`input` is reserved for the image batch");
+        if id == "input" || id == "labels" {
+            c.push(&path, format!("`{id}` is reserved for the batch's {}", if id == "input" { "images" } else { "labels" }));
         } else if id.is_empty() || !id.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
             c.push(
                 &path,

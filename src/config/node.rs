@@ -26,6 +26,48 @@ pub struct NtXentConfig {
     pub weight: f64,
 }
 
+/// `op: cross_entropy` — a supervised loss: `logits` (a classifier decoder's `[classes]`) against
+/// the batch's `labels` (DGL's auxiliary classifiers, InfoPro's classification term). Both views
+/// of an image carry its label.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CrossEntropyConfig {
+    /// Multiplies this loss's gradient (and its logged value is left unscaled).
+    #[serde(default = "unit")]
+    pub weight: f64,
+}
+
+/// `op: mse` — the mean squared error of a `prediction` against a `target` of the same shape
+/// (InfoPro's reconstruction of the input).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MseConfig {
+    /// Multiplies this loss's gradient (and its logged value is left unscaled).
+    #[serde(default = "unit")]
+    pub weight: f64,
+}
+
+/// `op: neg_cosine` — SimSiam's and BYOL's loss: minus the cosine similarity of each view's
+/// `prediction` with the other view's `target`, symmetrised,
+/// `−½ (cos(p₁, z₂) + cos(p₂, z₁))` averaged over the images. The stop-gradient on the target is
+/// the edge's (`stop: all`), not the loss's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NegCosineConfig {
+    /// Multiplies this loss's gradient (and its logged value is left unscaled).
+    #[serde(default = "unit")]
+    pub weight: f64,
+}
+
+/// What a node reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inputs {
+    /// One input; its edge names no slot.
+    One,
+    /// These inputs, each fed by exactly one edge naming it with `as:`, in this order.
+    Named(&'static [&'static str]),
+}
+
 /// One node. The id (its key under `nodes:`) names its parameters, checkpoint keys, ONNX
 /// tensors and log columns.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -39,6 +81,12 @@ pub enum NodeConfig {
     Decoder(DecoderConfig),
     /// A contrastive loss on a decoder's output.
     NtXent(NtXentConfig),
+    /// A supervised loss on a classifier's logits and the batch's labels.
+    CrossEntropy(CrossEntropyConfig),
+    /// A reconstruction loss.
+    Mse(MseConfig),
+    /// A predictor's output against the other view's target (SimSiam, BYOL).
+    NegCosine(NegCosineConfig),
 }
 
 impl NtXentConfig {
@@ -58,6 +106,12 @@ impl NodeConfig {
             (NodeConfig::Stage(s), &[c, h, w]) => s.cost([c, h, w]),
             (NodeConfig::Decoder(d), _) => d.cost(input),
             (NodeConfig::NtXent(l), _) => l.cost(),
+            // The softmax's probabilities and its gradient, per image.
+            (NodeConfig::CrossEntropy(_), _) => Cost { saved: 2 * input.iter().product::<usize>() as u64, ..Cost::default() },
+            // The difference, per element.
+            (NodeConfig::Mse(_), _) => Cost { saved: input.iter().product::<usize>() as u64, ..Cost::default() },
+            // Both inputs normalised, and their norms.
+            (NodeConfig::NegCosine(_), _) => Cost { saved: 2 * input.iter().product::<usize>() as u64 + 2, ..Cost::default() },
             _ => Cost::default(),
         }
     }
@@ -65,7 +119,18 @@ impl NodeConfig {
     pub fn loss_weight(&self) -> f64 {
         match self {
             NodeConfig::NtXent(l) => l.weight,
+            NodeConfig::CrossEntropy(l) => l.weight,
+            NodeConfig::Mse(l) => l.weight,
+            NodeConfig::NegCosine(l) => l.weight,
             _ => 1.0,
+        }
+    }
+    /// What the node reads.
+    pub fn inputs(&self) -> Inputs {
+        match self {
+            NodeConfig::CrossEntropy(_) => Inputs::Named(&["logits", "labels"]),
+            NodeConfig::Mse(_) | NodeConfig::NegCosine(_) => Inputs::Named(&["prediction", "target"]),
+            _ => Inputs::One,
         }
     }
     pub fn op_name(&self) -> &'static str {
@@ -74,10 +139,13 @@ impl NodeConfig {
             NodeConfig::Stage(_) => "stage",
             NodeConfig::Decoder(_) => "decoder",
             NodeConfig::NtXent(_) => "nt_xent",
+            NodeConfig::CrossEntropy(_) => "cross_entropy",
+            NodeConfig::Mse(_) => "mse",
+            NodeConfig::NegCosine(_) => "neg_cosine",
         }
     }
     pub fn is_loss(&self) -> bool {
-        matches!(self, NodeConfig::NtXent(_))
+        matches!(self, NodeConfig::NtXent(_) | NodeConfig::CrossEntropy(_) | NodeConfig::Mse(_) | NodeConfig::NegCosine(_))
     }
     /// Has parameters that an optimizer updates.
     pub fn is_trainable(&self) -> bool {
@@ -85,7 +153,7 @@ impl NodeConfig {
             NodeConfig::Stem(c) => !c.frozen,
             NodeConfig::Stage(c) => !c.frozen,
             NodeConfig::Decoder(c) => !c.frozen,
-            NodeConfig::NtXent(_) => false,
+            _ => false,
         }
     }
     pub fn is_frozen(&self) -> bool {
@@ -93,7 +161,7 @@ impl NodeConfig {
             NodeConfig::Stem(c) => c.frozen,
             NodeConfig::Stage(c) => c.frozen,
             NodeConfig::Decoder(c) => c.frozen,
-            NodeConfig::NtXent(_) => false,
+            _ => false,
         }
     }
 }

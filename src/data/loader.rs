@@ -45,6 +45,17 @@ impl Batch {
         candle_core::Tensor::from_slice(&self.data, &self.shape[..], device)
     }
 
+    /// One label per row as a `u32` tensor: `[2N]` for a pair batch (both views of an image carry
+    /// its label), `[N]` otherwise; `None` for unlabeled data.
+    pub fn row_labels(&self, device: &candle_core::Device) -> candle_core::Result<Option<candle_core::Tensor>> {
+        if self.labels.is_empty() {
+            return Ok(None);
+        }
+        let rows = self.shape[0];
+        let per_row: Vec<u32> = self.labels.iter().copied().cycle().take(rows).collect();
+        candle_core::Tensor::from_vec(per_row, rows, device).map(Some)
+    }
+
     /// The labels as a `u32` tensor of shape `[N]` (empty for unlabeled data).
     pub fn labels_tensor(&self, device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
         candle_core::Tensor::from_slice(&self.labels, self.labels.len(), device)

@@ -7,7 +7,7 @@ use petgraph::graph::NodeIndex;
 use tracing::debug_span;
 
 use super::model::Model;
-use super::step::{OnGradsFinal, StepOutput, StepState};
+use super::step::{OnGradsFinal, StepInput, StepOutput, StepState};
 use crate::graph::{Action, Plan};
 
 /// [`Hooks::after_action`]: called after each action, once what it no longer needs is dropped.
@@ -28,17 +28,24 @@ pub struct Hooks<'a> {
     pub grads_final: Option<&'a mut OnGradsFinal<'a>>,
 }
 
-/// One forward and all backward passes of `batch` (`[2N, C, H, W]`, the two views stacked).
-pub fn run_step(plan: &Plan, model: &Model, batch: &Tensor) -> Result<StepOutput> {
+/// One forward and all backward passes of `batch`: the two views stacked (`[2N, C, H, W]`, a
+/// `&Tensor`), with their labels where the graph reads them ([`StepInput`]).
+pub fn run_step(plan: &Plan, model: &Model, batch: impl Into<StepInput>) -> Result<StepOutput> {
     run_step_with(plan, model, batch, Hooks::default())
 }
 
 /// [`run_step`] with [`Hooks`].
-pub fn run_step_with(plan: &Plan, model: &Model, batch: &Tensor, mut hooks: Hooks<'_>) -> Result<StepOutput> {
+pub fn run_step_with(
+    plan: &Plan,
+    model: &Model,
+    batch: impl Into<StepInput>,
+    mut hooks: Hooks<'_>,
+) -> Result<StepOutput> {
+    let batch = batch.into();
     let mut state = StepState::new(plan, model);
     for action in &plan.order.actions {
         match *action {
-            Action::Forward(n) => state.forward(n, batch)?,
+            Action::Forward(n) => state.forward(n, &batch)?,
             Action::Backward { node, group } => state.backward(node, group, hooks.grads_final.as_deref_mut())?,
         }
         if let Some(after) = hooks.after_action.as_mut() {

@@ -21,4 +21,4 @@ pub use error::{CheckpointError, TrainError};
 pub use model::{Model, NodeModule};
 pub use reference::reference_grads;
 pub use setup::validate;
-pub use step::{GradsFinal, StepOutput, StepState};
+pub use step::{GradsFinal, StepInput, StepOutput, StepState};

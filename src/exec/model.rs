@@ -6,7 +6,7 @@ use tracing::info_span;
 
 use crate::config::NodeConfig;
 use crate::graph::Plan;
-use crate::loss::NtXent;
+use crate::loss::{CrossEntropy, Loss, Mse, NegCosine, NtXent};
 use crate::nn::decoder::{decoder, Decoder};
 use crate::nn::stage::{stage, Stage};
 use crate::nn::stem::{stem, Stem};
@@ -19,7 +19,7 @@ pub enum NodeModule {
     Stem(Stem),
     Stage(Stage),
     Decoder(Decoder),
-    NtXent(NtXent),
+    Loss(Loss),
 }
 
 impl NodeModule {
@@ -28,7 +28,7 @@ impl NodeModule {
             NodeModule::Stem(m) => m,
             NodeModule::Stage(m) => m,
             NodeModule::Decoder(m) => m,
-            NodeModule::NtXent(m) => m,
+            NodeModule::Loss(m) => m.layer(),
         }
     }
 }
@@ -66,7 +66,10 @@ impl Model {
                 NodeConfig::Stem(s) => NodeModule::Stem(stem(s, in_c, &b)?),
                 NodeConfig::Stage(s) => NodeModule::Stage(stage(s, in_c, &b)?),
                 NodeConfig::Decoder(d) => NodeModule::Decoder(decoder(d, in_c, &b)?),
-                NodeConfig::NtXent(l) => NodeModule::NtXent(NtXent { temperature: l.temperature }),
+                NodeConfig::NtXent(l) => NodeModule::Loss(Loss::NtXent(NtXent { temperature: l.temperature })),
+                NodeConfig::CrossEntropy(_) => NodeModule::Loss(Loss::CrossEntropy(CrossEntropy)),
+                NodeConfig::Mse(_) => NodeModule::Loss(Loss::Mse(Mse)),
+                NodeConfig::NegCosine(_) => NodeModule::Loss(Loss::NegCosine(NegCosine)),
             });
         }
         let params = pb.store();
@@ -117,9 +120,20 @@ impl Model {
         }
     }
 
+    /// The forward of a node that reads several inputs (a loss), each floating-point input cast
+    /// to the node's compute type (integer labels stay as they are).
+    pub fn forward_inputs(&self, n: NodeIndex, xs: &[Tensor], train: bool) -> Result<Tensor> {
+        let train = train && !self.frozen[n.index()];
+        let Some(m) = self.module(n) else { candle_core::bail!("node {} has no layer", n.index()) };
+        let dt = self.dtype(m);
+        let xs: Vec<Tensor> =
+            xs.iter().map(|x| if x.dtype().is_float() { x.to_dtype(dt) } else { Ok(x.clone()) }).collect::<Result<_>>()?;
+        m.layer().forward_inputs(&xs, train)
+    }
+
     fn dtype(&self, m: &NodeModule) -> DType {
         match m {
-            NodeModule::NtXent(_) => DType::F32,
+            NodeModule::Loss(_) => DType::F32,
             _ => self.compute,
         }
     }

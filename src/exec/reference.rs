@@ -16,11 +16,13 @@ use candle_core::{Result, Tensor};
 use petgraph::algo::toposort;
 
 use super::model::Model;
+use super::step::StepInput;
 use crate::config::NodeConfig;
 use crate::graph::Plan;
 
 /// Parameter gradients (`Model::params.params` order) summed over all losses.
-pub fn reference_grads(c: &Plan, model: &Model, batch: &Tensor) -> Result<Vec<Option<Tensor>>> {
+pub fn reference_grads(c: &Plan, model: &Model, batch: impl Into<StepInput>) -> Result<Vec<Option<Tensor>>> {
+    let batch = batch.into();
     let order = toposort(&c.graph, None).map_err(|_| candle_core::Error::Msg("cycle".into()))?;
     let mut total: Vec<Option<Tensor>> = vec![None; model.params.params.len()];
     for &l in &c.reach.losses {
@@ -28,12 +30,19 @@ pub fn reference_grads(c: &Plan, model: &Model, batch: &Tensor) -> Result<Vec<Op
         let mut values: Vec<Option<Tensor>> = vec![None; c.graph.node_count()];
         for &n in &order {
             let v = if n == c.input {
-                batch.clone()
+                batch.images.clone()
+            } else if Some(n) == c.labels() {
+                batch.labels.clone().ok_or_else(|| candle_core::Error::Msg("the graph reads labels".into()))?
             } else {
-                let (e, p) = c.producer(n).expect("one input");
-                let x = values[p.index()].clone().expect("producer first");
-                let x = if c.graph[e].stop.blocks(&lid) { x.detach() } else { x };
-                model.forward_node(n, &x, true)?
+                let mut xs = vec![];
+                for (e, p) in c.inputs(n) {
+                    let x = values[p.index()].clone().ok_or_else(|| candle_core::Error::Msg("producer first".into()))?;
+                    xs.push(if c.graph[e].stop.blocks(&lid) { x.detach() } else { x });
+                }
+                match xs.as_slice() {
+                    [x] => model.forward_node(n, x, true)?,
+                    _ => model.forward_inputs(n, &xs, true)?,
+                }
             };
             values[n.index()] = Some(v);
         }

@@ -76,6 +76,7 @@ impl Setup {
             }])
             .into());
         }
+        check_labels(&plan, ds.as_ref())?;
         let batch_size = exp.train.batch_size;
         if ds.len() < batch_size {
             // The loader drops the last incomplete batch, so an epoch would have no step at all.
@@ -98,5 +99,45 @@ impl Setup {
             batch_size,
             threads: rayon::current_num_threads(),
         })
+    }
+}
+
+/// A graph that reads the batch's labels needs a labelled dataset, and each classifier as many
+/// logits as the dataset has classes.
+fn check_labels(plan: &Plan, ds: &dyn Dataset) -> std::result::Result<(), ConfigErrors> {
+    let Some(labels) = plan.labels() else { return Ok(()) };
+    let mut errors = vec![];
+    for (e, n) in plan.graph.edges_directed(labels, petgraph::Direction::Outgoing).map(|e| {
+        use petgraph::visit::EdgeRef;
+        (e.id(), e.target())
+    }) {
+        let location = plan.graph[e].location.clone();
+        let path = format!("edges[{}]", plan.graph[e].index);
+        match ds.num_classes() {
+            None => errors.push(ConfigError {
+                location,
+                path,
+                message: format!("`{}` reads the batch's labels, but {} has none", plan.id(n), ds.name()),
+            }),
+            Some(classes) => {
+                let logits = plan.inputs(n).first().map(|&(_, p)| plan.graph[p].shape.clone()).unwrap_or_default();
+                if logits != [classes] {
+                    errors.push(ConfigError {
+                        location,
+                        path,
+                        message: format!(
+                            "`{}` compares {logits:?} logits with the labels of {}, which has {classes} classes: set the classifier's `mlp.out: {classes}`",
+                            plan.id(n),
+                            ds.name()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
     }
 }

@@ -23,6 +23,20 @@ use super::model::Model;
 use crate::graph::Plan;
 use crate::nn::Link;
 
+/// What a step reads: the stacked views (`[2N, C, H, W]`) and, for a graph that reads the
+/// batch's `labels`, one class per view (`[2N]`, u32).
+#[derive(Clone, Debug)]
+pub struct StepInput {
+    pub images: Tensor,
+    pub labels: Option<Tensor>,
+}
+
+impl From<&Tensor> for StepInput {
+    fn from(images: &Tensor) -> Self {
+        StepInput { images: images.clone(), labels: None }
+    }
+}
+
 /// A node whose parameter gradients are final: its last backward has run.
 pub struct GradsFinal<'a> {
     pub node: NodeIndex,
@@ -88,41 +102,61 @@ impl<'a> StepState<'a> {
         }
     }
 
-    /// Node `n`'s forward: `batch` for `input`, else its layer on its producer's output, cut
-    /// into links when a backward will run through it.
-    pub fn forward(&mut self, n: NodeIndex, batch: &Tensor) -> Result<()> {
+    /// Node `n`'s forward: the batch's images for `input` and labels for `labels`; else its layer
+    /// on its producers' outputs, cut into links when a backward will run through it.
+    pub fn forward(&mut self, n: NodeIndex, batch: &StepInput) -> Result<()> {
         let plan = self.plan;
         let out = if n == plan.input {
-            batch.clone()
+            batch.images.clone()
+        } else if Some(n) == plan.labels() {
+            match &batch.labels {
+                Some(l) => l.clone(),
+                None => candle_core::bail!("the graph reads `labels` but the batch has none"),
+            }
         } else {
-            let Some((e, p)) = plan.producer(n) else { candle_core::bail!("`{}` has no producer", plan.id(n)) };
-            let Some(v) = self.values[p.index()].as_ref() else {
-                candle_core::bail!("`{}` runs before its producer `{}`", plan.id(n), plan.id(p))
-            };
             let _span = debug_span!("forward", node = %plan.id(n)).entered();
-            let (input, leaf) = if plan.reach.any_flows(e) {
-                // No copy when the producer's output already is a leaf (a chained layer's).
-                let leaf = if v.is_variable() { Var::from_tensor(v)? } else { Var::from_tensor(&v.detach())? };
-                (leaf.as_tensor().clone(), Some(leaf))
-            } else {
-                (v.detach(), None)
-            };
-            self.leaves[e.index()] = leaf;
-            let out = if self.groups_left[n.index()] == 0 {
+            let inputs = plan.inputs(n);
+            let mut xs = Vec::with_capacity(inputs.len());
+            for &(e, p) in &inputs {
+                let Some(v) = self.values[p.index()].as_ref() else {
+                    candle_core::bail!("`{}` runs before its producer `{}`", plan.id(n), plan.id(p))
+                };
+                let (x, leaf) = if plan.reach.any_flows(e) {
+                    // No copy when the producer's output already is a leaf (a chained layer's).
+                    let leaf = if v.is_variable() { Var::from_tensor(v)? } else { Var::from_tensor(&v.detach())? };
+                    (leaf.as_tensor().clone(), Some(leaf))
+                } else {
+                    (v.detach(), None)
+                };
+                self.leaves[e.index()] = leaf;
+                xs.push(x);
+            }
+            let out = match (xs.len(), self.groups_left[n.index()]) {
                 // No backward will run here: the whole layer at once, no leaves.
-                self.model.forward_node(n, &input, true)?
-            } else {
-                let mut x = input;
-                for k in 0..self.model.links(n) {
-                    let leaf = if k == 0 { None } else { Some(Var::from_tensor(&x)?) };
-                    let link = self.model.forward_link(n, k, leaf, &x, true)?;
-                    x = link.output.clone();
-                    self.chains[n.index()].push(link);
+                (1, 0) => self.model.forward_node(n, &xs[0], true)?,
+                (1, _) => {
+                    let mut x = xs.pop().unwrap_or_else(|| batch.images.clone());
+                    for k in 0..self.model.links(n) {
+                        let leaf = if k == 0 { None } else { Some(Var::from_tensor(&x)?) };
+                        let link = self.model.forward_link(n, k, leaf, &x, true)?;
+                        x = link.output.clone();
+                        self.chains[n.index()].push(link);
+                    }
+                    x
                 }
-                x
+                // Several inputs: one link, whose backward reaches every input's leaf.
+                (_, left) => {
+                    let out = self.model.forward_inputs(n, &xs, true)?;
+                    if left > 0 {
+                        self.chains[n.index()].push(Link::plain(None, out.clone()));
+                    }
+                    out
+                }
             };
-            self.consumers_left[p.index()] -= 1;
-            self.release(p);
+            for &(_, p) in &inputs {
+                self.consumers_left[p.index()] -= 1;
+                self.release(p);
+            }
             out
         };
         if plan.graph[n].is_loss() {

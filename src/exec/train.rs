@@ -25,7 +25,7 @@ use super::metrics::{Metrics, Row};
 use super::model::Model;
 use super::run_dir;
 use super::setup::Setup;
-use super::step::GradsFinal;
+use super::step::{GradsFinal, StepInput};
 use crate::config::Loaded;
 use crate::data::PairLoader;
 use crate::graph::explain;
@@ -363,11 +363,14 @@ impl<'a> Trainer<'a> {
     fn step(&mut self, batch: &crate::data::Batch, step: u64) -> Result<()> {
         let _span = info_span!("step", step).entered();
         let s = &mut self.s;
-        let x = batch.to_tensor(&s.device)?;
+        let x = StepInput {
+            images: batch.to_tensor(&s.device)?,
+            labels: if s.plan.labels().is_some() { batch.row_labels(&s.device)? } else { None },
+        };
         let lr = s.schedule.lr(step as usize);
         let (optimizer, model) = (&mut s.optimizer, &s.model);
         let mut update = |f: GradsFinal<'_>| update_when_final(optimizer.as_mut(), model, f, lr);
-        let out = run_step_with(&s.plan, model, &x, Hooks { grads_final: Some(&mut update), ..Hooks::default() })?;
+        let out = run_step_with(&s.plan, model, x, Hooks { grads_final: Some(&mut update), ..Hooks::default() })?;
         self.last = out.losses.iter().map(|&(n, v)| (s.plan.id(n).to_string(), v)).collect();
         if let Some((id, v)) = self.last.iter().find(|(_, v)| !v.is_finite()) {
             self.bar.abandon();

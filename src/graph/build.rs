@@ -7,12 +7,12 @@ use petgraph::algo::toposort;
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::Direction;
 
-use super::node::{GEdge, GNode, INPUT};
+use super::node::{GEdge, GNode, INPUT, LABELS};
 use super::order::Order;
 use super::plan::Plan;
 use super::reach::Reachability;
 use super::{shape, GraphError, GraphErrors};
-use crate::config::{Loaded, Location, Stop};
+use crate::config::{Inputs, Loaded, Location, Stop};
 use crate::nn::Cost;
 
 /// The graph being built, and every problem found so far.
@@ -71,6 +71,11 @@ impl<'a> Builder<'a> {
         let input =
             graph.add_node(GNode { id: INPUT.into(), config: None, shape: input_shape, location: loc.path("input") });
         ids.insert(INPUT.into(), input);
+        if exp.edges.iter().any(|e| e.from == LABELS) {
+            // One class index per view: a scalar per image.
+            let labels = graph.add_node(GNode { id: LABELS.into(), config: None, shape: vec![], location: loc.path("data") });
+            ids.insert(LABELS.into(), labels);
+        }
         for (id, cfg) in &exp.nodes {
             let n = graph.add_node(GNode {
                 id: id.clone(),
@@ -82,7 +87,10 @@ impl<'a> Builder<'a> {
         }
         let mut b = Builder { loaded, graph, ids, input, errors: vec![] };
         if !exp.nodes.values().any(|c| c.is_loss()) {
-            b.push(loc.path("nodes"), "the graph has no loss: add a node with `op: nt_xent`".into());
+            b.push(
+                loc.path("nodes"),
+                "the graph has no loss: add a node with `op: nt_xent` (or cross_entropy, mse, neg_cosine)".into(),
+            );
         }
         b
     }
@@ -110,8 +118,32 @@ impl<'a> Builder<'a> {
             if to.is_none() {
                 problems.push(known(&e.to));
             }
-            if to == Some(self.input) {
-                problems.push(format!("edge `{e}`: nothing may feed `input`"));
+            if let Some(t) = to.filter(|&t| t == self.input || self.graph[t].id == LABELS) {
+                problems.push(format!("edge `{e}`: nothing may feed `{}`", self.graph[t].id));
+            }
+            if let Some(t) = to.and_then(|t| self.graph[t].config.as_ref()) {
+                match (t.inputs(), &e.slot) {
+                    (Inputs::One, Some(slot)) => problems.push(format!(
+                        "edge `{e}`: `as: {slot}` names an input, but `{}` ({}) takes one input: leave `as` out",
+                        e.to,
+                        t.op_name()
+                    )),
+                    (Inputs::Named(names), None) => problems.push(format!(
+                        "edge `{e}`: `{}` ({}) takes {}: say which with `as:`",
+                        e.to,
+                        t.op_name(),
+                        names.join(" and ")
+                    )),
+                    (Inputs::Named(names), Some(slot)) if !names.contains(&slot.as_str()) => {
+                        problems.push(format!(
+                            "edge `{e}`: `{}` ({}) has no input `{slot}`; its inputs are {}",
+                            e.to,
+                            t.op_name(),
+                            names.join(" and ")
+                        ))
+                    }
+                    _ => {}
+                }
             }
             if let Stop::Losses(ls) = &e.stop {
                 for l in ls.iter().filter(|l| !loss_ids.contains(l)) {
@@ -130,7 +162,8 @@ impl<'a> Builder<'a> {
                     if self.graph[a].is_loss() {
                         problems.push(format!("edge `{e}`: a loss has no output to feed other nodes"));
                     }
-                    self.graph.add_edge(a, b, GEdge { index: i, stop: e.stop.clone(), location: at.clone() });
+                    let edge = GEdge { index: i, stop: e.stop.clone(), slot: e.slot.clone(), location: at.clone() };
+                    self.graph.add_edge(a, b, edge);
                 }
             }
             for p in problems {
@@ -139,20 +172,40 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// Every node but `input` takes exactly one input.
+    /// Every node takes what its op reads: one input, or each named input exactly once.
     fn check_inputs(&mut self) {
         let mut problems = vec![];
         for (id, &n) in &self.ids {
-            if n == self.input {
-                continue;
-            }
+            let Some(cfg) = &self.graph[n].config else { continue };
             let k = self.graph.edges_directed(n, Direction::Incoming).count();
             let what = if self.graph[n].is_loss() { "loss" } else { "node" };
             let at = self.graph[n].location.clone();
-            if k == 0 {
-                problems.push((at, format!("{what} `{id}` has no input: add an edge `{{from: …, to: {id}}}`")));
-            } else if k > 1 {
-                problems.push((at, format!("{what} `{id}` has {k} inputs; every node takes exactly one")));
+            match cfg.inputs() {
+                Inputs::One if k == 0 => {
+                    problems.push((at, format!("{what} `{id}` has no input: add an edge `{{from: …, to: {id}}}`")))
+                }
+                Inputs::One if k > 1 => problems.push((
+                    at,
+                    format!("{what} `{id}` has {k} inputs; a {} takes exactly one", cfg.op_name()),
+                )),
+                Inputs::One => {}
+                Inputs::Named(names) => {
+                    for name in names {
+                        let feeding = self
+                            .graph
+                            .edges_directed(n, Direction::Incoming)
+                            .filter(|e| e.weight().slot.as_deref() == Some(*name))
+                            .count();
+                        match feeding {
+                            0 => problems.push((
+                                at.clone(),
+                                format!("{what} `{id}` has no `{name}` input: add an edge `{{from: …, to: {id}, as: {name}}}`"),
+                            )),
+                            1 => {}
+                            k => problems.push((at.clone(), format!("{what} `{id}` has {k} edges `as: {name}`; it takes one"))),
+                        }
+                    }
+                }
             }
         }
         for (at, p) in problems {
@@ -165,15 +218,14 @@ impl<'a> Builder<'a> {
         let mut broken = vec![false; self.graph.node_count()];
         for &n in order {
             let Some(cfg) = self.graph[n].config.clone() else { continue };
-            let Some(p) = self.graph.neighbors_directed(n, Direction::Incoming).next() else {
-                broken[n.index()] = true;
-                continue;
-            };
-            if broken[p.index()] {
+            let inputs = super::plan::inputs_of(&self.graph, n);
+            if inputs.is_empty() || inputs.iter().any(|&(_, p)| broken[p.index()]) {
                 broken[n.index()] = true;
                 continue;
             }
-            match shape::infer(&cfg, &self.graph[p].shape) {
+            let shapes: Vec<&[usize]> = inputs.iter().map(|&(_, p)| self.graph[p].shape.as_slice()).collect();
+            let from_labels: Vec<bool> = inputs.iter().map(|&(_, p)| self.graph[p].id == LABELS).collect();
+            match shape::infer(&cfg, &shapes, &from_labels) {
                 Ok(s) => self.graph[n].shape = s,
                 Err(why) => {
                     broken[n.index()] = true;

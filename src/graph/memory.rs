@@ -89,9 +89,9 @@ impl Plan {
         for &action in &self.order.actions {
             match action {
                 Action::Forward(n) => {
-                    if let Some((e, p)) = self.producer(n) {
+                    graph[n.index()] = g[n].config.is_some();
+                    for (e, p) in self.inputs(n) {
                         leaf[e.index()] = self.reach.any_flows(e);
-                        graph[n.index()] = g[n].config.is_some();
                         consumers_left[p.index()] -= 1;
                         release(p.index(), &mut value, &mut graph, &consumers_left, &groups_left);
                     }

@@ -15,7 +15,7 @@ use std::fmt;
 
 pub use build::compile;
 pub use memory::{HeldBytes, MemoryEstimate};
-pub use node::{GEdge, GNode, INPUT};
+pub use node::{GEdge, GNode, INPUT, LABELS};
 pub use order::{Action, Order};
 pub use plan::Plan;
 pub use reach::{BackwardGroup, Reachability};

@@ -4,6 +4,8 @@ use crate::config::{Location, NodeConfig, Stop};
 
 /// The reserved id of the image batch.
 pub const INPUT: &str = "input";
+/// The reserved id of the batch's labels (one class per view; a node only when an edge reads it).
+pub const LABELS: &str = "labels";
 
 /// A node of the compiled graph. `config` is `None` for `input`.
 #[derive(Clone, Debug)]
@@ -29,5 +31,7 @@ impl GNode {
 pub struct GEdge {
     pub index: usize,
     pub stop: Stop,
+    /// The consumer's input this edge feeds (`as:`), for a node that takes several.
+    pub slot: Option<String>,
     pub location: Location,
 }

@@ -63,7 +63,9 @@ impl Order {
         let mut done: HashSet<(NodeIndex, usize)> = HashSet::new();
         let mut remaining_inputs: Vec<usize> =
             graph.node_indices().map(|n| graph.neighbors_directed(n, Direction::Incoming).count()).collect();
-        let mut ready: Vec<NodeIndex> = vec![input];
+        // Every source: the images, and the labels where the graph reads them.
+        let mut ready: Vec<NodeIndex> = graph.node_indices().filter(|&n| remaining_inputs[n.index()] == 0).collect();
+        debug_assert!(ready.contains(&input));
         while !ready.is_empty() {
             let (pos, _) =
                 ready.iter().enumerate().min_by_key(|(_, n)| (prio[n.index()], n.index())).expect("non-empty");

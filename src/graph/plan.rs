@@ -25,6 +25,26 @@ pub struct Plan {
     pub costs: Vec<Cost>,
 }
 
+/// The input edges of `n` and their producers, in the order `n`'s op reads them (the order of
+/// its named inputs; a one-input node's single edge).
+pub(crate) fn inputs_of(graph: &DiGraph<GNode, GEdge>, n: NodeIndex) -> Vec<(EdgeIndex, NodeIndex)> {
+    use petgraph::visit::EdgeRef;
+    let mut v: Vec<(usize, EdgeIndex, NodeIndex)> = graph
+        .edges_directed(n, Direction::Incoming)
+        .map(|e| {
+            let rank = match (graph[n].config.as_ref().map(|c| c.inputs()), &e.weight().slot) {
+                (Some(crate::config::Inputs::Named(names)), Some(s)) => {
+                    names.iter().position(|x| x == s).unwrap_or(names.len())
+                }
+                _ => 0,
+            };
+            (rank, e.id(), e.source())
+        })
+        .collect();
+    v.sort_by_key(|&(rank, e, _)| (rank, e.index()));
+    v.into_iter().map(|(_, e, p)| (e, p)).collect()
+}
+
 impl Plan {
     pub fn node(&self, id: &str) -> Option<&GNode> {
         self.ids.get(id).map(|&i| &self.graph[i])
@@ -43,10 +63,17 @@ impl Plan {
             Action::Backward { node, group } => format!("B:{}[{group}]", self.id(node)),
         }
     }
-    /// The single producer of `n` and the edge from it (`None` for `input`).
+    /// The producer of `n`'s first input and the edge from it (`None` for `input` and `labels`).
     pub fn producer(&self, n: NodeIndex) -> Option<(EdgeIndex, NodeIndex)> {
-        use petgraph::visit::EdgeRef;
-        self.graph.edges_directed(n, Direction::Incoming).next().map(|e| (e.id(), e.source()))
+        self.inputs(n).first().copied()
+    }
+    /// Every input edge of `n` and its producer, in the order the node's op reads them.
+    pub fn inputs(&self, n: NodeIndex) -> Vec<(EdgeIndex, NodeIndex)> {
+        inputs_of(&self.graph, n)
+    }
+    /// The `labels` node, when an edge reads the batch's labels.
+    pub fn labels(&self) -> Option<NodeIndex> {
+        self.ids.get(super::node::LABELS).copied()
     }
     pub fn edge_name(&self, e: EdgeIndex) -> String {
         let (a, b) = self.graph.edge_endpoints(e).expect("edge exists");

@@ -2,8 +2,13 @@
 
 use crate::config::NodeConfig;
 
-/// The per-image output shape of `node` for a per-image input shape, or why it does not fit.
-pub fn infer(node: &NodeConfig, input: &[usize]) -> Result<Vec<usize>, String> {
+/// The per-image output shape of `node` for its inputs' per-image shapes (in the order its op
+/// reads them; `from_labels[i]`: input `i` is the batch's labels), or why they do not fit.
+pub fn infer(node: &NodeConfig, inputs: &[&[usize]], from_labels: &[bool]) -> Result<Vec<usize>, String> {
+    let input: &[usize] = inputs.first().copied().unwrap_or(&[]);
+    if from_labels.iter().enumerate().any(|(i, &l)| l && !(matches!(node, NodeConfig::CrossEntropy(_)) && i == 1)) {
+        return Err("the batch's `labels` can only feed a cross_entropy loss's `labels` input".into());
+    }
     let chw = |what: &str| -> Result<[usize; 3], String> {
         match input {
             [c, h, w] => Ok([*c, *h, *w]),
@@ -37,5 +42,22 @@ pub fn infer(node: &NodeConfig, input: &[usize]) -> Result<Vec<usize>, String> {
             }
             Ok(vec![])
         }
+        NodeConfig::CrossEntropy(_) => match inputs {
+            [logits, labels] if logits.len() == 1 && logits[0] >= 2 && labels.is_empty() && from_labels[1] => Ok(vec![]),
+            [logits, _] if logits.len() != 1 || logits[0] < 2 => Err(format!(
+                "`logits` must be a classifier's [classes] with at least 2 classes (a decoder with `mlp.out` = the number of classes), got {logits:?}"
+            )),
+            _ => Err("`labels` must come from the batch's `labels`: `{from: labels, to: …, as: labels}`".into()),
+        },
+        NodeConfig::Mse(_) => match inputs {
+            [p, t] if p == t => Ok(vec![]),
+            [p, t] => Err(format!("`prediction` {p:?} and `target` {t:?} must have the same shape")),
+            _ => Err("mse takes `prediction` and `target`".into()),
+        },
+        NodeConfig::NegCosine(_) => match inputs {
+            [p, t] if p == t && p.len() == 1 => Ok(vec![]),
+            [p, t] => Err(format!("`prediction` {p:?} and `target` {t:?} must be the same embedding [D]")),
+            _ => Err("neg_cosine takes `prediction` and `target`".into()),
+        },
     }
 }

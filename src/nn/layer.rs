@@ -14,6 +14,16 @@ pub trait Layer: std::fmt::Debug + Send + Sync {
     /// `[N, …]` → `[N, …]` (a loss: `[N, D]` → scalar).
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor>;
 
+    /// The forward of a node that takes several inputs (a loss's prediction and target), in the
+    /// order its op names them; one input is [`Layer::forward_t`]'s. A layer with several inputs
+    /// runs as one link.
+    fn forward_inputs(&self, xs: &[Tensor], train: bool) -> Result<Tensor> {
+        match xs {
+            [x] => self.forward_t(x, train),
+            _ => candle_core::bail!("this layer takes one input, got {}", xs.len()),
+        }
+    }
+
     /// How many links [`Layer::forward_link`] cuts the forward into (at least 1).
     fn links(&self) -> usize {
         1
