@@ -158,7 +158,10 @@ fn check_nodes(v: &Value, c: &mut Collector) -> IndexMap<String, NodeConfig> {
         };
         let path = format!("nodes.{id}");
         if id == "input" || id == "labels" {
-            c.push(&path, format!("`{id}` is reserved for the batch's {}", if id == "input" { "images" } else { "labels" }));
+            c.push(
+                &path,
+                format!("`{id}` is reserved for the batch's {}", if id == "input" { "images" } else { "labels" }),
+            );
         } else if id.is_empty() || !id.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
             c.push(
                 &path,

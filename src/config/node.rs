@@ -107,11 +107,15 @@ impl NodeConfig {
             (NodeConfig::Decoder(d), _) => d.cost(input),
             (NodeConfig::NtXent(l), _) => l.cost(),
             // The softmax's probabilities and its gradient, per image.
-            (NodeConfig::CrossEntropy(_), _) => Cost { saved: 2 * input.iter().product::<usize>() as u64, ..Cost::default() },
+            (NodeConfig::CrossEntropy(_), _) => {
+                Cost { saved: 2 * input.iter().product::<usize>() as u64, ..Cost::default() }
+            }
             // The difference, per element.
             (NodeConfig::Mse(_), _) => Cost { saved: input.iter().product::<usize>() as u64, ..Cost::default() },
             // Both inputs normalised, and their norms.
-            (NodeConfig::NegCosine(_), _) => Cost { saved: 2 * input.iter().product::<usize>() as u64 + 2, ..Cost::default() },
+            (NodeConfig::NegCosine(_), _) => {
+                Cost { saved: 2 * input.iter().product::<usize>() as u64 + 2, ..Cost::default() }
+            }
             _ => Cost::default(),
         }
     }
@@ -145,7 +149,10 @@ impl NodeConfig {
         }
     }
     pub fn is_loss(&self) -> bool {
-        matches!(self, NodeConfig::NtXent(_) | NodeConfig::CrossEntropy(_) | NodeConfig::Mse(_) | NodeConfig::NegCosine(_))
+        matches!(
+            self,
+            NodeConfig::NtXent(_) | NodeConfig::CrossEntropy(_) | NodeConfig::Mse(_) | NodeConfig::NegCosine(_)
+        )
     }
     /// Has parameters that an optimizer updates.
     pub fn is_trainable(&self) -> bool {

@@ -126,8 +126,10 @@ impl Model {
         let train = train && !self.frozen[n.index()];
         let Some(m) = self.module(n) else { candle_core::bail!("node {} has no layer", n.index()) };
         let dt = self.dtype(m);
-        let xs: Vec<Tensor> =
-            xs.iter().map(|x| if x.dtype().is_float() { x.to_dtype(dt) } else { Ok(x.clone()) }).collect::<Result<_>>()?;
+        let xs: Vec<Tensor> = xs
+            .iter()
+            .map(|x| if x.dtype().is_float() { x.to_dtype(dt) } else { Ok(x.clone()) })
+            .collect::<Result<_>>()?;
         m.layer().forward_inputs(&xs, train)
     }
 

@@ -36,7 +36,8 @@ pub fn reference_grads(c: &Plan, model: &Model, batch: impl Into<StepInput>) -> 
             } else {
                 let mut xs = vec![];
                 for (e, p) in c.inputs(n) {
-                    let x = values[p.index()].clone().ok_or_else(|| candle_core::Error::Msg("producer first".into()))?;
+                    let x =
+                        values[p.index()].clone().ok_or_else(|| candle_core::Error::Msg("producer first".into()))?;
                     xs.push(if c.graph[e].stop.blocks(&lid) { x.detach() } else { x });
                 }
                 match xs.as_slice() {

@@ -73,7 +73,8 @@ impl<'a> Builder<'a> {
         ids.insert(INPUT.into(), input);
         if exp.edges.iter().any(|e| e.from == LABELS) {
             // One class index per view: a scalar per image.
-            let labels = graph.add_node(GNode { id: LABELS.into(), config: None, shape: vec![], location: loc.path("data") });
+            let labels =
+                graph.add_node(GNode { id: LABELS.into(), config: None, shape: vec![], location: loc.path("data") });
             ids.insert(LABELS.into(), labels);
         }
         for (id, cfg) in &exp.nodes {
@@ -134,14 +135,12 @@ impl<'a> Builder<'a> {
                         t.op_name(),
                         names.join(" and ")
                     )),
-                    (Inputs::Named(names), Some(slot)) if !names.contains(&slot.as_str()) => {
-                        problems.push(format!(
-                            "edge `{e}`: `{}` ({}) has no input `{slot}`; its inputs are {}",
-                            e.to,
-                            t.op_name(),
-                            names.join(" and ")
-                        ))
-                    }
+                    (Inputs::Named(names), Some(slot)) if !names.contains(&slot.as_str()) => problems.push(format!(
+                        "edge `{e}`: `{}` ({}) has no input `{slot}`; its inputs are {}",
+                        e.to,
+                        t.op_name(),
+                        names.join(" and ")
+                    )),
                     _ => {}
                 }
             }
@@ -184,10 +183,9 @@ impl<'a> Builder<'a> {
                 Inputs::One if k == 0 => {
                     problems.push((at, format!("{what} `{id}` has no input: add an edge `{{from: …, to: {id}}}`")))
                 }
-                Inputs::One if k > 1 => problems.push((
-                    at,
-                    format!("{what} `{id}` has {k} inputs; a {} takes exactly one", cfg.op_name()),
-                )),
+                Inputs::One if k > 1 => {
+                    problems.push((at, format!("{what} `{id}` has {k} inputs; a {} takes exactly one", cfg.op_name())))
+                }
                 Inputs::One => {}
                 Inputs::Named(names) => {
                     for name in names {
