@@ -16,7 +16,7 @@ pub use edge::{EdgeConfig, Stop};
 pub use experiment::{DeviceKind, Experiment, GraphFile, InputConfig, Precision, TrainConfig};
 pub use load::{load, parse_str, Loaded, Locations};
 pub use location::{Location, SpanIndex};
-pub use node::{CrossEntropyConfig, Inputs, MseConfig, NegCosineConfig, NodeConfig, NtXentConfig};
+pub use node::{CrossEntropyConfig, EmaConfig, Inputs, MseConfig, NegCosineConfig, NodeConfig, NtXentConfig};
 pub use values::check_values;
 
 /// One problem in an experiment file.

@@ -59,6 +59,37 @@ pub struct NegCosineConfig {
     pub weight: f64,
 }
 
+fn ema_momentum() -> f64 {
+    0.996
+}
+
+/// `op: ema` — a moving average of another node (BYOL's and MoCo's target network): the same
+/// layer as `of` with parameters of its own that no gradient trains; after each step
+/// `θ ← m·θ + (1 − m)·θ_of`, with `m` going from `momentum` to `final_momentum` along a cosine over
+/// the run (BYOL's schedule; equal values keep it constant). It starts as a copy of `of`, runs
+/// batch norm in training mode, and is checkpointed and resumed like every parameter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmaConfig {
+    /// The node it averages (a stem, stage or decoder reading an input of the same shape).
+    pub of: String,
+    /// The momentum at the first step (BYOL: 0.996).
+    #[serde(default = "ema_momentum")]
+    pub momentum: f64,
+    /// The momentum at the last step (BYOL: 1.0).
+    #[serde(default = "unit")]
+    pub final_momentum: f64,
+}
+
+impl EmaConfig {
+    /// The momentum after `step` of `total` steps: `f − (f − m)·(cos(π·step/total) + 1)/2`.
+    pub fn momentum_at(&self, step: u64, total: u64) -> f64 {
+        let t = if total == 0 { 1.0 } else { step as f64 / total as f64 };
+        let (m, f) = (self.momentum, self.final_momentum);
+        f - (f - m) * ((std::f64::consts::PI * t).cos() + 1.0) / 2.0
+    }
+}
+
 /// What a node reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Inputs {
@@ -87,6 +118,8 @@ pub enum NodeConfig {
     Mse(MseConfig),
     /// A predictor's output against the other view's target (SimSiam, BYOL).
     NegCosine(NegCosineConfig),
+    /// A moving average of another node (BYOL's target).
+    Ema(EmaConfig),
 }
 
 impl NtXentConfig {
@@ -146,6 +179,7 @@ impl NodeConfig {
             NodeConfig::CrossEntropy(_) => "cross_entropy",
             NodeConfig::Mse(_) => "mse",
             NodeConfig::NegCosine(_) => "neg_cosine",
+            NodeConfig::Ema(_) => "ema",
         }
     }
     pub fn is_loss(&self) -> bool {

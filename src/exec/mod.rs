@@ -5,6 +5,7 @@
 pub mod accounting;
 pub mod checkpoint;
 pub mod durable;
+pub mod ema;
 pub mod engine;
 pub mod error;
 pub mod memory_guard;

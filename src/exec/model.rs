@@ -42,10 +42,46 @@ pub struct Model {
     pub params: ParamStore,
     /// Indices into `params.params` of each node's parameters.
     pub node_params: Vec<Vec<usize>>,
+    /// The moving-average nodes (`op: ema`) and the parameters they average.
+    pub averages: Vec<Average>,
     /// The type stems, stages and decoders compute in (`precision:`); parameters stay f32 and
     /// are cast on use, so their gradients arrive in f32 ("master weights"). Losses compute in
     /// f32 whatever this says (a softmax over 2N similarities).
     pub compute: DType,
+}
+
+/// An `op: ema` node: its parameters paired with those of the node it averages.
+#[derive(Clone, Debug)]
+pub struct Average {
+    pub node: NodeIndex,
+    pub config: crate::config::EmaConfig,
+    /// (this node's parameter, the averaged node's), indices into `Model::params.params`.
+    pub params: Vec<(usize, usize)>,
+}
+
+/// Pairs every moving average's parameters with those of the node it averages, by the name
+/// under the node id (`enc_t.block0.conv1.weight` ↔ `enc.block0.conv1.weight`).
+fn averages(plan: &Plan, params: &ParamStore) -> Result<Vec<Average>> {
+    let index: std::collections::HashMap<&str, usize> =
+        params.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+    let mut out = vec![];
+    for n in plan.graph.node_indices() {
+        let Some(config) = plan.graph[n].ema.clone() else { continue };
+        let prefix = format!("{}.", plan.id(n));
+        let mut pairs = vec![];
+        for (i, p) in params.params.iter().enumerate() {
+            let Some(rest) = p.name.strip_prefix(&prefix) else { continue };
+            let Some(&j) = index.get(format!("{}.{rest}", config.of).as_str()) else {
+                candle_core::bail!("`{}` has `{}` but `{}` has no `{rest}`", plan.id(n), p.name, config.of)
+            };
+            if params.params[j].var.dims() != p.var.dims() {
+                candle_core::bail!("`{}` and `{}` differ in shape", p.name, params.params[j].name);
+            }
+            pairs.push((i, j));
+        }
+        out.push(Average { node: n, config, params: pairs });
+    }
+    Ok(out)
 }
 
 impl Model {
@@ -61,7 +97,8 @@ impl Model {
             let _span = info_span!("build", node = %node.id).entered();
             let in_c = plan.producer(idx).map(|(_, p)| plan.graph[p].shape.first().copied().unwrap_or(0)).unwrap_or(0);
             frozen[idx.index()] = cfg.is_frozen();
-            let b = pb.pp(&node.id).frozen(cfg.is_frozen());
+            // A moving average is not trained by gradients but runs batch norm in training mode.
+            let b = pb.pp(&node.id).frozen(cfg.is_frozen() || node.ema.is_some());
             modules[idx.index()] = Some(match cfg {
                 NodeConfig::Stem(s) => NodeModule::Stem(stem(s, in_c, &b)?),
                 NodeConfig::Stage(s) => NodeModule::Stage(stage(s, in_c, &b)?),
@@ -70,6 +107,10 @@ impl Model {
                 NodeConfig::CrossEntropy(_) => NodeModule::Loss(Loss::CrossEntropy(CrossEntropy)),
                 NodeConfig::Mse(_) => NodeModule::Loss(Loss::Mse(Mse)),
                 NodeConfig::NegCosine(_) => NodeModule::Loss(Loss::NegCosine(NegCosine)),
+                // The plan holds the averaged node's config for a moving average.
+                NodeConfig::Ema(e) => {
+                    candle_core::bail!("`{}`: the moving average of `{}` was not resolved", node.id, e.of)
+                }
             });
         }
         let params = pb.store();
@@ -80,7 +121,15 @@ impl Model {
                 node_params[ni.index()].push(i);
             }
         }
-        Ok(Model { modules, frozen, params, node_params, compute: DType::F32 })
+        let averages = averages(plan, &params)?;
+        let model = Model { modules, frozen, params, node_params, compute: DType::F32, averages };
+        // A moving average starts as a copy of the node it averages.
+        for a in &model.averages {
+            for &(mine, of) in &a.params {
+                model.params.params[mine].var.set(model.params.params[of].var.as_tensor())?;
+            }
+        }
+        Ok(model)
     }
 
     /// Computes in `dtype` (mixed precision when not f32).

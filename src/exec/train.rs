@@ -378,6 +378,9 @@ impl<'a> Trainer<'a> {
                 TrainError::Diverged { loss: id.clone(), value: *v, step, run_dir: self.dir.to_path_buf() }.into()
             );
         }
+        // The moving averages follow the step's updates (BYOL updates its target after the
+        // online network).
+        super::ema::update(&s.model, step, s.total)?;
         if step == 0 {
             self.first = self.last.clone();
         }

@@ -12,7 +12,7 @@ use super::order::Order;
 use super::plan::Plan;
 use super::reach::Reachability;
 use super::{shape, GraphError, GraphErrors};
-use crate::config::{Inputs, Loaded, Location, Stop};
+use crate::config::{Inputs, Loaded, Location, NodeConfig, Stop};
 use crate::nn::Cost;
 
 /// The graph being built, and every problem found so far.
@@ -40,6 +40,7 @@ pub fn compile(loaded: &Loaded) -> Result<Plan, GraphErrors> {
         }
     };
     b.infer_shapes(&order);
+    b.check_ema_inputs();
     if !b.errors.is_empty() {
         return Err(GraphErrors(b.errors));
     }
@@ -68,25 +69,58 @@ impl<'a> Builder<'a> {
         let mut graph: DiGraph<GNode, GEdge> = DiGraph::new();
         let mut ids: IndexMap<String, NodeIndex> = IndexMap::new();
         let input_shape = vec![exp.input.channels, exp.input.size, exp.input.size];
-        let input =
-            graph.add_node(GNode { id: INPUT.into(), config: None, shape: input_shape, location: loc.path("input") });
+        let input = graph.add_node(GNode {
+            id: INPUT.into(),
+            config: None,
+            ema: None,
+            shape: input_shape,
+            location: loc.path("input"),
+        });
         ids.insert(INPUT.into(), input);
         if exp.edges.iter().any(|e| e.from == LABELS) {
             // One class index per view: a scalar per image.
-            let labels =
-                graph.add_node(GNode { id: LABELS.into(), config: None, shape: vec![], location: loc.path("data") });
+            let labels = graph.add_node(GNode {
+                id: LABELS.into(),
+                config: None,
+                ema: None,
+                shape: vec![],
+                location: loc.path("data"),
+            });
             ids.insert(LABELS.into(), labels);
         }
+        let mut ema_errors = vec![];
         for (id, cfg) in &exp.nodes {
-            let n = graph.add_node(GNode {
-                id: id.clone(),
-                config: Some(cfg.clone()),
-                shape: vec![],
-                location: loc.node(id),
-            });
+            // A moving average computes what the node it averages computes.
+            let (config, ema) = match cfg {
+                NodeConfig::Ema(e) => {
+                    match exp.nodes.get(&e.of) {
+                        Some(NodeConfig::Stem(_) | NodeConfig::Stage(_) | NodeConfig::Decoder(_)) => {
+                            (exp.nodes.get(&e.of).cloned(), Some(e.clone()))
+                        }
+                        Some(other) => {
+                            ema_errors.push((id.clone(), format!("`{id}` averages `{}`, a {}: only a stem, stage or decoder has parameters to average", e.of, other.op_name())));
+                            (None, None)
+                        }
+                        None => {
+                            ema_errors.push((id.clone(), format!("`{id}` averages `{}`, which does not exist", e.of)));
+                            (None, None)
+                        }
+                    }
+                }
+                _ => (Some(cfg.clone()), None),
+            };
+            if !(0.0..=1.0).contains(&ema.as_ref().map_or(0.5, |e| e.momentum))
+                || !(0.0..=1.0).contains(&ema.as_ref().map_or(0.5, |e| e.final_momentum))
+            {
+                ema_errors.push((id.clone(), format!("`{id}`: the momenta must lie in [0, 1]")));
+            }
+            let n = graph.add_node(GNode { id: id.clone(), config, ema, shape: vec![], location: loc.node(id) });
             ids.insert(id.clone(), n);
         }
         let mut b = Builder { loaded, graph, ids, input, errors: vec![] };
+        for (id, message) in ema_errors {
+            b.push(loc.node(&id), message);
+        }
         if !exp.nodes.values().any(|c| c.is_loss()) {
             b.push(
                 loc.path("nodes"),
@@ -215,7 +249,11 @@ impl<'a> Builder<'a> {
     fn infer_shapes(&mut self, order: &[NodeIndex]) {
         let mut broken = vec![false; self.graph.node_count()];
         for &n in order {
-            let Some(cfg) = self.graph[n].config.clone() else { continue };
+            let Some(cfg) = self.graph[n].config.clone() else {
+                // A node whose config could not be resolved (a bad `op: ema`) is already reported.
+                broken[n.index()] = n != self.input && self.graph[n].id != LABELS;
+                continue;
+            };
             let inputs = super::plan::inputs_of(&self.graph, n);
             if inputs.is_empty() || inputs.iter().any(|&(_, p)| broken[p.index()]) {
                 broken[n.index()] = true;
@@ -231,6 +269,35 @@ impl<'a> Builder<'a> {
                     self.push(self.graph[n].location.clone(), message);
                 }
             }
+        }
+    }
+
+    /// A moving average reads what the node it averages reads, so that their parameters match.
+    fn check_ema_inputs(&mut self) {
+        let mut problems = vec![];
+        for &n in self.ids.values() {
+            let Some(e) = &self.graph[n].ema else { continue };
+            let Some(&of) = self.ids.get(&e.of) else { continue };
+            let shape = |m: NodeIndex| {
+                super::plan::inputs_of(&self.graph, m).first().map(|&(_, p)| self.graph[p].shape.clone())
+            };
+            let (mine, theirs) = (shape(n), shape(of));
+            if mine.is_some() && theirs.is_some() && mine != theirs {
+                problems.push((
+                    self.graph[n].location.clone(),
+                    format!(
+                        "`{}` averages `{}`, but reads {:?} where `{}` reads {:?}: their parameters would differ",
+                        self.graph[n].id,
+                        e.of,
+                        mine.unwrap_or_default(),
+                        e.of,
+                        theirs.unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        for (at, p) in problems {
+            self.push(at, p);
         }
     }
 

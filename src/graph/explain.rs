@@ -48,7 +48,7 @@ pub fn table(c: &Plan) -> String {
     let mut rows = vec![vec!["node".to_string(), "op".into(), "updated by".into(), "not updated by".into()]];
     for n in c.trainable_nodes() {
         let node = &c.graph[n];
-        let op = node.config.as_ref().map(|x| x.op_name()).unwrap_or("input");
+        let op = if node.ema.is_some() { "ema" } else { node.config.as_ref().map(|x| x.op_name()).unwrap_or("input") };
         let mut by = vec![];
         let mut not = vec![];
         for &l in &c.reach.losses {
@@ -73,6 +73,20 @@ pub fn table(c: &Plan) -> String {
         .collect();
     if !frozen.is_empty() {
         let _ = writeln!(out, "\nFrozen (not optimised; gradients still pass through): {}", frozen.join(", "));
+    }
+    let averages: Vec<String> = c
+        .graph
+        .node_weights()
+        .filter_map(|n| {
+            n.ema.as_ref().map(|e| format!("{} of {} (momentum {} → {})", n.id, e.of, e.momentum, e.final_momentum))
+        })
+        .collect();
+    if !averages.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nMoving averages (no gradient; after each step θ ← m·θ + (1 − m)·θ_of): {}",
+            averages.join(", ")
+        );
     }
 
     let _ = writeln!(out, "\nBackward passes per training step (the forward runs once):");

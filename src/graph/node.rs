@@ -11,7 +11,10 @@ pub const LABELS: &str = "labels";
 #[derive(Clone, Debug)]
 pub struct GNode {
     pub id: String,
+    /// What the node computes: for an `op: ema` node, the config of the node it averages.
     pub config: Option<NodeConfig>,
+    /// For an `op: ema` node: what it averages and how (its parameters are not trained).
+    pub ema: Option<crate::config::EmaConfig>,
     /// Per-image output shape (`[]` for a loss).
     pub shape: Vec<usize>,
     pub location: Location,
@@ -22,7 +25,7 @@ impl GNode {
         self.config.as_ref().is_some_and(NodeConfig::is_loss)
     }
     pub fn is_trainable(&self) -> bool {
-        self.config.as_ref().is_some_and(NodeConfig::is_trainable)
+        self.ema.is_none() && self.config.as_ref().is_some_and(NodeConfig::is_trainable)
     }
 }
 

@@ -54,6 +54,8 @@ pub fn infer(node: &NodeConfig, inputs: &[&[usize]], from_labels: &[bool]) -> Re
             [p, t] => Err(format!("`prediction` {p:?} and `target` {t:?} must have the same shape")),
             _ => Err("mse takes `prediction` and `target`".into()),
         },
+        // The graph resolves a moving average to the config of the node it averages.
+        NodeConfig::Ema(e) => Err(format!("a moving average of `{}` that was not resolved", e.of)),
         NodeConfig::NegCosine(_) => match inputs {
             [p, t] if p == t && p.len() == 1 => Ok(vec![]),
             [p, t] => Err(format!("`prediction` {p:?} and `target` {t:?} must be the same embedding [D]")),
