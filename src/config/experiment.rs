@@ -123,6 +123,10 @@ pub struct Experiment {
     pub optimizer: OptimizerConfig,
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
+    /// Units on separate ranks (stage-parallel training under `mpirun`); absent: every rank runs
+    /// every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<super::placement::PlacementConfig>,
 }
 
 /// A reusable encoder file in `graphs/`: nodes only; experiments add decoders, losses, edges.

@@ -266,6 +266,9 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, ConfigErrors> {
         "train" => {
             c.check::<super::TrainConfig>(key, v);
         }
+        "placement" => {
+            c.check::<super::placement::PlacementConfig>(key, v);
+        }
         other => c.push(other, format!("key `{other}` has no checker (internal error)")),
     });
 

@@ -8,6 +8,7 @@ pub mod experiment;
 pub mod load;
 pub mod location;
 pub mod node;
+pub mod placement;
 pub mod values;
 
 use std::fmt;
@@ -17,6 +18,7 @@ pub use experiment::{DeviceKind, Experiment, GraphFile, InputConfig, Precision, 
 pub use load::{load, parse_str, Loaded, Locations};
 pub use location::{Location, SpanIndex};
 pub use node::{CrossEntropyConfig, EmaConfig, Inputs, MseConfig, NegCosineConfig, NodeConfig, NtXentConfig};
+pub use placement::{Balance, PipelineSchedule, PlacementConfig};
 pub use values::check_values;
 
 /// One problem in an experiment file.
