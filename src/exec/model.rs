@@ -103,7 +103,7 @@ impl Model {
                 NodeConfig::Stem(s) => NodeModule::Stem(stem(s, in_c, &b)?),
                 NodeConfig::Stage(s) => NodeModule::Stage(stage(s, in_c, &b)?),
                 NodeConfig::Decoder(d) => NodeModule::Decoder(decoder(d, in_c, &b)?),
-                NodeConfig::NtXent(l) => NodeModule::Loss(Loss::NtXent(NtXent { temperature: l.temperature })),
+                NodeConfig::NtXent(l) => NodeModule::Loss(Loss::NtXent(NtXent::new(l.temperature))),
                 NodeConfig::CrossEntropy(_) => NodeModule::Loss(Loss::CrossEntropy(CrossEntropy)),
                 NodeConfig::Mse(_) => NodeModule::Loss(Loss::Mse(Mse)),
                 NodeConfig::NegCosine(_) => NodeModule::Loss(Loss::NegCosine(NegCosine)),
