@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use locograph::config::{self, DeviceKind, Experiment, Precision};
+use locograph::dist;
 use locograph::error::exit;
 use locograph::exec::train::{self, TrainOptions};
 use locograph::graph::explain;
@@ -225,7 +226,26 @@ fn report(s: &train::TrainSummary) {
     }
     let l: Vec<String> =
         s.first_losses.iter().zip(&s.final_losses).map(|((id, a), (_, b))| format!("{id} {a:.4} → {b:.4}")).collect();
-    println!("{}: {} steps, {:.1} s, {}", s.run_dir.display(), s.steps, s.seconds, l.join(", "));
+    let lead = lead();
+    if lead {
+        println!("{}: {} steps, {:.1} s, {}", s.run_dir.display(), s.steps, s.seconds, l.join(", "));
+    }
+    if let (Some(c), true) = (&s.communication, lead) {
+        let per = c.steps.max(1) as f64;
+        let mib = |b: u64| b as f64 / per / 1048576.0;
+        println!(
+            "communication per step (rank 0 of {}): gradients {:.2} MiB in {:.1} buckets, {:.3} s on the reducer's thread, {:.3} s waited for ({:.0} % hidden); step collectives {:.2} MiB reduced, {:.2} MiB gathered, {:.3} s",
+            c.ranks,
+            mib(c.gradients.bytes),
+            c.gradients.buckets as f64 / per,
+            c.gradients.communicating_s / per,
+            c.gradients.waiting_s / per,
+            100.0 * c.gradients.hidden(),
+            mib(c.step_collectives.reduce_bytes),
+            mib(c.step_collectives.gather_bytes),
+            c.step_collectives.seconds() / per,
+        );
+    }
 }
 
 fn load(file: &Path) -> anyhow::Result<config::Loaded> {
@@ -253,7 +273,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    let outcome = run(Cli::parse());
+    // Several ranks: a failing rank ends the whole job (the others would wait for it forever
+    // in their next collective), naming itself. Otherwise the group's last reference goes
+    // here, which finalises MPI (every rank must, before it exits).
+    let world = WORLD.lock().ok().and_then(|mut w| w.take());
+    if let (Err(e), Some(g)) = (&outcome, world.as_ref().filter(|g| g.size() > 1)) {
+        dist::fail(g.as_ref(), &format!("error: {e:#}"), i32::from(exit_code(e)));
+    }
+    drop(world);
+    match outcome {
         Ok(()) if INTERRUPTED.load(Ordering::SeqCst) => ExitCode::from(exit::INTERRUPTED),
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -261,6 +290,26 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The ranks of this job (`mpirun -np N` in a `--features mpi` build; otherwise this process
+/// alone), started once, for `run` and `resume`.
+static WORLD: std::sync::Mutex<Option<Arc<dyn dist::Communicator>>> = std::sync::Mutex::new(None);
+
+fn world() -> anyhow::Result<Arc<dyn dist::Communicator>> {
+    let mut w = WORLD.lock().map_err(|_| anyhow::anyhow!("the process group's lock is poisoned"))?;
+    if let Some(g) = w.as_ref() {
+        return Ok(g.clone());
+    }
+    let g = dist::world()?;
+    dist::abort_on_panic(&g);
+    *w = Some(g.clone());
+    Ok(g)
+}
+
+/// Whether this process is rank 0 (or alone): the one that prints summaries.
+fn lead() -> bool {
+    WORLD.lock().ok().and_then(|w| w.as_ref().map(|g| g.rank() == 0)).unwrap_or(true)
 }
 
 /// The README's exit status for an error: the library error's own, wherever it sits in the
@@ -290,12 +339,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Explain { file, dot } => explain_cmd(&file, dot),
         Command::Run { file, steps, runs_dir, quiet, device, precision } => run_cmd(
             &file,
-            TrainOptions { steps, runs_dir, run_dir: None, quiet, stop: Some(stop_flag()) },
+            TrainOptions { steps, runs_dir, run_dir: None, quiet, stop: Some(stop_flag()), group: Some(world()?) },
             device,
             precision,
         ),
         Command::Resume { run, steps, quiet } => {
-            let opts = TrainOptions { steps, quiet, stop: Some(stop_flag()), ..TrainOptions::default() };
+            let group = Some(world()?);
+            let opts = TrainOptions { steps, quiet, stop: Some(stop_flag()), group, ..TrainOptions::default() };
             let s = train::resume(&run, &opts).with_context(|| format!("resuming {}", run.display()))?;
             report(&s);
             Ok(())

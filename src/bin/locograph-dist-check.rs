@@ -63,7 +63,7 @@ fn reduce_until(g: &Arc<dyn Communicator>, rank: usize, after: usize, stop: impl
         }
         let mut v = vec![1.0f32; 1 << 16];
         if let Err(e) = g.all_reduce_sum(&mut v) {
-            dist::fail(g.as_ref(), &e);
+            dist::fail(g.as_ref(), &e, 1);
         }
         step += 1;
         std::thread::sleep(Duration::from_millis(20));
@@ -94,11 +94,11 @@ fn main() {
                         );
                     }
                 }
-                Err(e) => dist::fail(g.as_ref(), &e),
+                Err(e) => dist::fail(g.as_ref(), &e, 1),
             }
             // Every rank finishes its checks before any finalises.
             if let Err(e) = g.barrier() {
-                dist::fail(g.as_ref(), &e);
+                dist::fail(g.as_ref(), &e, 1);
             }
         }
         Command::Fail { rank, after } => reduce_until(&g, rank, after, || {
@@ -107,7 +107,7 @@ fn main() {
                 offset: 16,
                 msg: "truncated (a simulated bad data file)".into(),
             };
-            dist::fail(g.as_ref(), &cause)
+            dist::fail(g.as_ref(), &cause, 3)
         }),
         Command::Panic { rank, after } => reduce_until(&g, rank, after, || panic!("a simulated bug")),
         Command::Kill { rank, after } => reduce_until(&g, rank, after, || {

@@ -19,7 +19,7 @@ use crate::data::{self, DataConfig, DataFormat, PairLoader, Shard};
 use crate::loss::{nt_xent, nt_xent_in, Negatives};
 use crate::nn::batch_norm::batch_norm2d;
 use crate::nn::stem::{stem, StemConfig, StemKind};
-use crate::nn::ParamBuilder;
+use crate::nn::{Layer, ParamBuilder};
 
 /// A check that did not hold, or could not run.
 #[derive(Debug, thiserror::Error)]

@@ -17,8 +17,10 @@
 //! cotangent a rank feeds them and return that rank's share of each parameter gradient.
 
 pub mod check;
+pub mod meter;
 pub mod ops;
 pub mod reducer;
+pub mod replicas;
 
 mod local;
 #[cfg(feature = "mpi")]
@@ -296,12 +298,12 @@ pub fn world() -> Result<Arc<dyn Communicator>> {
 /// Ends the job from a rank that cannot go on: prints `rank r of n: cause` and aborts every
 /// rank. Under MPI a rank must not simply return: MPI's finalisation waits for the other ranks,
 /// which wait in their next collective for this one — the job would hang. One process: exits.
-pub fn fail(group: &dyn Communicator, cause: &dyn fmt::Display) -> ! {
+pub fn fail(group: &dyn Communicator, cause: &dyn fmt::Display, code: i32) -> ! {
     eprintln!("rank {} of {}: {cause}", group.rank(), group.size());
     if group.size() == 1 {
-        std::process::exit(1);
+        std::process::exit(code);
     }
-    group.abort(1)
+    group.abort(code)
 }
 
 /// Makes a panic on this rank end the whole job (after the usual panic message) while `group` is
