@@ -25,7 +25,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Check an experiment file: keys, types, graph, shapes and values. Prints every problem.
-    Validate { file: PathBuf },
+    Validate {
+        file: PathBuf,
+        #[command(flatten)]
+        ranks: RanksArgs,
+    },
     /// For each trainable node: the losses that update it and the stop edge blocking the others.
     Explain {
         file: PathBuf,
@@ -76,6 +80,8 @@ enum Command {
         /// Input side in pixels.
         #[arg(long, default_value_t = 224)]
         input: usize,
+        #[command(flatten)]
+        ranks: RanksArgs,
     },
     /// Evaluate a run's frozen encoder: linear probe and/or weighted kNN on pooled features.
     Eval(EvalArgs),
@@ -183,6 +189,33 @@ enum PlotCommand {
         /// LABEL=RUN_DIR ...
         runs: Vec<String>,
     },
+}
+
+/// Training on several ranks (`mpirun -np N`), predicted per rank.
+#[derive(clap::Args)]
+struct RanksArgs {
+    /// Rank counts to predict memory and communication for (e.g. `--ranks 8,64`).
+    #[arg(long, value_delimiter = ',')]
+    ranks: Vec<usize>,
+    /// Memory of one rank (e.g. `80G`): print the fewest ranks the experiment's step fits on.
+    #[arg(long, value_parser = parse_size)]
+    rank_memory: Option<f64>,
+}
+
+fn parse_size(s: &str) -> Result<f64, String> {
+    dist::cost::parse_size(s).ok_or_else(|| format!("`{s}` is not a size (e.g. 80G, 512M)"))
+}
+
+impl RanksArgs {
+    /// The per-rank table for `loaded`'s batch, when asked for.
+    fn report(&self, loaded: &config::Loaded, plan: &locograph::graph::Plan) -> Option<String> {
+        if self.ranks.is_empty() && self.rank_memory.is_none() {
+            return None;
+        }
+        let e = &loaded.experiment;
+        let (elem, slots) = (e.precision.dtype().size_in_bytes(), e.optimizer.state_slots());
+        Some(dist::cost::report(plan, e.train.batch_size, elem, slots, &self.ranks, self.rank_memory))
+    }
 }
 
 #[derive(Subcommand)]
@@ -335,7 +368,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Validate { file } => validate(&file),
+        Command::Validate { file, ranks } => validate(&file, &ranks),
         Command::Explain { file, dot } => explain_cmd(&file, dot),
         Command::Run { file, steps, runs_dir, quiet, device, precision } => run_cmd(
             &file,
@@ -353,7 +386,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export { run, onnx, outputs, torchvision, verify } => {
             export(&run, &onnx, &outputs, torchvision, verify)
         }
-        Command::Profile { file, input } => profile(&file, input),
+        Command::Profile { file, input, ranks } => profile(&file, input, &ranks),
         Command::Eval(args) => eval(args),
         Command::Plot { command } => plot(command),
         Command::Schema => {
@@ -369,7 +402,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn validate(file: &Path) -> anyhow::Result<()> {
+fn validate(file: &Path, ranks: &RanksArgs) -> anyhow::Result<()> {
     let loaded = load(file)?;
     let c = locograph::exec::validate(&loaded)?;
     let losses: Vec<&str> = c.losses.iter().map(|&l| c.id(l)).collect();
@@ -382,6 +415,9 @@ fn validate(file: &Path) -> anyhow::Result<()> {
         locograph::exec::run_dir::method_name(&c)
     );
     println!("memory: {}", locograph::exec::memory_guard::report(&loaded, &c));
+    if let Some(r) = ranks.report(&loaded, &c) {
+        print!("{r}");
+    }
     Ok(())
 }
 
@@ -437,12 +473,15 @@ fn export(
     Ok(())
 }
 
-fn profile(file: &Path, input: usize) -> anyhow::Result<()> {
+fn profile(file: &Path, input: usize, ranks: &RanksArgs) -> anyhow::Result<()> {
     let mut loaded = load(file)?;
     loaded.experiment.input.size = input;
     let c = locograph::graph::compile(&loaded)?;
     print!("{}", locograph::eval::profile::profile(&c));
     println!("{}", c.held_summary());
+    if let Some(r) = ranks.report(&loaded, &c) {
+        print!("{r}");
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@
 //! cotangent a rank feeds them and return that rank's share of each parameter gradient.
 
 pub mod check;
+pub mod cost;
 pub mod meter;
 pub mod ops;
 pub mod reducer;
@@ -275,6 +276,13 @@ pub fn launched_ranks() -> Option<usize> {
     var("OMPI_COMM_WORLD_SIZE")
         .or_else(|| var("PMI_SIZE"))
         .or_else(|| var("SLURM_PROCID").and_then(|_| var("SLURM_NTASKS")))
+}
+
+/// How many ranks of the job the launcher placed on this machine (they share its memory):
+/// OpenMPI's `OMPI_COMM_WORLD_LOCAL_SIZE`, Slurm's `SLURM_NTASKS_PER_NODE`.
+pub fn launched_local_ranks() -> Option<usize> {
+    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok());
+    var("OMPI_COMM_WORLD_LOCAL_SIZE").or_else(|| var("SLURM_NTASKS_PER_NODE"))
 }
 
 /// The group this process trains in: MPI's world when a launcher started it in a build with the

@@ -72,7 +72,7 @@ impl Setup {
         group: Arc<dyn Communicator>,
     ) -> Result<Self> {
         let plan = validate(loaded)?;
-        memory_guard::check_fits(loaded, &plan)?;
+        memory_guard::check_fits_ranks(loaded, &plan, group.size(), crate::dist::launched_local_ranks().unwrap_or(1))?;
         let exp = &loaded.experiment;
         if let Some(t) = exp.train.threads.or(threads) {
             // candle's CPU kernels and the gemm crate read rayon's global pool.
