@@ -165,41 +165,6 @@ pub fn ranks_needed(
     Some(lo)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::load;
-    use std::path::Path;
-
-    fn plan(file: &str) -> Plan {
-        let loaded = load(Path::new(file)).unwrap_or_else(|e| panic!("{e}"));
-        crate::graph::compile(&loaded).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// One rank is the plan's own estimate and sends nothing; more ranks hold less each and
-    /// send the ring's share of the gradients; `ranks_needed` is the smallest count that fits.
-    #[test]
-    fn one_rank_is_the_plan_and_more_ranks_share_it() {
-        let p = plan("experiments/simclr_resnet50_imagenet.yaml");
-        let one = rank_cost(&p, 4096, 1, 4, 1, Link::INFINIBAND_HDR);
-        assert_eq!(one.memory, p.memory_estimate(8192, 4, 1));
-        assert_eq!((one.gradient_bytes, one.gather_bytes, one.blocking_collectives), (0.0, 0.0, 0));
-        let (p8, p64) =
-            (rank_cost(&p, 4096, 8, 4, 1, Link::INFINIBAND_HDR), rank_cost(&p, 4096, 64, 4, 1, Link::INFINIBAND_HDR));
-        assert_eq!((p8.images, p64.images), (512, 64));
-        assert!(p64.memory.total() < p8.memory.total() && p8.memory.total() < one.memory.total());
-        let (params, _) = p.parameter_counts();
-        assert!((p8.gradient_bytes - 2.0 * 7.0 / 8.0 * params as f64 * 4.0).abs() < 1.0);
-        // ResNet-50: 53 batch norms, each 2 collectives forward and 1 backward; 4 per loss.
-        assert_eq!(p8.blocking_collectives, 53 * 3 + 4);
-        let gb = 1024f64.powi(3);
-        let need = ranks_needed(&p, 4096, 4, 1, 80.0 * gb).expect("fits on some count");
-        assert!(rank_cost(&p, 4096, need, 4, 1, Link::INFINIBAND_HDR).memory.total() <= 80.0 * gb);
-        assert!(rank_cost(&p, 4096, need - 1, 4, 1, Link::INFINIBAND_HDR).memory.total() > 80.0 * gb);
-        assert_eq!(ranks_needed(&p, 4096, 4, 1, 1e6), None, "1 MB fits no share");
-    }
-}
-
 /// `80G`, `512M`, `1.5T`, `1000000` (powers of 1024, as `LOCOGRAPH_MEMORY_LIMIT`) → bytes.
 pub fn parse_size(s: &str) -> Option<f64> {
     let s = s.trim();
@@ -262,4 +227,39 @@ pub fn report(
         };
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load;
+    use std::path::Path;
+
+    fn plan(file: &str) -> Plan {
+        let loaded = load(Path::new(file)).unwrap_or_else(|e| panic!("{e}"));
+        crate::graph::compile(&loaded).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// One rank is the plan's own estimate and sends nothing; more ranks hold less each and
+    /// send the ring's share of the gradients; `ranks_needed` is the smallest count that fits.
+    #[test]
+    fn one_rank_is_the_plan_and_more_ranks_share_it() {
+        let p = plan("experiments/simclr_resnet50_imagenet.yaml");
+        let one = rank_cost(&p, 4096, 1, 4, 1, Link::INFINIBAND_HDR);
+        assert_eq!(one.memory, p.memory_estimate(8192, 4, 1));
+        assert_eq!((one.gradient_bytes, one.gather_bytes, one.blocking_collectives), (0.0, 0.0, 0));
+        let (p8, p64) =
+            (rank_cost(&p, 4096, 8, 4, 1, Link::INFINIBAND_HDR), rank_cost(&p, 4096, 64, 4, 1, Link::INFINIBAND_HDR));
+        assert_eq!((p8.images, p64.images), (512, 64));
+        assert!(p64.memory.total() < p8.memory.total() && p8.memory.total() < one.memory.total());
+        let (params, _) = p.parameter_counts();
+        assert!((p8.gradient_bytes - 2.0 * 7.0 / 8.0 * params as f64 * 4.0).abs() < 1.0);
+        // ResNet-50: 53 batch norms, each 2 collectives forward and 1 backward; 4 per loss.
+        assert_eq!(p8.blocking_collectives, 53 * 3 + 4);
+        let gb = 1024f64.powi(3);
+        let need = ranks_needed(&p, 4096, 4, 1, 80.0 * gb).expect("fits on some count");
+        assert!(rank_cost(&p, 4096, need, 4, 1, Link::INFINIBAND_HDR).memory.total() <= 80.0 * gb);
+        assert!(rank_cost(&p, 4096, need - 1, 4, 1, Link::INFINIBAND_HDR).memory.total() > 80.0 * gb);
+        assert_eq!(ranks_needed(&p, 4096, 4, 1, 1e6), None, "1 MB fits no share");
+    }
 }
