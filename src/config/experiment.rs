@@ -61,6 +61,12 @@ fn is_f32(p: &Precision) -> bool {
 fn ten() -> u64 {
     10
 }
+fn yes() -> bool {
+    true
+}
+fn twenty_five() -> f64 {
+    25.0
+}
 fn runs() -> PathBuf {
     PathBuf::from("runs")
 }
@@ -89,6 +95,15 @@ pub struct TrainConfig {
     /// Save a checkpoint every this many steps (always at the end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<u64>,
+    /// Across ranks: batch norm in training mode normalises with the statistics of the global
+    /// batch (all ranks' shares), as one process would. `false`: each rank its own share's.
+    /// One process: no effect.
+    #[serde(default = "yes")]
+    pub sync_batch_norm: bool,
+    /// Across ranks: gradients are averaged in buckets of this many MiB (PyTorch DDP's 25), each
+    /// started as soon as it is full while the backward goes on. One process: no effect.
+    #[serde(default = "twenty_five")]
+    pub gradient_bucket_mb: f64,
 }
 
 /// A whole experiment. Node ids are the names of everything the run produces.

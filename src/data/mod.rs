@@ -17,6 +17,7 @@ pub mod fetch;
 pub mod idx;
 pub mod image_folder;
 pub mod loader;
+pub mod shard;
 pub mod stl10;
 pub mod synthetic;
 pub mod transforms;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 pub use augment::{AugmentConfig, BlurConfig, CropConfig, JitterConfig, NormalizeConfig};
 pub use fetch::fetch;
 pub use loader::{Batch, EvalLoader, PairLoader};
+pub use shard::Shard;
 pub use synthetic::SyntheticConfig;
 pub use transforms::Image;
 

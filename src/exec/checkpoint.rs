@@ -67,6 +67,9 @@ pub struct CheckpointState {
     pub graph_hash: String,
     /// Threads candle's kernels ran with: bit-identical resumption needs the same count.
     pub threads: usize,
+    /// Ranks of the job (`mpirun -np`); resume needs the same count.
+    #[serde(default = "one")]
+    pub ranks: usize,
     /// Wall-clock seconds of training before this checkpoint (continues `metrics.csv`'s clock).
     pub elapsed_s: f64,
     /// Each loss at step 0, for the summary printed at the end.
@@ -75,6 +78,10 @@ pub struct CheckpointState {
     pub files: BTreeMap<String, String>,
     /// Version of the locograph that wrote it.
     pub locograph: String,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A stable hash of the graph part of an experiment: the input shape, every node's config

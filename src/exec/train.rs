@@ -28,6 +28,9 @@ use super::setup::Setup;
 use super::step::{GradsFinal, StepInput};
 use crate::config::Loaded;
 use crate::data::PairLoader;
+use crate::dist::meter::{Metered, Traffic};
+use crate::dist::reducer::{GradReducer, Reduced, ReducerStats};
+use crate::dist::{replicas, Communicator};
 use crate::graph::explain;
 use crate::optim::Optimizer;
 use crate::{Error, Result};
@@ -45,6 +48,9 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Set (by a Ctrl-C handler) to stop after the current step with a checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
+    /// The ranks that train together, each on its share of every batch (`dist::world()`);
+    /// `None`: this process alone.
+    pub group: Option<Arc<dyn Communicator>>,
 }
 
 /// What a finished run reports.
@@ -60,6 +66,19 @@ pub struct TrainSummary {
     pub seconds: f64,
     /// Stopped early through [`TrainOptions::stop`], after saving a checkpoint.
     pub interrupted: bool,
+    /// What the ranks exchanged (several ranks only).
+    pub communication: Option<Communication>,
+}
+
+/// This rank's communication over a run: the gradient reducer's buckets and the collectives of
+/// the step itself (batch norm statistics, the losses' gathers), for the summary and benchmarks.
+#[derive(Clone, Copy, Debug)]
+pub struct Communication {
+    pub ranks: usize,
+    /// Steps trained in this process.
+    pub steps: u64,
+    pub gradients: ReducerStats,
+    pub step_collectives: Traffic,
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -77,12 +96,21 @@ struct Start {
 
 /// Trains the experiment into a new run directory; returns where the run went and how it ended.
 pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
-    let s = Setup::new(loaded, opts.steps, None)?;
+    let (group, meter) = metered(opts);
+    let s = Setup::new_in(loaded, opts.steps, None, group.clone())?;
     let exp = &loaded.experiment;
-    let dir = match &opts.run_dir {
+    let mut dir = match &opts.run_dir {
         Some(d) => d.clone(),
         None => run_dir::new_dir(opts.runs_dir.as_ref().unwrap_or(&exp.train.runs_dir), &exp.name),
     };
+    // Rank 0 names the run directory (its clock) and alone writes into it.
+    let mut name = dir.to_string_lossy().into_owned().into_bytes();
+    group.broadcast_bytes(&mut name, 0)?;
+    dir = PathBuf::from(String::from_utf8_lossy(&name).into_owned());
+    if group.rank() != 0 {
+        let start = Start { step: 0, epoch: 0, batch_in_epoch: 0, elapsed_s: 0.0, first_losses: vec![] };
+        return Trainer::new(loaded, s, &dir, opts, None, meter, &start)?.run(start);
+    }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     write(&dir.join(run_dir::CONFIG), &run_dir::resolved_yaml(exp)?)?;
     write(&dir.join(run_dir::EXPLAIN), &explain::table(&s.plan))?;
@@ -91,11 +119,12 @@ pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
     info!(run_dir = %dir.display(), "run directory");
     eprintln!("run directory: {}", dir.display());
     eprintln!(
-        "derived: {} ({} images), batch {} images = {} views/step, {} steps/epoch, {} steps ({:.2} epochs), peak lr {:.4}, {} parameters ({} trainable), method {}, {} threads",
+        "derived: {} ({} images), batch {} images = {} views/step{}, {} steps/epoch, {} steps ({:.2} epochs), peak lr {:.4}, {} parameters ({} trainable), method {}, {} threads",
         derived["dataset"].as_str().unwrap_or_default(),
         s.ds.len(),
         s.batch_size,
         2 * s.batch_size,
+        ranks_note(&s),
         s.steps_per_epoch,
         s.total,
         s.total as f64 / s.steps_per_epoch as f64,
@@ -107,7 +136,32 @@ pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
     );
     let metrics = Metrics::create(&dir.join(run_dir::METRICS), &s.plan)?;
     let start = Start { step: 0, epoch: 0, batch_in_epoch: 0, elapsed_s: 0.0, first_losses: vec![] };
-    Trainer::new(loaded, s, &dir, opts, metrics, &start).run(start)
+    Trainer::new(loaded, s, &dir, opts, Some(metrics), meter, &start)?.run(start)
+}
+
+/// The group training runs in, metered when it has several ranks.
+fn metered(opts: &TrainOptions) -> (Arc<dyn Communicator>, Option<Arc<Metered>>) {
+    match &opts.group {
+        Some(g) if g.size() > 1 => {
+            let m = Metered::new(g.clone());
+            (m.clone(), Some(m))
+        }
+        _ => (crate::dist::solo(), None),
+    }
+}
+
+/// `, 3 ranks of 86 or 85 images` (nothing for one process).
+fn ranks_note(s: &Setup) -> String {
+    let ranks = s.shard.ranks;
+    if ranks == 1 {
+        return String::new();
+    }
+    let (most, least) = (s.batch_size.div_ceil(ranks), s.batch_size / ranks);
+    if most == least {
+        format!(", {ranks} ranks of {most} images")
+    } else {
+        format!(", {ranks} ranks of {most} or {least} images")
+    }
 }
 
 /// `derived.json`: the values training derives from the experiment.
@@ -134,6 +188,8 @@ fn derived(loaded: &Loaded, s: &Setup) -> serde_json::Value {
         "losses": s.plan.losses.iter().map(|&l| s.plan.id(l)).collect::<Vec<_>>(),
         "input": [c, h, w],
         "threads": s.threads,
+        "ranks": s.shard.ranks,
+        "sync_batch_norm": exp.train.sync_batch_norm,
     })
 }
 
@@ -144,14 +200,21 @@ fn derived(loaded: &Loaded, s: &Setup) -> serde_json::Value {
 /// `opts.steps` replaces the run's length (which changes a decaying schedule's learning
 /// rates, so the result then differs from the original run's); the other options are unused.
 pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
+    let (group, meter) = metered(opts);
+    let lead = group.rank() == 0;
     run_dir::check(run)?;
     let ckpt = checkpoint::latest(run)?;
     let st = &ckpt.state;
     let loaded = run_dir::load_config(run)?;
     let exp = &loaded.experiment;
     let total = opts.steps.unwrap_or(st.total_steps);
+    if st.ranks != group.size() {
+        return Err(CheckpointError::RanksChanged { dir: ckpt.dir.clone(), was: st.ranks, now: group.size() }.into());
+    }
     if st.step >= total {
-        eprintln!("{}: already complete at step {} of {total}", run.display(), st.step);
+        if lead {
+            eprintln!("{}: already complete at step {} of {total}", run.display(), st.step);
+        }
         return Ok(TrainSummary {
             run_dir: run.to_path_buf(),
             steps: st.step,
@@ -160,9 +223,10 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
             images_per_sec: 0.0,
             seconds: 0.0,
             interrupted: false,
+            communication: None,
         });
     }
-    let mut s = Setup::new(&loaded, Some(total), Some(st.threads))?;
+    let mut s = Setup::new_in(&loaded, Some(total), Some(st.threads), group)?;
     // The weights are applied before the hash is judged, so that a changed graph is reported
     // with the keys that no longer fit (when some do not).
     let hash = checkpoint::graph_hash(exp);
@@ -184,28 +248,30 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
         );
     }
     let saved = std::fs::read_to_string(ckpt.dir.join(checkpoint::CONFIG)).unwrap_or_default();
-    if saved != run_dir::resolved_yaml(exp)? {
+    if saved != run_dir::resolved_yaml(exp)? && lead {
         eprintln!(
             "warning: {} differs from the checkpoint's copy outside the graph; continuing with it (the run will not match an uninterrupted one)",
             run.join(run_dir::CONFIG).display()
         );
     }
-    if s.threads != st.threads {
+    if s.threads != st.threads && lead {
         eprintln!(
             "warning: {} threads now, {} when the checkpoint was written: results will not be bit-identical to an uninterrupted run",
             s.threads, st.threads
         );
     }
-    let metrics = Metrics::resume(&run.join(run_dir::METRICS), &s.plan, st.step)?;
-    eprintln!(
-        "resuming {} from step {} of {} (epoch {}, batch {}), checkpoint {}",
-        run.display(),
-        st.step,
-        total,
-        st.epoch,
-        st.batch_in_epoch,
-        ckpt.dir.display()
-    );
+    let metrics = if lead { Some(Metrics::resume(&run.join(run_dir::METRICS), &s.plan, st.step)?) } else { None };
+    if lead {
+        eprintln!(
+            "resuming {} from step {} of {} (epoch {}, batch {}), checkpoint {}",
+            run.display(),
+            st.step,
+            total,
+            st.epoch,
+            st.batch_in_epoch,
+            ckpt.dir.display()
+        );
+    }
     s.total = total;
     let start = Start {
         step: st.step,
@@ -214,7 +280,7 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
         elapsed_s: st.elapsed_s,
         first_losses: st.first_losses.clone(),
     };
-    Trainer::new(&loaded, s, run, opts, metrics, &start).run(start)
+    Trainer::new(&loaded, s, run, opts, metrics, meter, &start)?.run(start)
 }
 
 /// Applies `optimizer` to one node's parameters as soon as their gradients are final
@@ -239,13 +305,35 @@ pub fn update_when_final(
     optimizer.step(&params, &grads, lr)
 }
 
+/// Applies `optimizer` to a node's gradients averaged over the ranks ([`GradReducer`]); nothing
+/// once a loss of the step is not finite (as [`update_when_final`]).
+fn apply_reduced(
+    optimizer: &mut dyn Optimizer,
+    model: &Model,
+    r: Reduced,
+    lr: f64,
+    finite: bool,
+) -> candle_core::Result<()> {
+    if !finite || r.grads.is_empty() {
+        return Ok(());
+    }
+    let params: Vec<_> = r.grads.iter().map(|(i, _)| model.params.params[*i].clone()).collect();
+    let grads: Vec<_> = r.grads.into_iter().map(|(_, g)| Some(g)).collect();
+    optimizer.step(&params, &grads, lr)
+}
+
 /// A run in progress: the setup, where the data stands, what was logged.
 struct Trainer<'a> {
     loaded: &'a Loaded,
     s: Setup,
     dir: &'a Path,
     opts: &'a TrainOptions,
-    metrics: Metrics,
+    /// Rank 0's: the other ranks write nothing.
+    metrics: Option<Metrics>,
+    /// Several ranks: the gradients' averaging, and the meter of the step's own collectives.
+    reducer: Option<GradReducer>,
+    meter: Option<Arc<Metered>>,
+    steps_here: u64,
     bar: ProgressBar,
     graph_hash: String,
     clock: Instant,
@@ -263,17 +351,23 @@ impl<'a> Trainer<'a> {
         s: Setup,
         dir: &'a Path,
         opts: &'a TrainOptions,
-        metrics: Metrics,
+        metrics: Option<Metrics>,
+        meter: Option<Arc<Metered>>,
         start: &Start,
-    ) -> Self {
-        let bar = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(s.total) };
+    ) -> Result<Self> {
+        let bucket = (loaded.experiment.train.gradient_bucket_mb * 1048576.0).max(1.0) as usize;
+        let reducer = if s.group.size() > 1 { Some(GradReducer::new(&s.group, bucket)?) } else { None };
+        let bar = if opts.quiet || s.group.rank() != 0 { ProgressBar::hidden() } else { ProgressBar::new(s.total) };
         bar.set_style(
             ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_position(start.step);
-        Trainer {
+        Ok(Trainer {
             loaded,
+            reducer,
+            meter,
+            steps_here: 0,
             graph_hash: checkpoint::graph_hash(&loaded.experiment),
             s,
             dir,
@@ -286,7 +380,23 @@ impl<'a> Trainer<'a> {
             last: vec![],
             window: (Instant::now(), 0),
             images_per_sec: 0.0,
+        })
+    }
+
+    fn lead(&self) -> bool {
+        self.s.group.rank() == 0
+    }
+
+    /// Whether to stop after this step: every rank must agree, or they would part ways (a
+    /// Ctrl-C reaches each rank of an `mpirun` job at its own moment).
+    fn stop_requested(&self) -> Result<bool> {
+        let here = self.opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        if self.s.group.size() == 1 {
+            return Ok(here);
         }
+        let mut any = [u64::from(here)];
+        self.s.group.all_reduce_sum(&mut any)?;
+        Ok(any[0] > 0)
     }
 
     fn elapsed(&self) -> f64 {
@@ -300,7 +410,14 @@ impl<'a> Trainer<'a> {
         let (mut step, mut epoch, mut skip) = (start.step, start.epoch, start.batch_in_epoch);
         let mut interrupted = false;
         'epochs: while step < total {
-            let loader = PairLoader::new(self.s.ds.clone(), &exp.data, self.s.batch_size, exp.seed, epoch as usize);
+            let loader = PairLoader::sharded(
+                self.s.ds.clone(),
+                &exp.data,
+                self.s.batch_size,
+                exp.seed,
+                epoch as usize,
+                self.s.shard,
+            );
             // Batches of this epoch already trained on before the checkpoint: the loader is a
             // pure function of (seed, epoch), so skipping them puts the data where it was.
             let mut batch_in_epoch = skip;
@@ -315,7 +432,7 @@ impl<'a> Trainer<'a> {
                     self.log(step)?;
                 }
                 self.bar.inc(1);
-                let stop = self.opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+                let stop = self.stop_requested()?;
                 let due = exp.train.checkpoint_every.is_some_and(|k| step.is_multiple_of(k));
                 if step < total && (due || stop) {
                     self.save(step, epoch, batch_in_epoch)?;
@@ -330,22 +447,32 @@ impl<'a> Trainer<'a> {
         }
         if interrupted {
             self.bar.abandon();
-            eprintln!(
-                "interrupted: checkpoint at step {step} of {total} in {}; continue with `locograph resume {}`",
-                self.dir.display(),
-                self.dir.display()
-            );
+            if self.lead() {
+                eprintln!(
+                    "interrupted: checkpoint at step {step} of {total} in {}; continue with `locograph resume {}`",
+                    self.dir.display(),
+                    self.dir.display()
+                );
+            }
         } else {
             self.bar.finish();
             // Every epoch has exactly `steps_per_epoch` batches, so the data position after
             // `step` steps is a function of it; `resume --steps` can continue from there.
             self.save(step, step / per_epoch, step % per_epoch)?;
-            eprintln!(
-                "done: {step} steps in {:.1} s; weights in {}",
-                self.elapsed(),
-                self.dir.join(run_dir::WEIGHTS).display()
-            );
+            if self.lead() {
+                eprintln!(
+                    "done: {step} steps in {:.1} s; weights in {}",
+                    self.elapsed(),
+                    self.dir.join(run_dir::WEIGHTS).display()
+                );
+            }
         }
+        let communication = self.meter.as_ref().map(|m| Communication {
+            ranks: self.s.group.size(),
+            steps: self.steps_here,
+            gradients: self.reducer.as_ref().map(GradReducer::stats).unwrap_or_default(),
+            step_collectives: m.traffic(),
+        });
         Ok(TrainSummary {
             run_dir: self.dir.to_path_buf(),
             steps: step,
@@ -354,6 +481,7 @@ impl<'a> Trainer<'a> {
             first_losses: self.first,
             images_per_sec: self.images_per_sec,
             interrupted,
+            communication,
         })
     }
 
@@ -369,8 +497,34 @@ impl<'a> Trainer<'a> {
         };
         let lr = s.schedule.lr(step as usize);
         let (optimizer, model) = (&mut s.optimizer, &s.model);
-        let mut update = |f: GradsFinal<'_>| update_when_final(optimizer.as_mut(), model, f, lr);
-        let out = run_step_with(&s.plan, model, x, Hooks { grads_final: Some(&mut update), ..Hooks::default() })?;
+        let out = match self.reducer.as_mut() {
+            None => {
+                let mut update = |f: GradsFinal<'_>| update_when_final(optimizer.as_mut(), model, f, lr);
+                run_step_with(&s.plan, model, x, Hooks { grads_final: Some(&mut update), ..Hooks::default() })?
+            }
+            Some(reducer) => {
+                // Each node's gradients go to the reducer as soon as they are final; each node
+                // whose average is back is updated, in the same order on every rank.
+                let wrap = candle_core::Error::wrap;
+                let mut update = |f: GradsFinal<'_>| -> candle_core::Result<()> {
+                    let grads = f.params.iter().filter_map(|&i| f.grads[i].take().map(|g| (i, g))).collect();
+                    reducer.push(f.node.index(), grads).map_err(wrap)?;
+                    let finite = f.losses.iter().all(|(_, v)| v.is_finite());
+                    for r in reducer.ready().map_err(wrap)? {
+                        apply_reduced(optimizer.as_mut(), model, r, lr, finite)?;
+                    }
+                    Ok(())
+                };
+                let out =
+                    run_step_with(&s.plan, model, x, Hooks { grads_final: Some(&mut update), ..Hooks::default() })?;
+                let finite = out.losses.iter().all(|(_, v)| v.is_finite());
+                for r in reducer.finish()? {
+                    apply_reduced(optimizer.as_mut(), model, r, lr, finite)?;
+                }
+                out
+            }
+        };
+        self.steps_here += 1;
         self.last = out.losses.iter().map(|&(n, v)| (s.plan.id(n).to_string(), v)).collect();
         if let Some((id, v)) = self.last.iter().find(|(_, v)| !v.is_finite()) {
             self.bar.abandon();
@@ -394,13 +548,15 @@ impl<'a> Trainer<'a> {
         self.images_per_sec = self.window.1 as f64 / self.window.0.elapsed().as_secs_f64().max(1e-9);
         self.window = (Instant::now(), 0);
         let ips = self.images_per_sec;
-        self.metrics.write(&Row {
+        let elapsed_s = self.elapsed();
+        let Some(metrics) = self.metrics.as_mut() else { return Ok(()) };
+        metrics.write(&Row {
             step,
             epoch: step as f64 / self.s.steps_per_epoch as f64,
             lr,
             losses: &self.last,
             images_per_sec: ips,
-            elapsed_s: self.elapsed(),
+            elapsed_s,
         })?;
         let msg: Vec<String> = self.last.iter().map(|(id, v)| format!("{id} {v:.4}")).collect();
         info!(step, lr, images_per_sec = ips, losses = %msg.join(" "), "train");
@@ -412,7 +568,21 @@ impl<'a> Trainer<'a> {
     /// latest `weights.safetensors`/`meta.json`: the checkpoint is what resume reads, so it must
     /// be durable first, and the metrics rows before it.
     fn save(&self, step: u64, epoch: u64, batch_in_epoch: u64) -> Result<()> {
-        self.metrics.sync()?;
+        // Every rank must hold the weights rank 0 is about to write. Without synchronised batch
+        // norm each rank's running statistics follow its own share: rank 0's are kept (as
+        // PyTorch DDP's `broadcast_buffers`).
+        let params = &self.s.model.params;
+        if !self.loaded.experiment.train.sync_batch_norm {
+            replicas::broadcast_vars(&self.s.group, params.buffers.iter().map(|b| &b.var), 0)?;
+        }
+        let named = params
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), &p.var))
+            .chain(params.buffers.iter().map(|b| (b.name.as_str(), &b.var)));
+        replicas::check_replicas(&self.s.group, named)?;
+        let Some(metrics) = self.metrics.as_ref() else { return Ok(()) };
+        metrics.sync()?;
         let state = CheckpointState {
             format_version: checkpoint::FORMAT_VERSION,
             step,
@@ -422,6 +592,7 @@ impl<'a> Trainer<'a> {
             seed: self.loaded.experiment.seed,
             graph_hash: self.graph_hash.clone(),
             threads: self.s.threads,
+            ranks: self.s.group.size(),
             elapsed_s: self.elapsed(),
             first_losses: self.first.clone(),
             files: Default::default(),
