@@ -214,6 +214,13 @@ impl RanksArgs {
         }
         let e = &loaded.experiment;
         let (elem, slots) = (e.precision.dtype().size_in_bytes(), e.optimizer.state_slots());
+        // An experiment with a `placement:` runs its units on separate ranks (stage parallel).
+        if let Some(cfg) = &e.placement {
+            return Some(
+                locograph::graph::placement::report(plan, loaded, cfg, &self.ranks, elem, slots)
+                    .unwrap_or_else(|err| err.to_string()),
+            );
+        }
         Some(dist::cost::report(plan, e.train.batch_size, elem, slots, &self.ranks, self.rank_memory))
     }
 }

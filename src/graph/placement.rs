@@ -89,6 +89,49 @@ impl Placement {
     }
 }
 
+/// The table `locograph profile --ranks N` prints for a stage-parallel experiment: each rank's
+/// nodes, and its predicted compute, activations, parameters and traffic per step, for every rank
+/// count asked for.
+pub fn report(
+    plan: &Plan,
+    loaded: &Loaded,
+    cfg: &PlacementConfig,
+    ranks: &[usize],
+    elem_bytes: usize,
+    optimizer_slots: usize,
+) -> Result<String, GraphErrors> {
+    let views = 2 * loaded.experiment.train.batch_size;
+    let mb = |b: f64| format!("{:.1} MB", b / 1e6);
+    let mut out = format!(
+        "stage-parallel ({}, {} views per step; predicted from the plan, not measured):\n",
+        if cfg.nodes.is_empty() {
+            format!("placed automatically by {:?}", cfg.by).to_lowercase()
+        } else {
+            "placement given".into()
+        },
+        views
+    );
+    for &n in ranks {
+        let p = place(plan, loaded, cfg, n, views)?;
+        let costs = p.costs(plan, views, elem_bytes, optimizer_slots);
+        let total: f64 = costs.iter().map(|c| c.macs).sum();
+        out += &format!("  {n} ranks:\n    rank  GMACs  share  activations  parameters     sent  received  nodes\n");
+        for (r, c) in costs.iter().enumerate() {
+            out += &format!(
+                "    {r:>4}  {:>5.1}  {:>4.0} %  {:>11}  {:>10}  {:>7}  {:>8}  {}\n",
+                c.macs / 1e9,
+                100.0 * c.macs / total.max(1.0),
+                mb(c.activations),
+                mb(c.parameters),
+                mb(c.sent),
+                mb(c.received),
+                c.nodes.join(" ")
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Multiply-accumulates of node `n` in one step: its forward, and two forwards' worth for each of
 /// its backward passes (the input and the parameter gradients).
 fn node_macs(plan: &Plan, n: NodeIndex, views: usize) -> f64 {
