@@ -15,6 +15,9 @@ pub enum TrainError {
     DatasetTooSmall { dataset: String, images: usize, batch_size: usize },
     #[error("`device: cuda` needs a build with `--features cuda` (this binary is CPU-only)")]
     CudaNotBuilt,
+    /// `exec::train::train` got no [`crate::exec::Monitor`] for an experiment with `monitor:`.
+    #[error("the experiment has a `monitor:` section, but no monitor was given to the trainer (`eval::monitor::train` builds it)")]
+    NoMonitor,
 }
 
 /// Problems with a run directory or one of its checkpoints.

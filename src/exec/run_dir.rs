@@ -38,9 +38,28 @@ pub fn resolved_yaml(exp: &Experiment) -> Result<String> {
         .map_err(|err| CheckpointError::Serialise { what: "the experiment", why: err.to_string() }.into())
 }
 
-/// A new run directory's name: `<root>/<name>-YYYYmmdd-HHMMSS` (UTC).
+/// Where a run's directory goes: `cli` (`--runs-dir`, relative to the working directory),
+/// else `train.runs_dir` (relative to the experiment file, like every path in it), else
+/// `runs/` in the working directory.
+pub fn root(loaded: &Loaded, cli: Option<&Path>) -> PathBuf {
+    match (cli, &loaded.experiment.train.runs_dir) {
+        (Some(c), _) => c.to_path_buf(),
+        (None, Some(r)) => loaded.base_dir.join(r),
+        (None, None) => PathBuf::from("runs"),
+    }
+}
+
+/// A new run directory's name: `<root>/<name>-YYYYmmdd-HHMMSS` (UTC), with `-2`, `-3`, …
+/// added when a run of the same name started in the same second.
 pub fn new_dir(root: &Path, name: &str) -> PathBuf {
-    root.join(format!("{name}-{}", timestamp()))
+    let base = format!("{name}-{}", timestamp());
+    let mut dir = root.join(&base);
+    let mut n = 1;
+    while dir.exists() {
+        n += 1;
+        dir = root.join(format!("{base}-{n}"));
+    }
+    dir
 }
 
 /// `YYYYmmdd-HHMMSS` in UTC, without a date-time dependency.

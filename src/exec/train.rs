@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use tracing::{info, info_span};
 
 use super::checkpoint::{self, CheckpointState};
@@ -23,6 +23,7 @@ use super::engine::{run_step_with, Hooks};
 use super::error::{CheckpointError, TrainError};
 use super::metrics::{Metrics, Row};
 use super::model::Model;
+use super::monitor::{Monitor, MonitorCost};
 use super::run_dir;
 use super::setup::Setup;
 use super::step::{GradsFinal, StepInput};
@@ -60,6 +61,8 @@ pub struct TrainSummary {
     pub seconds: f64,
     /// Stopped early through [`TrainOptions::stop`], after saving a checkpoint.
     pub interrupted: bool,
+    /// The monitor's last value and what measuring cost, when `monitor:` is on.
+    pub monitor: Option<(f64, MonitorCost)>,
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -76,12 +79,27 @@ struct Start {
 }
 
 /// Trains the experiment into a new run directory; returns where the run went and how it ended.
+/// An experiment with `monitor:` needs [`train_with`] and its monitor.
 pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
+    train_with(loaded, opts, None)
+}
+
+/// Refuses a `monitor:` section without a monitor, so that it is never silently skipped.
+fn check_monitor(loaded: &Loaded, monitor: &Option<&mut dyn Monitor>) -> Result<()> {
+    if loaded.experiment.monitor.is_some() && monitor.is_none() {
+        return Err(TrainError::NoMonitor.into());
+    }
+    Ok(())
+}
+
+/// [`train`], measuring `monitor` every `monitor.every()` steps into its `metrics.csv` column.
+pub fn train_with(loaded: &Loaded, opts: &TrainOptions, monitor: Option<&mut dyn Monitor>) -> Result<TrainSummary> {
+    check_monitor(loaded, &monitor)?;
     let s = Setup::new(loaded, opts.steps, None)?;
     let exp = &loaded.experiment;
     let dir = match &opts.run_dir {
         Some(d) => d.clone(),
-        None => run_dir::new_dir(opts.runs_dir.as_ref().unwrap_or(&exp.train.runs_dir), &exp.name),
+        None => run_dir::new_dir(&run_dir::root(loaded, opts.runs_dir.as_deref()), &exp.name),
     };
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     write(&dir.join(run_dir::CONFIG), &run_dir::resolved_yaml(exp)?)?;
@@ -105,9 +123,9 @@ pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
         run_dir::method_name(&s.plan),
         s.threads,
     );
-    let metrics = Metrics::create(&dir.join(run_dir::METRICS), &s.plan)?;
+    let metrics = Metrics::create(&dir.join(run_dir::METRICS), &s.plan, monitor.as_ref().map(|m| m.column()))?;
     let start = Start { step: 0, epoch: 0, batch_in_epoch: 0, elapsed_s: 0.0, first_losses: vec![] };
-    Trainer::new(loaded, s, &dir, opts, metrics, &start).run(start)
+    Trainer::new(loaded, s, &dir, opts, metrics, &start, monitor).run(start)
 }
 
 /// `derived.json`: the values training derives from the experiment.
@@ -134,6 +152,8 @@ fn derived(loaded: &Loaded, s: &Setup) -> serde_json::Value {
         "losses": s.plan.losses.iter().map(|&l| s.plan.id(l)).collect::<Vec<_>>(),
         "input": [c, h, w],
         "threads": s.threads,
+        // `--set PATH=VALUE` as given; config.yaml holds the values they produced.
+        "overrides": loaded.overrides.iter().map(|o| o.text.as_str()).collect::<Vec<_>>(),
     })
 }
 
@@ -144,10 +164,20 @@ fn derived(loaded: &Loaded, s: &Setup) -> serde_json::Value {
 /// `opts.steps` replaces the run's length (which changes a decaying schedule's learning
 /// rates, so the result then differs from the original run's); the other options are unused.
 pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
+    resume_with(&run_dir::load_config(run)?, run, opts, None)
+}
+
+/// [`resume`] of the run whose `config.yaml` is `loaded`, measuring `monitor` as the run did.
+pub fn resume_with(
+    loaded: &Loaded,
+    run: &Path,
+    opts: &TrainOptions,
+    monitor: Option<&mut dyn Monitor>,
+) -> Result<TrainSummary> {
     run_dir::check(run)?;
+    check_monitor(loaded, &monitor)?;
     let ckpt = checkpoint::latest(run)?;
     let st = &ckpt.state;
-    let loaded = run_dir::load_config(run)?;
     let exp = &loaded.experiment;
     let total = opts.steps.unwrap_or(st.total_steps);
     if st.step >= total {
@@ -160,9 +190,10 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
             images_per_sec: 0.0,
             seconds: 0.0,
             interrupted: false,
+            monitor: None,
         });
     }
-    let mut s = Setup::new(&loaded, Some(total), Some(st.threads))?;
+    let mut s = Setup::new(loaded, Some(total), Some(st.threads))?;
     // The weights are applied before the hash is judged, so that a changed graph is reported
     // with the keys that no longer fit (when some do not).
     let hash = checkpoint::graph_hash(exp);
@@ -196,7 +227,7 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
             s.threads, st.threads
         );
     }
-    let metrics = Metrics::resume(&run.join(run_dir::METRICS), &s.plan, st.step)?;
+    let metrics = Metrics::resume(&run.join(run_dir::METRICS), &s.plan, monitor.as_ref().map(|m| m.column()), st.step)?;
     eprintln!(
         "resuming {} from step {} of {} (epoch {}, batch {}), checkpoint {}",
         run.display(),
@@ -214,7 +245,7 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
         elapsed_s: st.elapsed_s,
         first_losses: st.first_losses.clone(),
     };
-    Trainer::new(&loaded, s, run, opts, metrics, &start).run(start)
+    Trainer::new(loaded, s, run, opts, metrics, &start, monitor).run(start)
 }
 
 /// Applies `optimizer` to one node's parameters as soon as their gradients are final
@@ -240,7 +271,7 @@ pub fn update_when_final(
 }
 
 /// A run in progress: the setup, where the data stands, what was logged.
-struct Trainer<'a> {
+struct Trainer<'a, 'm> {
     loaded: &'a Loaded,
     s: Setup,
     dir: &'a Path,
@@ -252,12 +283,18 @@ struct Trainer<'a> {
     elapsed_before: f64,
     first: Vec<(String, f32)>,
     last: Vec<(String, f32)>,
-    /// Images trained on since the last log line, and since when.
+    /// Images trained on since the last log line, and since when (monitor time left out).
     window: (Instant, usize),
     images_per_sec: f64,
+    monitor: Option<&'m mut dyn Monitor>,
+    /// The monitor's value at the current step, its last value, and what it cost so far.
+    monitored: (Option<f64>, Option<f64>),
+    cost: MonitorCost,
+    /// Seconds spent in training steps (for the monitor's cost beside a step's).
+    step_seconds: f64,
 }
 
-impl<'a> Trainer<'a> {
+impl<'a, 'm> Trainer<'a, 'm> {
     fn new(
         loaded: &'a Loaded,
         s: Setup,
@@ -265,13 +302,16 @@ impl<'a> Trainer<'a> {
         opts: &'a TrainOptions,
         metrics: Metrics,
         start: &Start,
+        monitor: Option<&'m mut dyn Monitor>,
     ) -> Self {
-        let bar = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(s.total) };
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        let bar = if opts.quiet {
+            ProgressBar::hidden()
+        } else {
+            crate::progress::bar(s.total, "steps", &loaded.experiment.name)
+        };
         bar.set_position(start.step);
+        // The ETA from this run's own steps, not from the steps before a resume.
+        bar.reset_eta();
         Trainer {
             loaded,
             graph_hash: checkpoint::graph_hash(&loaded.experiment),
@@ -286,6 +326,10 @@ impl<'a> Trainer<'a> {
             last: vec![],
             window: (Instant::now(), 0),
             images_per_sec: 0.0,
+            monitor,
+            monitored: (None, None),
+            cost: MonitorCost::default(),
+            step_seconds: 0.0,
         }
     }
 
@@ -308,13 +352,16 @@ impl<'a> Trainer<'a> {
                 if step >= total {
                     break 'epochs;
                 }
+                let t = Instant::now();
                 self.step(&batch?, step)?;
+                self.step_seconds += t.elapsed().as_secs_f64();
                 step += 1;
                 batch_in_epoch += 1;
+                self.bar.inc(1);
+                self.measure(step, total)?;
                 if step.is_multiple_of(exp.train.log_every) || step == total {
                     self.log(step)?;
                 }
-                self.bar.inc(1);
                 let stop = self.opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
                 let due = exp.train.checkpoint_every.is_some_and(|k| step.is_multiple_of(k));
                 if step < total && (due || stop) {
@@ -346,6 +393,19 @@ impl<'a> Trainer<'a> {
                 self.dir.join(run_dir::WEIGHTS).display()
             );
         }
+        let trained = step - start.step;
+        self.cost.step_seconds = self.step_seconds / trained.max(1) as f64;
+        let monitor = self.monitored.1.map(|v| (v, self.cost.clone()));
+        if let Some((v, c)) = &monitor {
+            eprintln!(
+                "monitor: {} passes of {:.2} s each ({:.1}× a training step of {:.2} s); last {} {v:.4}",
+                c.passes,
+                c.per_pass(),
+                c.per_pass() / c.step_seconds.max(1e-9),
+                c.step_seconds,
+                self.monitor.as_ref().map_or("", |m| m.column()),
+            );
+        }
         Ok(TrainSummary {
             run_dir: self.dir.to_path_buf(),
             steps: step,
@@ -354,7 +414,28 @@ impl<'a> Trainer<'a> {
             first_losses: self.first,
             images_per_sec: self.images_per_sec,
             interrupted,
+            monitor,
         })
+    }
+
+    /// The monitor's measurement after `step` steps, when one is due (every `every` steps and
+    /// after the last); its time is kept out of the images/s.
+    fn measure(&mut self, step: u64, total: u64) -> Result<()> {
+        self.monitored.0 = None;
+        let Some(m) = self.monitor.as_deref_mut() else { return Ok(()) };
+        if !(step.is_multiple_of(m.every()) || step == total) {
+            return Ok(());
+        }
+        let _span = info_span!("monitor", step).entered();
+        let t = Instant::now();
+        let v = m.measure(&self.s.plan, &self.s.model)?;
+        let took = t.elapsed();
+        self.window.0 += took;
+        self.cost.passes += 1;
+        self.cost.seconds += took.as_secs_f64();
+        info!(step, value = v, seconds = took.as_secs_f64(), column = m.column(), "monitor");
+        self.monitored = (Some(v), Some(v));
+        Ok(())
     }
 
     /// One routed step on `batch`, each node updated as soon as its gradients are final
@@ -399,12 +480,17 @@ impl<'a> Trainer<'a> {
             epoch: step as f64 / self.s.steps_per_epoch as f64,
             lr,
             losses: &self.last,
+            monitor: self.monitored.0,
             images_per_sec: ips,
             elapsed_s: self.elapsed(),
         })?;
         let msg: Vec<String> = self.last.iter().map(|(id, v)| format!("{id} {v:.4}")).collect();
         info!(step, lr, images_per_sec = ips, losses = %msg.join(" "), "train");
-        self.bar.set_message(format!("{}  {ips:.1} img/s", msg.join("  ")));
+        let monitored = match (self.monitored.1, self.monitor.as_ref()) {
+            (Some(v), Some(m)) => format!("  {} {v:.4}", m.column()),
+            _ => String::new(),
+        };
+        self.bar.set_message(format!("{}  {ips:.1} img/s{monitored}", msg.join("  ")));
         Ok(())
     }
 
