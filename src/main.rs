@@ -232,6 +232,9 @@ enum DataCommand {
         /// Destination folder (the dataset goes to DEST/NAME).
         #[arg(long, default_value = "data")]
         dest: PathBuf,
+        /// Import the dataset's files from this folder instead (each checked as a download is).
+        #[arg(long)]
+        from: Option<PathBuf>,
     },
 }
 
@@ -365,8 +368,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&schema)?);
             Ok(())
         }
-        Command::Data { command: DataCommand::Fetch { name, dest } } => {
-            let path = locograph::data::fetch::fetch(&name, &dest)?;
+        Command::Data { command: DataCommand::Fetch { name, dest, from } } => {
+            let path = match from {
+                Some(dir) => locograph::data::fetch::import(&name, &dir, &dest)?,
+                None => locograph::data::fetch::fetch(&name, &dest)?,
+            };
             println!("{name}: {}", path.display());
             Ok(())
         }

