@@ -14,8 +14,13 @@ pub const SMALL: u64 = 16 << 20;
 /// `metrics.csv` (a row is under 200 bytes: this is millions of rows).
 pub const METRICS: u64 = 1 << 30;
 /// One dataset file read whole (a CIFAR batch is 30 MB, Fashion-MNIST's training images
-/// 47 MB decompressed; STL-10's image files are not read whole).
+/// 47 MB decompressed; STL-10's image files, up to 2.6 GiB, are opened under this bound and
+/// read image by image).
 pub const DATASET: u64 = 4 << 30;
+/// One image file of an image folder.
+pub const IMAGE: u64 = 256 << 20;
+/// Weights and optimizer state (`.safetensors`, which candle reads whole), ONNX files, fonts.
+pub const MODEL: u64 = 16 << 30;
 
 fn too_large(len: u64, limit: u64) -> io::Error {
     io::Error::new(

@@ -89,8 +89,8 @@ enum Command {
     Profile {
         file: PathBuf,
         /// Input side in pixels.
-        #[arg(long, default_value_t = 224)]
-        input: usize,
+        #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u64).range(1..))]
+        input: u64,
         #[command(flatten)]
         set: SetArgs,
     },
@@ -209,11 +209,11 @@ enum PlotCommand {
         #[arg(long)]
         node: Option<String>,
         /// Classes shown.
-        #[arg(long, default_value_t = 10)]
-        classes: usize,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        classes: u64,
         /// Test images per class.
-        #[arg(long, default_value_t = 50)]
-        per_class: usize,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+        per_class: u64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// LABEL=RUN_DIR ...
@@ -360,7 +360,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export { run, onnx, outputs, torchvision, verify } => {
             export(&run, &onnx, &outputs, torchvision, verify)
         }
-        Command::Profile { file, input, set } => profile(&file, input, &set.overrides),
+        Command::Profile { file, input, set } => profile(&file, input as usize, &set.overrides),
         Command::Eval(args) => eval(args),
         Command::Plot { command } => plot(command),
         Command::Schema => {
@@ -533,6 +533,7 @@ fn plot(command: PlotCommand) -> anyhow::Result<()> {
         PlotCommand::Tsne { out, node, classes, per_class, seed, runs } => {
             let runs = runs.iter().map(|a| figures::label_run(a)).collect::<Result<Vec<_>, _>>()?;
             let tsne = locograph::eval::tsne::TsneConfig { seed, ..Default::default() };
+            let (classes, per_class) = (classes as usize, per_class as usize);
             figures::tsne_figure(&runs, &figures::TsneFigureOptions { node, classes, per_class, tsne }, &out)?;
             out.iter().for_each(|o| println!("wrote {}", o.display()));
         }

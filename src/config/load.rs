@@ -110,7 +110,7 @@ fn schema_keys<T: schemars::JsonSchema>() -> (Vec<String>, Vec<String>) {
 }
 
 fn read(path: &Path) -> Result<String, ConfigErrors> {
-    std::fs::read_to_string(path).map_err(|e| {
+    crate::bounded::read_to_string(path, crate::bounded::SMALL).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             location: Location { file: path.to_path_buf(), line: 0, column: 0 },
             path: String::new(),
@@ -330,6 +330,14 @@ pub fn parse_with(text: &str, file: &Path, overrides: &[Override]) -> Result<Loa
             c.check::<crate::data::DataConfig>(key, v);
         }
         "optimizer" => {
+            // LARS's key was renamed to SGD's and AdamW's; files and run directories written
+            // before still load, and say so.
+            if v.get("exclude_bias_and_norm").is_some() {
+                tracing::warn!(
+                    "{}: `optimizer.exclude_bias_and_norm` is deprecated: it is now `exclude_bias_and_norm_from_weight_decay` (the same meaning, the key SGD and AdamW use)",
+                    c.index.locate("optimizer.exclude_bias_and_norm")
+                );
+            }
             c.check::<crate::optim::OptimizerConfig>(key, v);
         }
         "schedule" => {

@@ -36,6 +36,9 @@ pub fn check_values(loaded: &Loaded) -> Result<(), ConfigErrors> {
     if t.log_every == 0 {
         errors.push(at("train.log_every", "must be at least 1".into()));
     }
+    if t.threads == Some(0) {
+        errors.push(at("train.threads", "must be at least 1 (leave it out for one per core)".into()));
+    }
     if let Some(m) = &e.monitor {
         errors.extend(m.problems(t.log_every).into_iter().map(|(key, why)| at(&format!("monitor.{key}"), why)));
     }

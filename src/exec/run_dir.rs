@@ -102,10 +102,10 @@ pub struct OpenRun {
 pub fn load_config(dir: &Path) -> Result<Loaded> {
     check(dir)?;
     let cfg_path = dir.join(CONFIG);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let text = crate::bounded::read_to_string(&cfg_path, crate::bounded::SMALL).map_err(|e| Error::io(&cfg_path, e))?;
     let mut loaded = parse_str(&text, &cfg_path)?;
     // Relative paths in a run's config were written relative to the original experiment.
-    if let Some(orig) = std::fs::read_to_string(dir.join(META))
+    if let Some(orig) = crate::bounded::read_to_string(&dir.join(META), crate::bounded::SMALL)
         .ok()
         .and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok())
         .and_then(|m| m.get("base_dir").and_then(|b| b.as_str()).map(PathBuf::from))
@@ -126,7 +126,7 @@ pub fn open_run(dir: &Path, device: &Device) -> Result<OpenRun> {
         return Err(CheckpointError::NoWeights { path: w }.into());
     }
     model.params.load_safetensors(&w)?;
-    let meta = std::fs::read_to_string(dir.join(META))
+    let meta = crate::bounded::read_to_string(&dir.join(META), crate::bounded::SMALL)
         .ok()
         .and_then(|m| serde_json::from_str(&m).ok())
         .unwrap_or(serde_json::Value::Null);

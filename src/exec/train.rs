@@ -214,7 +214,8 @@ pub fn resume_with(
             CheckpointError::SeedChanged { config: run.join(run_dir::CONFIG), now: exp.seed, was: st.seed }.into()
         );
     }
-    let saved = std::fs::read_to_string(ckpt.dir.join(checkpoint::CONFIG)).unwrap_or_default();
+    let saved =
+        crate::bounded::read_to_string(&ckpt.dir.join(checkpoint::CONFIG), crate::bounded::SMALL).unwrap_or_default();
     if saved != run_dir::resolved_yaml(exp)? {
         eprintln!(
             "warning: {} differs from the checkpoint's copy outside the graph; continuing with it (the run will not match an uninterrupted one)",
