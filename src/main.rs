@@ -200,6 +200,16 @@ enum PlotCommand {
         /// LABEL=RUN_DIR ...
         runs: Vec<String>,
     },
+    /// The online kNN accuracy (`monitor:`) of runs or seed groups over training, overlaid
+    /// (a group is drawn as the mean of its seeds).
+    Monitor {
+        /// Output files (.png and/or .svg).
+        #[arg(long, required = true)]
+        out: Vec<PathBuf>,
+        /// LABEL=RUN_DIR or LABEL=GROUP_DIR ...
+        #[arg(required = true)]
+        runs: Vec<String>,
+    },
     /// t-SNE of test embeddings coloured by class (the supplementary's Fig. 2).
     Tsne {
         /// Output files (.png and/or .svg).
@@ -528,6 +538,11 @@ fn plot(command: PlotCommand) -> anyhow::Result<()> {
         PlotCommand::Losses { out, smoothing, runs } => {
             let runs = runs.iter().map(|a| figures::label_run(a)).collect::<Result<Vec<_>, _>>()?;
             figures::loss_curves(&runs, smoothing, &out)?;
+            out.iter().for_each(|o| println!("wrote {}", o.display()));
+        }
+        PlotCommand::Monitor { out, runs } => {
+            let runs = runs.iter().map(|a| figures::label_run(a)).collect::<Result<Vec<_>, _>>()?;
+            figures::monitor_curves(&runs, &out)?;
             out.iter().for_each(|o| println!("wrote {}", o.display()));
         }
         PlotCommand::Tsne { out, node, classes, per_class, seed, runs } => {

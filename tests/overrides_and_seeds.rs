@@ -166,7 +166,9 @@ fn seeds_write_one_run_each_and_a_summary_that_eval_completes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = tiny_run_file(dir.path());
     let runs = dir.path().join("runs");
-    let o = locograph(&["run", "--quiet", "--seeds", "0,3", "--runs-dir", runs.to_str().expect("utf-8")], &[&file]);
+    let monitor = "monitor={every: 2, train_images: 16, test_images: 16, k: 3}";
+    let runs_dir = runs.to_str().expect("utf-8");
+    let o = locograph(&["run", "--quiet", "--seeds", "0,3", "--set", monitor, "--runs-dir", runs_dir], &[&file]);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
     let group = std::fs::read_dir(&runs).expect("runs").next().expect("a group").expect("entry").path();
@@ -190,6 +192,16 @@ fn seeds_write_one_run_each_and_a_summary_that_eval_completes() {
         assert!((s["std"].as_f64().expect("std") - (v[0] - v[1]).abs() / 2f64.sqrt()).abs() < 1e-9);
     }
     assert!(out.contains("L1 at the end:") && out.contains("(n = 2)"), "{out}");
+    assert_eq!(summary["at_end"]["knn_top1"]["values"].as_array().expect("knn").len(), 2, "{summary}");
+    // The group's online kNN curve: the mean of its seeds.
+    let fig = dir.path().join("knn.svg");
+    let o = locograph(&["plot", "monitor", "--out", fig.to_str().expect("utf-8")], &[]);
+    assert_ne!(o.status.code(), Some(0), "no runs given");
+    let arg = format!("LoCo={}", group.display());
+    let o = locograph(&["plot", "monitor", "--out", fig.to_str().expect("utf-8"), &arg], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let svg = std::fs::read_to_string(&fig).expect("svg");
+    assert!(svg.contains("LoCo (mean of 2 seeds)") && svg.contains("kNN top-1"), "{svg}");
 
     let o = locograph(&["eval", "--protocol", "knn", "--k", "5"], &[&group]);
     let out = text(&o);

@@ -186,6 +186,43 @@ pub fn loss_curves(runs: &[(String, PathBuf)], smoothing: f64, outs: &[PathBuf])
     Ok(())
 }
 
+/// The online kNN curve (`knn_top1`, from `monitor:`) of each `(label, dir)`: a run directory,
+/// or a seed group (`run --seeds`), drawn as the mean over its runs at each step they share.
+pub fn monitor_curves(runs: &[(String, PathBuf)], outs: &[PathBuf]) -> Result<()> {
+    let mut series = vec![];
+    for (i, (label, dir)) in runs.iter().enumerate() {
+        let dirs = if super::repeats::is_group(dir) { super::repeats::group_runs(dir)? } else { vec![dir.clone()] };
+        let curves = dirs.iter().map(|d| column(d, super::monitor::COLUMN)).collect::<Result<Vec<_>>>()?;
+        let n = curves.len();
+        // The steps every run measured, with the mean of the runs there.
+        let points: Vec<(f64, f64)> = curves
+            .first()
+            .map(|c| c.iter().map(|p| p.0).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|step| {
+                let at: Vec<f64> =
+                    curves.iter().filter_map(|c| c.iter().find(|p| p.0 == step).map(|p| 100.0 * p.1)).collect();
+                (at.len() == n).then(|| (step, at.iter().sum::<f64>() / n as f64))
+            })
+            .collect();
+        let name = if n > 1 { format!("{label} (mean of {n} seeds)") } else { label.clone() };
+        series.push(Series { name, color: i, points });
+    }
+    let panel = LinePanel {
+        title: "online kNN of the live encoder".into(),
+        x_label: "step".into(),
+        y_label: "kNN top-1 (%)".into(),
+        series,
+    };
+    for out in outs {
+        let bytes =
+            plot::line_figure("Online kNN accuracy during pre-training", &[panel.clone()], 1, Format::from_path(out)?)?;
+        plot::save(out, &bytes)?;
+    }
+    Ok(())
+}
+
 /// Settings of the t-SNE figure.
 #[derive(Debug, Clone)]
 pub struct TsneFigureOptions {
