@@ -7,17 +7,21 @@
 #
 #   scripts/results.sh                   # the step budget written in the experiment files
 #   STEPS=3000 scripts/results.sh        # the same budget for every method, overridden
-#   STEPS=20 LINEAR_EPOCHS=5 SEEDS=0,1 scripts/results.sh   # a smoke run of the whole pipeline
+#   STEPS=20 SEEDS=0,1 LINEAR_EPOCHS=2 TRAIN_LIMIT=2000 TEST_LIMIT=1000 MONITOR_EVERY=10 \
+#     RUNS=/tmp/smoke FIGURES=/tmp/smoke/figures scripts/results.sh   # a smoke run of the pipeline
 #
 # Environment (all optional):
 #   SEEDS          comma-separated seeds, one run each (default 0,1,2)
 #   STEPS          optimizer steps per run (default: each file's `train.steps`, 500 for all)
-#   MONITOR_EVERY  steps between online kNN measurements (default 50; 1000 training images as
-#                  the bank, 500 test images as the queries, k = 20)
+#   MONITOR_EVERY  steps between online kNN measurements, a multiple of the files' log_every (10)
+#                  (default 50; 1000 training images as the bank, 500 test images as the
+#                  queries, k = 20)
 #   LINEAR_EPOCHS  linear-probe epochs (default 100, the paper's; LR ×0.1 at 30/60/90 %)
 #   LINEAR_LR      linear-probe initial LR on standardised features (default 0.1)
 #   KNN_K, KNN_T   kNN neighbours and temperature (default 200, 0.07: InstDisc)
 #   NODE           node to evaluate (default: the encoder output, res5)
+#   TRAIN_LIMIT, TEST_LIMIT  evaluate on the first N training / test images only (smoke runs;
+#                  default: all 60 000 / 10 000)
 #   SMOOTHING      EMA smoothing of the loss curves, in [0, 1) (default 0.6; 0 = raw)
 #   ABLATIONS      1: also the two decoder ablations (default 0)
 #   RUNS           where runs go (default runs/results; each method in RUNS/<experiment>/)
@@ -37,6 +41,9 @@ seeds=${SEEDS:-0,1,2}
 first_seed=${seeds%%,*}
 node_args=()
 [[ -n ${NODE:-} ]] && node_args=(--node "$NODE")
+limit_args=()
+[[ -n ${TRAIN_LIMIT:-} ]] && limit_args+=(--train-limit "$TRAIN_LIMIT")
+[[ -n ${TEST_LIMIT:-} ]] && limit_args+=(--test-limit "$TEST_LIMIT")
 
 if [[ -z ${LOCOGRAPH:-} ]]; then
   cargo build --release --quiet
@@ -70,7 +77,7 @@ for m in "${methods[@]}"; do
   group=$(ls -td "$runs/$exp"/*-seeds-*/ | head -1)
   group=${group%/}
   echo "== $label: evaluating every run of $group" >&2
-  lg eval "$group" --protocol linear --protocol knn "${node_args[@]}" \
+  lg eval "$group" --protocol linear --protocol knn "${node_args[@]}" "${limit_args[@]}" \
     --epochs "${LINEAR_EPOCHS:-100}" --lr "${LINEAR_LR:-0.1}" \
     --k "${KNN_K:-200}" --temperature "${KNN_T:-0.07}"
   groups+=("$label=$group")

@@ -17,9 +17,9 @@ pub const METRICS: u64 = 1 << 30;
 /// 47 MB decompressed; STL-10's image files, up to 2.6 GiB, are opened under this bound and
 /// read image by image).
 pub const DATASET: u64 = 4 << 30;
-/// One image file of an image folder.
+/// One image file of an image folder; a font file.
 pub const IMAGE: u64 = 256 << 20;
-/// Weights and optimizer state (`.safetensors`, which candle reads whole), ONNX files, fonts.
+/// Weights and optimizer state (`.safetensors`, which candle reads whole), ONNX files.
 pub const MODEL: u64 = 16 << 30;
 
 fn too_large(len: u64, limit: u64) -> io::Error {

@@ -216,8 +216,12 @@ pub fn monitor_curves(runs: &[(String, PathBuf)], outs: &[PathBuf]) -> Result<()
         series,
     };
     for out in outs {
-        let bytes =
-            plot::line_figure("Online kNN accuracy during pre-training", &[panel.clone()], 1, Format::from_path(out)?)?;
+        let bytes = plot::line_figure(
+            "Online kNN accuracy during pre-training",
+            std::slice::from_ref(&panel),
+            1,
+            Format::from_path(out)?,
+        )?;
         plot::save(out, &bytes)?;
     }
     Ok(())

@@ -112,7 +112,7 @@ fn ensure_font() -> Result<()> {
                 .to_string()
         })?;
         let bytes =
-            crate::bounded::read(&path, crate::bounded::MODEL).map_err(|e| format!("{}: {e}", path.display()))?;
+            crate::bounded::read(&path, crate::bounded::IMAGE).map_err(|e| format!("{}: {e}", path.display()))?;
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
         plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
             .map_err(|_| format!("{}: not a TrueType/OpenType font", path.display()))
