@@ -91,10 +91,21 @@ pub fn read_group(dir: &Path) -> Result<Group> {
     serde_json::from_str(&text).map_err(|e| EvalError::Metrics { path, why: e.to_string() }.into())
 }
 
-/// The run directories of a group that hold a finished run (weights written).
+/// The run directories of a group that hold a finished run: their last saved step is the
+/// run's length (an interrupted run has weights too, of an earlier step).
 pub fn group_runs(dir: &Path) -> Result<Vec<PathBuf>> {
     let g = read_group(dir)?;
-    Ok(g.runs.iter().map(|r| dir.join(r)).filter(|r| r.join(run_dir::WEIGHTS).is_file()).collect())
+    Ok(g.runs.iter().map(|r| dir.join(r)).filter(|r| finished(r)).collect())
+}
+
+fn finished(run: &Path) -> bool {
+    let json = |name: &str| -> Option<serde_json::Value> {
+        let text = crate::bounded::read_to_string(&run.join(name), crate::bounded::SMALL).ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    let step = json(run_dir::META).and_then(|m| m["step"].as_u64());
+    let total = json(run_dir::DERIVED).and_then(|d| d["total_steps"].as_u64());
+    run.join(run_dir::WEIGHTS).is_file() && step.is_some() && step == total
 }
 
 /// Trains one run per seed into a new group folder under the runs root; `load(seed)` gives
