@@ -6,6 +6,7 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 use super::edge::EdgeConfig;
+use super::monitor::MonitorConfig;
 use super::node::NodeConfig;
 use crate::data::DataConfig;
 use crate::optim::{OptimizerConfig, ScheduleConfig};
@@ -67,9 +68,6 @@ fn yes() -> bool {
 fn twenty_five() -> f64 {
     25.0
 }
-fn runs() -> PathBuf {
-    PathBuf::from("runs")
-}
 
 /// How long and how to train.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -89,9 +87,10 @@ pub struct TrainConfig {
     /// CPU threads for candle's kernels (default: all cores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
-    /// Folder in which each run gets its own directory (relative to the working directory).
-    #[serde(default = "runs")]
-    pub runs_dir: PathBuf,
+    /// Folder in which each run gets its own directory, relative to this file like every other
+    /// path in it. Left out: `runs/` in the working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_dir: Option<PathBuf>,
     /// Save a checkpoint every this many steps (always at the end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<u64>,
@@ -142,6 +141,9 @@ pub struct Experiment {
     /// every node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<super::placement::PlacementConfig>,
+    /// Online kNN accuracy during training (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<MonitorConfig>,
 }
 
 /// A reusable encoder file in `graphs/`: nodes only; experiments add decoders, losses, edges.

@@ -17,6 +17,9 @@ pub enum TrainError {
     CudaNotBuilt,
     #[error("`train.batch_size` is {batch_size} but the job has {ranks} ranks: every rank needs at least one image of each batch")]
     BatchTooSmallForRanks { batch_size: usize, ranks: usize },
+    /// `exec::train::train` got no [`crate::exec::Monitor`] for an experiment with `monitor:`.
+    #[error("the experiment has a `monitor:` section, but no monitor was given to the trainer (`eval::monitor::train` builds it)")]
+    NoMonitor,
 }
 
 /// Problems with a run directory or one of its checkpoints.

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use tracing::{info, info_span};
 
 use super::checkpoint::{self, CheckpointState};
@@ -23,6 +23,7 @@ use super::engine::{run_step_with, Hooks};
 use super::error::{CheckpointError, TrainError};
 use super::metrics::{Metrics, Row};
 use super::model::Model;
+use super::monitor::{Monitor, MonitorCost};
 use super::run_dir;
 use super::setup::Setup;
 use super::step::{GradsFinal, StepInput};
@@ -68,6 +69,8 @@ pub struct TrainSummary {
     pub interrupted: bool,
     /// What the ranks exchanged (several ranks only).
     pub communication: Option<Communication>,
+    /// The monitor's last value and what measuring cost, when `monitor:` is on.
+    pub monitor: Option<(f64, MonitorCost)>,
 }
 
 /// This rank's communication over a run: the gradient reducer's buckets and the collectives of
@@ -95,13 +98,28 @@ struct Start {
 }
 
 /// Trains the experiment into a new run directory; returns where the run went and how it ended.
+/// An experiment with `monitor:` needs [`train_with`] and its monitor.
 pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
+    train_with(loaded, opts, None)
+}
+
+/// Refuses a `monitor:` section without a monitor, so that it is never silently skipped.
+fn check_monitor(loaded: &Loaded, monitor: &Option<&mut dyn Monitor>) -> Result<()> {
+    if loaded.experiment.monitor.is_some() && monitor.is_none() {
+        return Err(TrainError::NoMonitor.into());
+    }
+    Ok(())
+}
+
+/// [`train`], measuring `monitor` every `monitor.every()` steps into its `metrics.csv` column.
+pub fn train_with(loaded: &Loaded, opts: &TrainOptions, monitor: Option<&mut dyn Monitor>) -> Result<TrainSummary> {
+    check_monitor(loaded, &monitor)?;
     let (group, meter) = metered(opts);
     let s = Setup::new_in(loaded, opts.steps, None, group.clone())?;
     let exp = &loaded.experiment;
     let mut dir = match &opts.run_dir {
         Some(d) => d.clone(),
-        None => run_dir::new_dir(opts.runs_dir.as_ref().unwrap_or(&exp.train.runs_dir), &exp.name),
+        None => run_dir::new_dir(&run_dir::root(loaded, opts.runs_dir.as_deref()), &exp.name),
     };
     // Rank 0 names the run directory (its clock) and alone writes into it.
     let mut name = dir.to_string_lossy().into_owned().into_bytes();
@@ -109,7 +127,8 @@ pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
     dir = PathBuf::from(String::from_utf8_lossy(&name).into_owned());
     if group.rank() != 0 {
         let start = Start { step: 0, epoch: 0, batch_in_epoch: 0, elapsed_s: 0.0, first_losses: vec![] };
-        return Trainer::new(loaded, s, &dir, opts, None, meter, &start)?.run(start);
+        return Trainer::new(loaded, s, &dir, opts, Watchers { metrics: None, meter, monitor: None }, &start)?
+            .run(start);
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     write(&dir.join(run_dir::CONFIG), &run_dir::resolved_yaml(exp)?)?;
@@ -134,9 +153,9 @@ pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
         run_dir::method_name(&s.plan),
         s.threads,
     );
-    let metrics = Metrics::create(&dir.join(run_dir::METRICS), &s.plan)?;
+    let metrics = Metrics::create(&dir.join(run_dir::METRICS), &s.plan, monitor.as_ref().map(|m| m.column()))?;
     let start = Start { step: 0, epoch: 0, batch_in_epoch: 0, elapsed_s: 0.0, first_losses: vec![] };
-    Trainer::new(loaded, s, &dir, opts, Some(metrics), meter, &start)?.run(start)
+    Trainer::new(loaded, s, &dir, opts, Watchers { metrics: Some(metrics), meter, monitor }, &start)?.run(start)
 }
 
 /// The group training runs in, metered when it has several ranks.
@@ -190,6 +209,8 @@ fn derived(loaded: &Loaded, s: &Setup) -> serde_json::Value {
         "threads": s.threads,
         "ranks": s.shard.ranks,
         "sync_batch_norm": exp.train.sync_batch_norm,
+        // `--set PATH=VALUE` as given; config.yaml holds the values they produced.
+        "overrides": loaded.overrides.iter().map(|o| o.text.as_str()).collect::<Vec<_>>(),
     })
 }
 
@@ -200,12 +221,22 @@ fn derived(loaded: &Loaded, s: &Setup) -> serde_json::Value {
 /// `opts.steps` replaces the run's length (which changes a decaying schedule's learning
 /// rates, so the result then differs from the original run's); the other options are unused.
 pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
+    resume_with(&run_dir::load_config(run)?, run, opts, None)
+}
+
+/// [`resume`] of the run whose `config.yaml` is `loaded`, measuring `monitor` as the run did.
+pub fn resume_with(
+    loaded: &Loaded,
+    run: &Path,
+    opts: &TrainOptions,
+    monitor: Option<&mut dyn Monitor>,
+) -> Result<TrainSummary> {
     let (group, meter) = metered(opts);
     let lead = group.rank() == 0;
     run_dir::check(run)?;
+    check_monitor(loaded, &monitor)?;
     let ckpt = checkpoint::latest(run)?;
     let st = &ckpt.state;
-    let loaded = run_dir::load_config(run)?;
     let exp = &loaded.experiment;
     let total = opts.steps.unwrap_or(st.total_steps);
     if st.ranks != group.size() {
@@ -224,9 +255,10 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
             seconds: 0.0,
             interrupted: false,
             communication: None,
+            monitor: None,
         });
     }
-    let mut s = Setup::new_in(&loaded, Some(total), Some(st.threads), group)?;
+    let mut s = Setup::new_in(loaded, Some(total), Some(st.threads), group)?;
     // The weights are applied before the hash is judged, so that a changed graph is reported
     // with the keys that no longer fit (when some do not).
     let hash = checkpoint::graph_hash(exp);
@@ -247,7 +279,8 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
             CheckpointError::SeedChanged { config: run.join(run_dir::CONFIG), now: exp.seed, was: st.seed }.into()
         );
     }
-    let saved = std::fs::read_to_string(ckpt.dir.join(checkpoint::CONFIG)).unwrap_or_default();
+    let saved =
+        crate::bounded::read_to_string(&ckpt.dir.join(checkpoint::CONFIG), crate::bounded::SMALL).unwrap_or_default();
     if saved != run_dir::resolved_yaml(exp)? && lead {
         eprintln!(
             "warning: {} differs from the checkpoint's copy outside the graph; continuing with it (the run will not match an uninterrupted one)",
@@ -260,7 +293,11 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
             s.threads, st.threads
         );
     }
-    let metrics = if lead { Some(Metrics::resume(&run.join(run_dir::METRICS), &s.plan, st.step)?) } else { None };
+    let metrics = if lead {
+        Some(Metrics::resume(&run.join(run_dir::METRICS), &s.plan, monitor.as_ref().map(|m| m.column()), st.step)?)
+    } else {
+        None
+    };
     if lead {
         eprintln!(
             "resuming {} from step {} of {} (epoch {}, batch {}), checkpoint {}",
@@ -280,7 +317,7 @@ pub fn resume(run: &Path, opts: &TrainOptions) -> Result<TrainSummary> {
         elapsed_s: st.elapsed_s,
         first_losses: st.first_losses.clone(),
     };
-    Trainer::new(&loaded, s, run, opts, metrics, meter, &start)?.run(start)
+    Trainer::new(loaded, s, run, opts, Watchers { metrics, meter, monitor }, &start)?.run(start)
 }
 
 /// Applies `optimizer` to one node's parameters as soon as their gradients are final
@@ -323,7 +360,7 @@ fn apply_reduced(
 }
 
 /// A run in progress: the setup, where the data stands, what was logged.
-struct Trainer<'a> {
+struct Trainer<'a, 'm> {
     loaded: &'a Loaded,
     s: Setup,
     dir: &'a Path,
@@ -340,29 +377,46 @@ struct Trainer<'a> {
     elapsed_before: f64,
     first: Vec<(String, f32)>,
     last: Vec<(String, f32)>,
-    /// Images trained on since the last log line, and since when.
+    /// Images trained on since the last log line, and since when (monitor time left out).
     window: (Instant, usize),
     images_per_sec: f64,
+    monitor: Option<&'m mut dyn Monitor>,
+    /// The monitor's value at the current step, its last value, and what it cost so far.
+    monitored: (Option<f64>, Option<f64>),
+    cost: MonitorCost,
+    /// Seconds spent in training steps (for the monitor's cost beside a step's).
+    step_seconds: f64,
 }
 
-impl<'a> Trainer<'a> {
+/// What watches a run without steering it: the metrics file (lead rank only), the byte meter
+/// and the representation monitor.
+struct Watchers<'m> {
+    metrics: Option<Metrics>,
+    meter: Option<Arc<Metered>>,
+    monitor: Option<&'m mut dyn Monitor>,
+}
+
+impl<'a, 'm> Trainer<'a, 'm> {
     fn new(
         loaded: &'a Loaded,
         s: Setup,
         dir: &'a Path,
         opts: &'a TrainOptions,
-        metrics: Option<Metrics>,
-        meter: Option<Arc<Metered>>,
+        watch: Watchers<'m>,
         start: &Start,
     ) -> Result<Self> {
+        let Watchers { metrics, meter, monitor } = watch;
         let bucket = (loaded.experiment.train.gradient_bucket_mb * 1048576.0).max(1.0) as usize;
         let reducer = if s.group.size() > 1 { Some(GradReducer::new(&s.group, bucket)?) } else { None };
-        let bar = if opts.quiet || s.group.rank() != 0 { ProgressBar::hidden() } else { ProgressBar::new(s.total) };
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        // Rank 0 alone draws the bar.
+        let bar = if opts.quiet || s.group.rank() != 0 {
+            ProgressBar::hidden()
+        } else {
+            crate::progress::bar(s.total, "steps", &loaded.experiment.name)
+        };
         bar.set_position(start.step);
+        // The ETA from this run's own steps, not from the steps before a resume.
+        bar.reset_eta();
         Ok(Trainer {
             loaded,
             reducer,
@@ -380,6 +434,10 @@ impl<'a> Trainer<'a> {
             last: vec![],
             window: (Instant::now(), 0),
             images_per_sec: 0.0,
+            monitor,
+            monitored: (None, None),
+            cost: MonitorCost::default(),
+            step_seconds: 0.0,
         })
     }
 
@@ -425,13 +483,16 @@ impl<'a> Trainer<'a> {
                 if step >= total {
                     break 'epochs;
                 }
+                let t = Instant::now();
                 self.step(&batch?, step)?;
+                self.step_seconds += t.elapsed().as_secs_f64();
                 step += 1;
                 batch_in_epoch += 1;
+                self.bar.inc(1);
+                self.measure(step, total)?;
                 if step.is_multiple_of(exp.train.log_every) || step == total {
                     self.log(step)?;
                 }
-                self.bar.inc(1);
                 let stop = self.stop_requested()?;
                 let due = exp.train.checkpoint_every.is_some_and(|k| step.is_multiple_of(k));
                 if step < total && (due || stop) {
@@ -473,6 +534,19 @@ impl<'a> Trainer<'a> {
             gradients: self.reducer.as_ref().map(GradReducer::stats).unwrap_or_default(),
             step_collectives: m.traffic(),
         });
+        let trained = step - start.step;
+        self.cost.step_seconds = self.step_seconds / trained.max(1) as f64;
+        let monitor = self.monitored.1.map(|v| (v, self.cost.clone()));
+        if let Some((v, c)) = &monitor {
+            eprintln!(
+                "monitor: {} passes of {:.2} s each ({:.1}× a training step of {:.2} s); last {} {v:.4}",
+                c.passes,
+                c.per_pass(),
+                c.per_pass() / c.step_seconds.max(1e-9),
+                c.step_seconds,
+                self.monitor.as_ref().map_or("", |m| m.column()),
+            );
+        }
         Ok(TrainSummary {
             run_dir: self.dir.to_path_buf(),
             steps: step,
@@ -482,7 +556,28 @@ impl<'a> Trainer<'a> {
             images_per_sec: self.images_per_sec,
             interrupted,
             communication,
+            monitor,
         })
+    }
+
+    /// The monitor's measurement after `step` steps, when one is due (every `every` steps and
+    /// after the last); its time is kept out of the images/s.
+    fn measure(&mut self, step: u64, total: u64) -> Result<()> {
+        self.monitored.0 = None;
+        let Some(m) = self.monitor.as_deref_mut() else { return Ok(()) };
+        if !(step.is_multiple_of(m.every()) || step == total) {
+            return Ok(());
+        }
+        let _span = info_span!("monitor", step).entered();
+        let t = Instant::now();
+        let v = m.measure(&self.s.plan, &self.s.model)?;
+        let took = t.elapsed();
+        self.window.0 += took;
+        self.cost.passes += 1;
+        self.cost.seconds += took.as_secs_f64();
+        info!(step, value = v, seconds = took.as_secs_f64(), column = m.column(), "monitor");
+        self.monitored = (Some(v), Some(v));
+        Ok(())
     }
 
     /// One routed step on `batch`, each node updated as soon as its gradients are final
@@ -555,12 +650,17 @@ impl<'a> Trainer<'a> {
             epoch: step as f64 / self.s.steps_per_epoch as f64,
             lr,
             losses: &self.last,
+            monitor: self.monitored.0,
             images_per_sec: ips,
             elapsed_s,
         })?;
         let msg: Vec<String> = self.last.iter().map(|(id, v)| format!("{id} {v:.4}")).collect();
         info!(step, lr, images_per_sec = ips, losses = %msg.join(" "), "train");
-        self.bar.set_message(format!("{}  {ips:.1} img/s", msg.join("  ")));
+        let monitored = match (self.monitored.1, self.monitor.as_ref()) {
+            (Some(v), Some(m)) => format!("  {} {v:.4}", m.column()),
+            _ => String::new(),
+        };
+        self.bar.set_message(format!("{}  {ips:.1} img/s{monitored}", msg.join("  ")));
         Ok(())
     }
 

@@ -108,8 +108,10 @@ impl DecoderConfig {
             if input.len() != 3 {
                 why.push(format!("a conv block needs a [C, H, W] input, got {input:?}"));
             }
-            if cb.blocks == 0 || cb.stride == 0 {
-                why.push("`conv_block.blocks` and `conv_block.stride` must be at least 1".into());
+            if cb.blocks == 0 || cb.stride == 0 || cb.channels == Some(0) {
+                why.push(
+                    "`conv_block.blocks`, `conv_block.stride` and `conv_block.channels` must be at least 1".into(),
+                );
             }
         }
         if !why.is_empty() {

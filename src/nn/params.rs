@@ -237,6 +237,9 @@ impl ParamStore {
     /// Loads values saved by [`Self::save_safetensors`] into the existing variables.
     /// Refuses a file that does not match (missing, unexpected or misshapen keys), listing them.
     pub fn load_safetensors(&self, path: &std::path::Path) -> Result<()> {
+        // candle reads the file whole: a regular file of a bounded size first.
+        crate::bounded::open(path, crate::bounded::MODEL)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read weights: {e}", path.display())))?;
         let loaded = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read weights: {e}", path.display())))?;
         let mut problems = vec![];
