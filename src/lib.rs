@@ -6,6 +6,7 @@
 
 pub mod bounded;
 pub mod config;
+pub mod cpu_slice;
 pub mod data;
 pub mod dist;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod loss;
 pub mod malloc;
 pub mod nn;
 pub mod optim;
+pub mod parity;
 pub mod progress;
 
 pub use error::{Error, Result};

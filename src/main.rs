@@ -248,7 +248,7 @@ struct RanksArgs {
 }
 
 fn parse_size(s: &str) -> Result<f64, String> {
-    dist::cost::parse_size(s).ok_or_else(|| format!("`{s}` is not a size (e.g. 80G, 512M)"))
+    locograph::graph::data_parallel::parse_size(s).ok_or_else(|| format!("`{s}` is not a size (e.g. 80G, 512M)"))
 }
 
 impl RanksArgs {
@@ -266,7 +266,14 @@ impl RanksArgs {
                     .unwrap_or_else(|err| err.to_string()),
             );
         }
-        Some(dist::cost::report(plan, e.train.batch_size, elem, slots, &self.ranks, self.rank_memory))
+        Some(locograph::graph::data_parallel::report(
+            plan,
+            e.train.batch_size,
+            elem,
+            slots,
+            &self.ranks,
+            self.rank_memory,
+        ))
     }
 }
 

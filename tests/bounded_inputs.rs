@@ -42,7 +42,7 @@ fn a_device_or_a_huge_file_is_refused_before_it_is_read() {
     std::fs::create_dir(&run).expect("mkdir");
     std::fs::write(run.join("config.yaml"), "version: 1\n").expect("write");
     std::os::unix::fs::symlink("/dev/zero", run.join("metrics.csv")).expect("symlink");
-    let e = locograph::eval::figures::read_metrics(&run).expect_err("device").to_string();
+    let e = locograph::eval::metrics_file::read_metrics(&run).expect_err("device").to_string();
     assert!(e.contains("metrics.csv") && e.contains("not a regular file"), "{e}");
 }
 

@@ -5,7 +5,7 @@
 //! mpirun -np 3 target/release/locograph-dist-check checks --images 7
 //! ```
 //!
-//! `checks` runs `locograph::dist::check` (collectives, NT-Xent with global and local
+//! `checks` runs `locograph::parity` (collectives, NT-Xent with global and local
 //! negatives, synchronised batch norm, the gradient reducer, sharded data: each against one
 //! process on the whole batch) and prints one line per rank and check. `fail`, `panic` and
 //! `kill` make one rank stop while the others are in a collective (an error, or SIGKILL), to see the job end.
@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use locograph::dist::{self, check, Communicator};
+use locograph::dist::{self, Communicator};
+use locograph::parity as check;
 
 #[derive(Parser)]
 #[command(about = "Checks locograph's distributed layer on this MPI installation")]

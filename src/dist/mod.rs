@@ -16,8 +16,6 @@
 //! also when the shares are uneven. Layers that synchronise (batch norm) are linear in the
 //! cotangent a rank feeds them and return that rank's share of each parameter gradient.
 
-pub mod check;
-pub mod cost;
 pub mod meter;
 pub mod ops;
 pub mod reducer;

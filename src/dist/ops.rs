@@ -16,7 +16,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use super::{Communicator, Element};
-use crate::nn::cpu_slice::{storage_slice, with_slice};
+use crate::cpu_slice::{storage_slice, with_slice};
 
 fn wrap(e: super::DistError) -> candle_core::Error {
     candle_core::Error::wrap(e)

@@ -11,6 +11,7 @@ pub mod features;
 pub mod figures;
 pub mod knn;
 pub mod linear;
+pub mod metrics_file;
 pub mod monitor;
 pub mod plot;
 pub mod profile;

@@ -162,7 +162,7 @@ pub fn train_seeds(
 /// The last value of each `metrics.csv` column but the bookkeeping ones (an empty cell, as
 /// `knn_top1` has between monitor steps, does not count).
 fn at_end(run: &Path) -> Result<Vec<(String, f64)>> {
-    let (header, rows) = super::figures::read_metrics(run)?;
+    let (header, rows) = super::metrics_file::read_metrics(run)?;
     let skip = ["step", "epoch", "lr", "images_per_sec", "elapsed_s"];
     Ok(header
         .iter()

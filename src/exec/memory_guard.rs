@@ -13,7 +13,7 @@ pub fn estimate(loaded: &Loaded, plan: &Plan) -> MemoryEstimate {
     plan.memory_estimate(views, e.precision.dtype().size_in_bytes(), e.optimizer.state_slots())
 }
 
-/// What one rank's step needs when `ranks` share each batch (`dist::cost`: its share's views
+/// What one rank's step needs when `ranks` share each batch (`graph::data_parallel`: its share's views
 /// and the gathered similarities of global negatives); one rank: [`estimate`].
 pub fn estimate_per_rank(loaded: &Loaded, plan: &Plan, ranks: usize) -> MemoryEstimate {
     if ranks <= 1 {
@@ -21,8 +21,15 @@ pub fn estimate_per_rank(loaded: &Loaded, plan: &Plan, ranks: usize) -> MemoryEs
     }
     let e = &loaded.experiment;
     let (elem, slots) = (e.precision.dtype().size_in_bytes(), e.optimizer.state_slots());
-    crate::dist::cost::rank_cost(plan, e.train.batch_size, ranks, elem, slots, crate::dist::cost::Link::INFINIBAND_HDR)
-        .memory
+    crate::graph::data_parallel::rank_cost(
+        plan,
+        e.train.batch_size,
+        ranks,
+        elem,
+        slots,
+        crate::graph::data_parallel::Link::INFINIBAND_HDR,
+    )
+    .memory
 }
 
 /// The memory limit training must fit in, and where it comes from: `LOCOGRAPH_MEMORY_LIMIT`

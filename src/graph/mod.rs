@@ -3,6 +3,7 @@
 //! one forward pass with per-loss backwards, and what each node and the whole step cost.
 
 pub mod build;
+pub mod data_parallel;
 pub mod explain;
 pub mod memory;
 pub mod node;

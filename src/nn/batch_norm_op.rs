@@ -18,7 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
-use super::cpu_slice::{storage_slice, with_slice};
+use crate::cpu_slice::{storage_slice, with_slice};
 use crate::dist::Communicator;
 
 /// Per-channel batch statistics of `[N, C, H, W]`: mean and biased variance.

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::cpu_slice::{storage_slice, with_slice};
 use super::im2col::{self, Geometry};
+use crate::cpu_slice::{storage_slice, with_slice};
 
 /// When set, [`conv2d`] is candle's own `conv2d` (for before/after benchmarks).
 static CANDLE_REFERENCE: AtomicBool = AtomicBool::new(false);

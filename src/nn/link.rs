@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Resul
 use rayon::prelude::*;
 
 use super::batch_norm_op::{tail_forward, BatchNormTrain, TailSeed};
-use super::cpu_slice::with_slice;
+use crate::cpu_slice::with_slice;
 
 /// One link of a layer's chain, alive until the engine's last backward through the layer has
 /// passed it.

@@ -6,7 +6,6 @@ pub mod block;
 pub mod conv;
 pub mod conv_op;
 pub mod cost;
-pub mod cpu_slice;
 pub mod decoder;
 pub mod gradcheck;
 pub mod im2col;

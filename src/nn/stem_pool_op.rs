@@ -22,8 +22,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, W
 use rayon::prelude::*;
 
 use super::batch_norm_op::BatchNormTrain;
-use super::cpu_slice::{storage_slice, with_slice};
 use super::pool::{argmax_planes, Pool};
+use crate::cpu_slice::{storage_slice, with_slice};
 
 /// `max_pool(relu(bn(z)))`, applied to `(z, γ, β)`: the batch norm is `bn` (the batch's
 /// statistics, no ReLU of its own), the pool `kernel`/`stride`/`padding` as

@@ -15,7 +15,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Result, Tensor, WithDType};
 
-use crate::nn::cpu_slice::with_slice;
+use crate::cpu_slice::with_slice;
 
 /// One LARS update's scalars (see `Lars`): `gd = g + wd·w` when `decay` is set, else `g`;
 /// `s = lr·trust`; `v ← m·v + s·gd`; `w ← w − (nesterov ? m·v + s·gd : v)`.

@@ -15,9 +15,9 @@
 //! The seconds are a model (bandwidth and latency as given), not a measurement; the batch norm
 //! and loss collectives sit on the step's critical path, the gradients' mostly do not.
 
+use super::memory::MemoryEstimate;
+use super::Plan;
 use crate::config::NodeConfig;
-use crate::graph::memory::MemoryEstimate;
-use crate::graph::Plan;
 
 /// The link between ranks the seconds assume.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -2,9 +2,12 @@
 //! the whole batch. Each check builds the global batch itself (seeded), computes the one-process
 //! reference in-process, computes its own rank's share through the group, and compares.
 //!
-//! The unit tests run them on [`super::LocalGroup`]s of 2 and 3 ranks; `locograph-dist-check`
+//! The unit tests run them on [`crate::dist::LocalGroup`]s of 2 and 3 ranks; `locograph-dist-check`
 //! (built with `--features mpi`) runs them under `mpirun`, which is how an MPI installation is
 //! verified (tests/distributed.rs; docs/distributed.md).
+//!
+//! It lives beside `dist`, not in it: the checks compose the communicator with the loss, the
+//! layers and the data loader, which themselves build on `dist`.
 
 use std::sync::Arc;
 
@@ -13,9 +16,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::reducer::GradReducer;
-use super::{Communicator, DistError};
 use crate::data::{self, DataConfig, DataFormat, PairLoader, Shard};
+use crate::dist::reducer::GradReducer;
+use crate::dist::{Communicator, DistError};
 use crate::loss::{nt_xent, nt_xent_in, Negatives};
 use crate::nn::batch_norm::batch_norm2d;
 use crate::nn::stem::{stem, StemConfig, StemKind};
