@@ -8,6 +8,7 @@ use crate::config::NodeConfig;
 use crate::graph::Plan;
 use crate::loss::{CrossEntropy, Loss, Mse, NegCosine, NtXent};
 use crate::nn::decoder::{decoder, Decoder};
+use crate::nn::image_decoder::{image_decoder, ImageDecoder};
 use crate::nn::stage::{stage, Stage};
 use crate::nn::stem::{stem, Stem};
 use crate::nn::{Layer, Link, ParamBuilder, ParamStore};
@@ -19,6 +20,7 @@ pub enum NodeModule {
     Stem(Stem),
     Stage(Stage),
     Decoder(Decoder),
+    ImageDecoder(ImageDecoder),
     Loss(Loss),
 }
 
@@ -28,6 +30,7 @@ impl NodeModule {
             NodeModule::Stem(m) => m,
             NodeModule::Stage(m) => m,
             NodeModule::Decoder(m) => m,
+            NodeModule::ImageDecoder(m) => m,
             NodeModule::Loss(m) => m.layer(),
         }
     }
@@ -103,6 +106,7 @@ impl Model {
                 NodeConfig::Stem(s) => NodeModule::Stem(stem(s, in_c, &b)?),
                 NodeConfig::Stage(s) => NodeModule::Stage(stage(s, in_c, &b)?),
                 NodeConfig::Decoder(d) => NodeModule::Decoder(decoder(d, in_c, &b)?),
+                NodeConfig::ImageDecoder(d) => NodeModule::ImageDecoder(image_decoder(d, in_c, &b)?),
                 NodeConfig::NtXent(l) => NodeModule::Loss(Loss::NtXent(NtXent { temperature: l.temperature })),
                 NodeConfig::CrossEntropy(_) => NodeModule::Loss(Loss::CrossEntropy(CrossEntropy)),
                 NodeConfig::Mse(_) => NodeModule::Loss(Loss::Mse(Mse)),

@@ -10,6 +10,7 @@ pub mod cpu_slice;
 pub mod decoder;
 pub mod gradcheck;
 pub mod im2col;
+pub mod image_decoder;
 pub mod layer;
 pub mod linear;
 pub mod link;
