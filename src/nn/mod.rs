@@ -17,6 +17,7 @@ pub mod link;
 pub mod params;
 pub mod pool;
 pub mod resize;
+pub mod shuffle;
 pub mod stage;
 pub mod stem;
 pub mod stem_pool_op;
