@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# One command for docs/results.md: trains SimCLR, GIM, LoCo and the two decoder ablations
-# (GIM + conv-block decoders, LoCo + 4-layer MLP) on Fashion-MNIST with the same step budget,
-# evaluates each (linear probe and kNN on the frozen encoder's res5 features), and draws the
-# paper's figures into docs/figures/.
+# One command for docs/results.md: trains SimCLR, GIM, LoCo, the two decoder ablations
+# (GIM + conv-block decoders, LoCo + 4-layer MLP) and the other methods written as graphs
+# (DGL and InfoPro, supervised; SimSiam and BYOL, self-supervised) on Fashion-MNIST with the same
+# step budget, evaluates each (linear probe and kNN on the frozen encoder's res5 features), and
+# draws the paper's figures into docs/figures/.
 #
 #   scripts/results.sh                   # the step budget written in the experiment files
 #   STEPS=3000 scripts/results.sh        # the same budget for every method, overridden
 #   STEPS=20 LINEAR_EPOCHS=5 scripts/results.sh   # a smoke run of the whole pipeline
+#   ONLY="DGL InfoPro" scripts/results.sh          # only these methods (no figures)
 #
 # Environment (all optional):
 #   STEPS          optimizer steps per method (default: each file's `train.steps`, 500 for all)
+#   ONLY           labels of the methods to run, space-separated (default: all); the figures
+#                  are drawn only when SimCLR, GIM, LoCo and both ablations are among them
 #   LINEAR_EPOCHS  linear-probe epochs (default 100, the paper's; LR ×0.1 at 30/60/90 %)
 #   LINEAR_LR      linear-probe initial LR on standardised features (default 0.1)
 #   KNN_K, KNN_T   kNN neighbours and temperature (default 200, 0.07: InstDisc)
@@ -46,6 +50,10 @@ methods=(
   "LoCo loco_resnet18narrow_fmnist"
   "GIM+conv-dec gim_convdec_resnet18narrow_fmnist"
   "LoCo+MLP4 loco_mlp4_resnet18narrow_fmnist"
+  "DGL dgl_resnet18narrow_fmnist"
+  "InfoPro infopro_resnet18narrow_fmnist"
+  "SimSiam simsiam_resnet18narrow_fmnist"
+  "BYOL byol_resnet18narrow_fmnist"
 )
 
 step_args=()
@@ -54,6 +62,7 @@ step_args=()
 pairs=()   # LABEL=RUN_DIR for the figures
 for m in "${methods[@]}"; do
   read -r label exp <<<"$m"
+  if [[ -n ${ONLY:-} && " $ONLY " != *" $label "* ]]; then continue; fi
   echo "== $label: training experiments/$exp.yaml ${STEPS:+($STEPS steps)}" >&2
   lg run --quiet --runs-dir "$runs/$exp" "${step_args[@]}" "experiments/$exp.yaml"
   run=$(ls -td "$runs/$exp"/*/ | head -1)
@@ -65,13 +74,16 @@ for m in "${methods[@]}"; do
   pairs+=("$label=$run")
 done
 
-# Fig. 1 (supplementary): per-decoder loss curves of the three methods, matched by stage.
-mkdir -p "$figures"
-lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves.png" --out "$figures/loss_curves.svg" "${pairs[@]:0:3}"
-lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves_ablations.png" --out "$figures/loss_curves_ablations.svg" \
-  "${pairs[1]}" "${pairs[3]}" "${pairs[2]}" "${pairs[4]}"
-# Fig. 2 (supplementary): t-SNE of 500 test images (first 50 of each of the 10 classes).
-lg plot tsne --out "$figures/tsne.png" --out "$figures/tsne.svg" "${node_args[@]}" "${pairs[@]:0:3}"
+# The figures compare SimCLR, GIM, LoCo and the ablations: the first five methods, in order.
+if [[ ${#pairs[@]} -ge 5 && ${pairs[0]} == SimCLR=* && ${pairs[4]} == LoCo+MLP4=* ]]; then
+  # Fig. 1 (supplementary): per-decoder loss curves of the three methods, matched by stage.
+  mkdir -p "$figures"
+  lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves.png" --out "$figures/loss_curves.svg" "${pairs[@]:0:3}"
+  lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves_ablations.png" --out "$figures/loss_curves_ablations.svg" \
+    "${pairs[1]}" "${pairs[3]}" "${pairs[2]}" "${pairs[4]}"
+  # Fig. 2 (supplementary): t-SNE of 500 test images (first 50 of each of the 10 classes).
+  lg plot tsne --out "$figures/tsne.png" --out "$figures/tsne.svg" "${node_args[@]}" "${pairs[@]:0:3}"
+fi
 
 # Summary table from the reports (python3 only reads JSON; no third-party modules).
 python3 - "$runs/summary.md" "${pairs[@]}" <<'PY'
