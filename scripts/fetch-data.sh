@@ -11,7 +11,8 @@
 # Idempotent: files already in DEST whose SHA-256 matches are left alone. Every file is checked
 # against the checksums below (observed on the packages when this script was written), so a
 # changed upstream package fails loudly instead of silently training on different data.
-# The same logic is in Rust as `locograph::data::fetch` (keep the checksums in sync).
+# `locograph data fetch` does more (files in place, the datasets' HTTPS sites, `--from DIR`) and
+# pins the SHA-256 of the *decompressed* files instead; both accept the same packages.
 set -euo pipefail
 
 usage() { echo "usage: $0 fashion-mnist|mnist [DEST]" >&2; exit 2; }

@@ -1,38 +1,52 @@
 #!/usr/bin/env bash
-# One command for docs/results.md: trains SimCLR, GIM, LoCo, the two decoder ablations
-# (GIM + conv-block decoders, LoCo + 4-layer MLP) and the other methods written as graphs
-# (DGL and InfoPro, supervised; SimSiam and BYOL, self-supervised) on Fashion-MNIST with the same
-# step budget, evaluates each (linear probe and kNN on the frozen encoder's res5 features), and
-# draws the paper's figures into docs/figures/.
+# One command for docs/results.md: trains SimCLR, GIM and LoCo on Fashion-MNIST with the same
+# step budget, one run per seed (`run --seeds`), each with the online kNN monitor on; evaluates
+# every run (linear probe and kNN on the frozen encoder's res5 features); draws the paper's
+# figures and the online kNN curves into docs/figures/; prints mean ± std over the seeds.
+# ABLATIONS=1 adds the two decoder ablations (GIM + conv-block decoders, LoCo + 4-layer MLP);
+# METHODS=1 adds the other methods written as graphs (DGL and InfoPro, supervised; SimSiam and
+# BYOL, self-supervised).
 #
 #   scripts/results.sh                   # the step budget written in the experiment files
 #   STEPS=3000 scripts/results.sh        # the same budget for every method, overridden
-#   STEPS=20 LINEAR_EPOCHS=5 scripts/results.sh   # a smoke run of the whole pipeline
-#   ONLY="DGL InfoPro" scripts/results.sh          # only these methods (no figures)
+#   STEPS=20 SEEDS=0,1 LINEAR_EPOCHS=2 TRAIN_LIMIT=2000 TEST_LIMIT=1000 MONITOR_EVERY=10 \
+#     RUNS=/tmp/smoke FIGURES=/tmp/smoke/figures scripts/results.sh   # a smoke run of the pipeline
 #
 # Environment (all optional):
-#   STEPS          optimizer steps per method (default: each file's `train.steps`, 500 for all)
-#   ONLY           labels of the methods to run, space-separated (default: all); the figures
-#                  are drawn only when SimCLR, GIM, LoCo and both ablations are among them
+#   SEEDS          comma-separated seeds, one run each (default 0,1,2)
+#   STEPS          optimizer steps per run (default: each file's `train.steps`, 500 for all)
+#   MONITOR_EVERY  steps between online kNN measurements, a multiple of the files' log_every (10)
+#                  (default 50; 1000 training images as the bank, 500 test images as the
+#                  queries, k = 20)
 #   LINEAR_EPOCHS  linear-probe epochs (default 100, the paper's; LR ×0.1 at 30/60/90 %)
 #   LINEAR_LR      linear-probe initial LR on standardised features (default 0.1)
 #   KNN_K, KNN_T   kNN neighbours and temperature (default 200, 0.07: InstDisc)
 #   NODE           node to evaluate (default: the encoder output, res5)
+#   TRAIN_LIMIT, TEST_LIMIT  evaluate on the first N training / test images only (smoke runs;
+#                  default: all 60 000 / 10 000)
 #   SMOOTHING      EMA smoothing of the loss curves, in [0, 1) (default 0.6; 0 = raw)
+#   ABLATIONS      1: also the two decoder ablations (default 0)
+#   METHODS        1: also DGL, InfoPro, SimSiam and BYOL (default 0)
 #   RUNS           where runs go (default runs/results; each method in RUNS/<experiment>/)
 #   FIGURES        where figures go (default docs/figures)
 #   LOCOGRAPH      a locograph binary to use instead of building one (`cargo build --release`)
 #
-# Outputs: RUNS/<experiment>/<run>/{metrics.csv,weights.safetensors,eval_linear_res5.json,
-# eval_knn_res5.json,...}, FIGURES/{loss_curves,tsne}.{png,svg}, and a summary table on stdout
-# (also in RUNS/summary.md). Each call trains new runs; earlier ones are kept.
+# Outputs: RUNS/<experiment>/<name>-seeds-<time>/{seeds.json,summary.json,seed-N/...} (each
+# seed-N a run directory with metrics.csv, eval_linear_res5.json, eval_knn_res5.json, ...),
+# FIGURES/{loss_curves,tsne,online_knn}.{png,svg} (loss curves and t-SNE of the first seed), and
+# a summary table on stdout (also in RUNS/summary.md). Each call trains new runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 runs=${RUNS:-runs/results}
 figures=${FIGURES:-docs/figures}
+seeds=${SEEDS:-0,1,2}
+first_seed=${seeds%%,*}
 node_args=()
 [[ -n ${NODE:-} ]] && node_args=(--node "$NODE")
+limit_args=()
+[[ -n ${TRAIN_LIMIT:-} ]] && limit_args+=(--train-limit "$TRAIN_LIMIT")
+[[ -n ${TEST_LIMIT:-} ]] && limit_args+=(--test-limit "$TEST_LIMIT")
 
 if [[ -z ${LOCOGRAPH:-} ]]; then
   cargo build --release --quiet
@@ -48,65 +62,78 @@ methods=(
   "SimCLR simclr_resnet18narrow_fmnist"
   "GIM gim_resnet18narrow_fmnist"
   "LoCo loco_resnet18narrow_fmnist"
-  "GIM+conv-dec gim_convdec_resnet18narrow_fmnist"
-  "LoCo+MLP4 loco_mlp4_resnet18narrow_fmnist"
-  "DGL dgl_resnet18narrow_fmnist"
-  "InfoPro infopro_resnet18narrow_fmnist"
-  "SimSiam simsiam_resnet18narrow_fmnist"
-  "BYOL byol_resnet18narrow_fmnist"
 )
+if [[ ${ABLATIONS:-0} == 1 ]]; then
+  methods+=("GIM+conv-dec gim_convdec_resnet18narrow_fmnist" "LoCo+MLP4 loco_mlp4_resnet18narrow_fmnist")
+fi
+if [[ ${METHODS:-0} == 1 ]]; then
+  methods+=(
+    "DGL dgl_resnet18narrow_fmnist"
+    "InfoPro infopro_resnet18narrow_fmnist"
+    "SimSiam simsiam_resnet18narrow_fmnist"
+    "BYOL byol_resnet18narrow_fmnist"
+  )
+fi
 
 step_args=()
 [[ -n ${STEPS:-} ]] && step_args=(--steps "$STEPS")
+monitor="monitor={every: ${MONITOR_EVERY:-50}, train_images: 1000, test_images: 500, k: 20}"
 
-pairs=()   # LABEL=RUN_DIR for the figures
+groups=()   # LABEL=GROUP_DIR for the summary and the online kNN figure
+firsts=()   # LABEL=RUN_DIR of the first seed, for the loss curves and t-SNE
 for m in "${methods[@]}"; do
   read -r label exp <<<"$m"
-  if [[ -n ${ONLY:-} && " $ONLY " != *" $label "* ]]; then continue; fi
-  echo "== $label: training experiments/$exp.yaml ${STEPS:+($STEPS steps)}" >&2
-  lg run --quiet --runs-dir "$runs/$exp" "${step_args[@]}" "experiments/$exp.yaml"
-  run=$(ls -td "$runs/$exp"/*/ | head -1)
-  run=${run%/}
-  echo "== $label: evaluating $run" >&2
-  lg eval "$run" --protocol linear --protocol knn "${node_args[@]}" \
+  echo "== $label: training experiments/$exp.yaml, seeds $seeds ${STEPS:+($STEPS steps)}" >&2
+  lg run --quiet --runs-dir "$runs/$exp" --seeds "$seeds" --set "$monitor" "${step_args[@]}" "experiments/$exp.yaml"
+  group=$(ls -td "$runs/$exp"/*-seeds-*/ | head -1)
+  group=${group%/}
+  echo "== $label: evaluating every run of $group" >&2
+  lg eval "$group" --protocol linear --protocol knn "${node_args[@]}" "${limit_args[@]}" \
     --epochs "${LINEAR_EPOCHS:-100}" --lr "${LINEAR_LR:-0.1}" \
     --k "${KNN_K:-200}" --temperature "${KNN_T:-0.07}"
-  pairs+=("$label=$run")
+  groups+=("$label=$group")
+  firsts+=("$label=$group/seed-$first_seed")
 done
 
-# The figures compare SimCLR, GIM, LoCo and the ablations: the first five methods, in order.
-if [[ ${#pairs[@]} -ge 5 && ${pairs[0]} == SimCLR=* && ${pairs[4]} == LoCo+MLP4=* ]]; then
-  # Fig. 1 (supplementary): per-decoder loss curves of the three methods, matched by stage.
-  mkdir -p "$figures"
-  lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves.png" --out "$figures/loss_curves.svg" "${pairs[@]:0:3}"
+# Fig. 1 (supplementary): per-decoder loss curves of the three methods, matched by stage.
+mkdir -p "$figures"
+lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves.png" --out "$figures/loss_curves.svg" "${firsts[@]:0:3}"
+if [[ ${ABLATIONS:-0} == 1 ]]; then
   lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves_ablations.png" --out "$figures/loss_curves_ablations.svg" \
-    "${pairs[1]}" "${pairs[3]}" "${pairs[2]}" "${pairs[4]}"
-  # Fig. 2 (supplementary): t-SNE of 500 test images (first 50 of each of the 10 classes).
-  lg plot tsne --out "$figures/tsne.png" --out "$figures/tsne.svg" "${node_args[@]}" "${pairs[@]:0:3}"
+    "${firsts[1]}" "${firsts[3]}" "${firsts[2]}" "${firsts[4]}"
 fi
+# Fig. 2 (supplementary): t-SNE of 500 test images (first 50 of each of the 10 classes).
+lg plot tsne --out "$figures/tsne.png" --out "$figures/tsne.svg" "${node_args[@]}" "${firsts[@]:0:3}"
+# The online kNN accuracy over training, the mean over the seeds of each method.
+lg plot monitor --out "$figures/online_knn.png" --out "$figures/online_knn.svg" "${groups[@]}"
 
-# Summary table from the reports (python3 only reads JSON; no third-party modules).
-python3 - "$runs/summary.md" "${pairs[@]}" <<'PY'
+# Summary table from each group's summary.json (python3 only reads JSON; no third-party modules).
+python3 - "$runs/summary.md" "${groups[@]}" <<'PY'
 import json, pathlib, sys
 out, pairs = sys.argv[1], sys.argv[2:]
-rows = ["| method | steps | train wall time | s/step | node | linear top-1 | kNN top-1 |",
-        "|---|---|---|---|---|---|---|"]
+rows = ["| method | seeds | steps | linear top-1 | kNN top-1 | online kNN at the end | final loss (top decoder) | train wall time (mean) |",
+        "|---|---|---|---|---|---|---|---|"]
+def pm(st, scale=100.0, digits=2):
+    if not st:
+        return "–"
+    sd = st.get("std")
+    return f'{scale * st["mean"]:.{digits}f} ± {scale * sd:.{digits}f}' if sd is not None else f'{scale * st["mean"]:.{digits}f}'
 for p in pairs:
-    label, run = p.split("=", 1)
-    reps = {}
-    for f in pathlib.Path(run).glob("eval_*.json"):
-        r = json.loads(f.read_text())
-        reps[r["protocol"]] = r
-    lin, knn = reps.get("linear", {}), reps.get("knn", {})
-    any_r = lin or knn
-    fmt = lambda r: f'{100 * r["result"]["test_top1"]:.2f}' if r else "–"
-    # Training wall time: the last metrics.csv row's elapsed_s (the run's own clock).
-    last = (pathlib.Path(run) / "metrics.csv").read_text().strip().splitlines()[-1].split(",")
-    head = (pathlib.Path(run) / "metrics.csv").read_text().splitlines()[0].split(",")
-    row = dict(zip(head, last))
-    secs, steps = float(row["elapsed_s"]), int(row["step"])
-    rows.append(f'| {label} | {steps} | {secs / 60:.1f} min | {secs / steps:.2f} | {any_r.get("node", "?")} '
-                f'| {fmt(lin)} | {fmt(knn)} |')
+    label, group = p.split("=", 1)
+    s = json.loads((pathlib.Path(group) / "summary.json").read_text())
+    ev, end = s["eval"], s["at_end"]
+    lin = next((v for k, v in ev.items() if k.startswith("linear ")), None)
+    knn = next((v for k, v in ev.items() if k.startswith("knn ")), None)
+    losses = [k for k in end if k not in ("knn_top1",)]
+    top = sorted(losses)[-1] if losses else None
+    secs, steps = [], None
+    for r in s["runs"]:
+        m = (pathlib.Path(group) / r / "metrics.csv").read_text().strip().splitlines()
+        row = dict(zip(m[0].split(","), m[-1].split(",")))
+        secs.append(float(row["elapsed_s"]))
+        steps = int(row["step"])
+    rows.append(f'| {label} | {len(s["runs"])} | {steps} | {pm(lin)} | {pm(knn)} | {pm(end.get("knn_top1"))} '
+                f'| {pm(end.get(top), 1.0, 3) if top else "–"} ({top}) | {sum(secs) / len(secs) / 60:.1f} min |')
 text = "\n".join(rows) + "\n"
 pathlib.Path(out).write_text(text)
 print(text, end="")

@@ -20,6 +20,8 @@ pub enum Error {
     Checkpoint(Box<crate::exec::CheckpointError>),
     #[error(transparent)]
     Eval(#[from] crate::eval::EvalError),
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -63,11 +65,15 @@ impl Error {
             Error::Config(_) | Error::Graph(_) => exit::USAGE,
             Error::Data(_) | Error::Train(T::DatasetTooSmall { .. }) => exit::DATA,
             Error::Train(T::Diverged { .. } | T::NonFiniteParameter { .. }) => exit::DIVERGED,
-            Error::Train(T::CudaNotBuilt) => exit::USAGE,
+            Error::Train(T::CudaNotBuilt | T::BatchTooSmallForRanks { .. } | T::NoMonitor) => exit::USAGE,
             Error::Checkpoint(c)
                 if matches!(
                     **c,
-                    C::NotARunDir { .. } | C::NoCheckpoint { .. } | C::GraphChanged { .. } | C::SeedChanged { .. }
+                    C::NotARunDir { .. }
+                        | C::NoCheckpoint { .. }
+                        | C::GraphChanged { .. }
+                        | C::SeedChanged { .. }
+                        | C::RanksChanged { .. }
                 ) =>
             {
                 exit::USAGE

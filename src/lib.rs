@@ -4,8 +4,10 @@
 //! validate, infer shapes, gradient reachability, schedule) → [`exec`] (runs a schedule with
 //! candle). Beside them: [`nn`] (layers), [`loss`], [`optim`], [`data`], [`eval`], [`export`].
 
+pub mod bounded;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod exec;
@@ -15,5 +17,6 @@ pub mod loss;
 pub mod malloc;
 pub mod nn;
 pub mod optim;
+pub mod progress;
 
 pub use error::{Error, Result};

@@ -171,3 +171,17 @@ fn bf16_on_cpu_is_a_clear_error() {
     assert_eq!(code, 2);
     assert!(err.contains("bf16") && err.contains("f16"), "{err}");
 }
+
+#[test]
+fn lars_former_key_still_loads_with_a_located_deprecation_warning() {
+    let text = common::simclr()
+        .replace("optimizer: {kind: sgd, momentum: 0.9}", "optimizer:\n  kind: lars\n  exclude_bias_and_norm: false\n");
+    let (code, err) = validate(&text);
+    assert_eq!(code, 0, "{err}");
+    let line = line_of(&text, "exclude_bias_and_norm: false");
+    assert!(err.contains(&format!("bad.yaml:{line}:")), "{err}");
+    assert!(err.contains("deprecated") && err.contains("exclude_bias_and_norm_from_weight_decay"), "{err}");
+    let loaded = common::load(&text);
+    let v = serde_json::to_value(&loaded.experiment.optimizer).expect("json");
+    assert_eq!(v["exclude_bias_and_norm_from_weight_decay"], false, "{v}");
+}

@@ -211,6 +211,13 @@ fn stl10_column_major_one_based_labels() {
     assert_eq!(im.data[9216 + 5 * 96 + 7], (50.0 + 7.0 + 2.0 * 5.0) / 255.0);
     let un = open(DataFormat::Stl10, t.path(), Split::Unlabeled).unwrap();
     assert_eq!((un.len(), un.label(0), un.num_classes()), (2, None, None));
+    // GIM's pre-training set: unlabeled, then train, read as one unlabeled dataset.
+    std::fs::write(d.join("unlabeled_X.bin"), [stl_image(), stl_image(), vec![7u8; STL]].concat()).unwrap();
+    let both = open(DataFormat::Stl10, t.path(), Split::TrainUnlabeled).unwrap();
+    assert_eq!((both.len(), both.label(4), both.num_classes()), (5, None, None));
+    assert_eq!(both.image(2).unwrap().data[0], 7.0 / 255.0);
+    assert_eq!(both.image(4).unwrap().data, ds.image(1).unwrap().data);
+    std::fs::write(d.join("unlabeled_X.bin"), &x).unwrap();
 
     let y = d.join("train_y.bin");
     std::fs::write(&y, [1u8, 0]).unwrap();
@@ -222,8 +229,10 @@ fn stl10_column_major_one_based_labels() {
     expect_format_err(open(DataFormat::Stl10, t.path(), Split::Train), &xp, STL as u64, "truncated");
 
     // unlabeled exists only for STL-10
-    let err = open(DataFormat::Cifar10, t.path(), Split::Unlabeled).err().unwrap().to_string();
-    assert!(err.contains("only for stl10"), "{err}");
+    for split in [Split::Unlabeled, Split::TrainUnlabeled] {
+        let err = open(DataFormat::Cifar10, t.path(), split).err().unwrap().to_string();
+        assert!(err.contains("only for stl10"), "{err}");
+    }
 }
 
 // ---------- ImageFolder ----------

@@ -94,10 +94,6 @@ fn measured_peaks_fall_from_simclr_to_loco_to_gim() {
 #[test]
 fn the_plan_predicts_what_the_allocator_measures() {
     let _alone = ALLOCATOR.lock().unwrap_or_else(|e| e.into_inner());
-    use locograph::exec::StepState;
-    use locograph::graph::memory::WORKING_SET;
-    use locograph::graph::Action;
-    use locograph::malloc::live_bytes;
     let methods = [
         ("SimCLR", experiment(&[("dec", "L")], "  - {from: res2, to: res3}\n  - {from: res3, to: res4}\n  - {from: res4, to: res5}\n  - {from: res5, to: dec}\n  - {from: dec, to: L}\n")),
         ("GIM", experiment(
@@ -120,7 +116,7 @@ fn check_prediction(name: &str, text: &str) {
     use locograph::graph::memory::WORKING_SET;
     use locograph::graph::Action;
     use locograph::malloc::live_bytes;
-    let (loaded, c) = common::compiled(&text);
+    let (loaded, c) = common::compiled(text);
     let model = Model::new(&c, 0, &Device::Cpu).expect("model");
     let side = c.graph[c.input].shape[1];
     let v: Vec<f32> = (0..16 * side * side).map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5).collect();

@@ -6,6 +6,7 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 use super::edge::EdgeConfig;
+use super::monitor::MonitorConfig;
 use super::node::NodeConfig;
 use crate::data::DataConfig;
 use crate::optim::{OptimizerConfig, ScheduleConfig};
@@ -61,8 +62,11 @@ fn is_f32(p: &Precision) -> bool {
 fn ten() -> u64 {
     10
 }
-fn runs() -> PathBuf {
-    PathBuf::from("runs")
+fn yes() -> bool {
+    true
+}
+fn twenty_five() -> f64 {
+    25.0
 }
 
 /// How long and how to train.
@@ -83,12 +87,22 @@ pub struct TrainConfig {
     /// CPU threads for candle's kernels (default: all cores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
-    /// Folder in which each run gets its own directory (relative to the working directory).
-    #[serde(default = "runs")]
-    pub runs_dir: PathBuf,
+    /// Folder in which each run gets its own directory, relative to this file like every other
+    /// path in it. Left out: `runs/` in the working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_dir: Option<PathBuf>,
     /// Save a checkpoint every this many steps (always at the end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<u64>,
+    /// Across ranks: batch norm in training mode normalises with the statistics of the global
+    /// batch (all ranks' shares), as one process would. `false`: each rank its own share's.
+    /// One process: no effect.
+    #[serde(default = "yes")]
+    pub sync_batch_norm: bool,
+    /// Across ranks: gradients are averaged in buckets of this many MiB (PyTorch DDP's 25), each
+    /// started as soon as it is full while the backward goes on. One process: no effect.
+    #[serde(default = "twenty_five")]
+    pub gradient_bucket_mb: f64,
 }
 
 /// A whole experiment. Node ids are the names of everything the run produces.
@@ -123,6 +137,13 @@ pub struct Experiment {
     pub optimizer: OptimizerConfig,
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
+    /// Units on separate ranks (stage-parallel training under `mpirun`); absent: every rank runs
+    /// every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<super::placement::PlacementConfig>,
+    /// Online kNN accuracy during training (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<MonitorConfig>,
 }
 
 /// A reusable encoder file in `graphs/`: nodes only; experiments add decoders, losses, edges.

@@ -10,6 +10,7 @@ use serde_yaml::Value;
 use super::experiment::{Experiment, GraphFile};
 use super::location::{Location, SpanIndex};
 use super::node::NodeConfig;
+use super::overrides::Override;
 use super::{ConfigError, ConfigErrors, EdgeConfig};
 
 /// Where each node and edge was written, for graph-level errors.
@@ -41,6 +42,25 @@ pub struct Loaded {
     /// The folder of the experiment file: relative paths in it are resolved against it.
     pub base_dir: PathBuf,
     pub locations: Locations,
+    /// The `--set` overrides applied to the file, in order.
+    pub overrides: Vec<Override>,
+}
+
+impl Loaded {
+    /// `error`, its message prefixed with the override it comes from (if one set that path),
+    /// so a value the file does not hold is not looked for in it.
+    pub fn attribute(&self, error: ConfigError) -> ConfigError {
+        attribute(&self.overrides, error)
+    }
+}
+
+fn attribute(overrides: &[Override], mut error: ConfigError) -> ConfigError {
+    if let Some(o) = overrides.iter().rev().find(|o| o.concerns(&error.path, &error.message)) {
+        if !error.message.starts_with("--set ") {
+            error.message = format!("{o}: {}", error.message);
+        }
+    }
+    error
 }
 
 struct Collector<'a> {
@@ -90,7 +110,7 @@ fn schema_keys<T: schemars::JsonSchema>() -> (Vec<String>, Vec<String>) {
 }
 
 fn read(path: &Path) -> Result<String, ConfigErrors> {
-    std::fs::read_to_string(path).map_err(|e| {
+    crate::bounded::read_to_string(path, crate::bounded::SMALL).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             location: Location { file: path.to_path_buf(), line: 0, column: 0 },
             path: String::new(),
@@ -183,7 +203,34 @@ fn check_version(v: &Value, c: &mut Collector) {
     }
 }
 
-fn load_graph_file(path: &Path, errors: &mut Vec<ConfigError>) -> Option<(IndexMap<String, NodeConfig>, SpanIndex)> {
+/// Applies `overrides[i]` for each `i` of `which` to `map` (recording what each created),
+/// each failure located at the part of its path that exists.
+fn apply_all(map: &mut serde_yaml::Mapping, overrides: &mut [Override], which: &[usize], c: &mut Collector) {
+    for &i in which {
+        match overrides[i].apply(map) {
+            Ok(created) => overrides[i].created = created,
+            Err(e) => c.push(&e.path, e.message),
+        }
+    }
+}
+
+/// The ids under `nodes:` of a parsed file.
+fn node_ids(map: &serde_yaml::Mapping) -> Vec<String> {
+    map.get("nodes")
+        .and_then(Value::as_mapping)
+        .map(|m| m.keys().filter_map(|k| k.as_str().map(String::from)).collect())
+        .unwrap_or_default()
+}
+
+/// Reads a graph file, applying the `overrides` of the nodes it defines; returns its nodes
+/// (when it checks out) and the ids it defines (for the overrides naming none of them).
+fn load_graph_file(
+    path: &Path,
+    overrides: &mut [Override],
+    which: &[usize],
+    errors: &mut Vec<ConfigError>,
+    ids: &mut Vec<String>,
+) -> Option<(IndexMap<String, NodeConfig>, SpanIndex)> {
     let text = match read(path) {
         Ok(t) => t,
         Err(e) => {
@@ -194,7 +241,14 @@ fn load_graph_file(path: &Path, errors: &mut Vec<ConfigError>) -> Option<(IndexM
     let index = SpanIndex::new(path, &text);
     let mut c = Collector { index: &index, errors: vec![] };
     let mut nodes = IndexMap::new();
-    if let Some(map) = parse_mapping(path, &text, &mut c) {
+    if let Some(mut map) = parse_mapping(path, &text, &mut c) {
+        *ids = node_ids(&map);
+        let mine: Vec<usize> = which
+            .iter()
+            .copied()
+            .filter(|&i| overrides[i].node().is_some_and(|id| ids.iter().any(|n| n == id)))
+            .collect();
+        apply_all(&mut map, overrides, &mine, &mut c);
         check_sections::<GraphFile>(&map, &mut c, &mut |key, v, c| match key {
             "version" => check_version(v, c),
             "nodes" => nodes = check_nodes(v, c),
@@ -211,18 +265,36 @@ fn load_graph_file(path: &Path, errors: &mut Vec<ConfigError>) -> Option<(IndexM
 
 /// Reads and checks an experiment file.
 pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+    load_with(path, &[])
+}
+
+/// Reads an experiment file, applies `overrides` (`--set`) to it and checks the result.
+pub fn load_with(path: &Path, overrides: &[Override]) -> Result<Loaded, ConfigErrors> {
     let text = read(path)?;
-    parse_str(&text, path)
+    parse_with(&text, path, overrides)
 }
 
 /// Checks experiment `text` as if read from `file` (an `encoder:` path is relative to it).
 pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, ConfigErrors> {
+    parse_with(text, file, &[])
+}
+
+/// [`parse_str`] with `overrides` applied first. An override of a node the experiment takes
+/// from its `encoder:` file changes that file's node. Overrides change what exists and add
+/// keys; they do not add nodes (a node id that exists nowhere is reported as a typo).
+pub fn parse_with(text: &str, file: &Path, overrides: &[Override]) -> Result<Loaded, ConfigErrors> {
     let index = SpanIndex::new(file, text);
     let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut c = Collector { index: &index, errors: vec![] };
-    let Some(map) = parse_mapping(file, text, &mut c) else {
+    let Some(mut map) = parse_mapping(file, text, &mut c) else {
         return Err(ConfigErrors(c.errors));
     };
+    // Overrides of nodes the file does not define go to the encoder file (checked below).
+    let own = node_ids(&map);
+    let mut applied = overrides.to_vec();
+    let (mine, for_encoder): (Vec<usize>, Vec<usize>) =
+        (0..applied.len()).partition(|&i| applied[i].node().is_none_or(|id| own.iter().any(|n| n == id)));
+    apply_all(&mut map, &mut applied, &mine, &mut c);
     let mut own_nodes = IndexMap::new();
     let mut encoder: Option<PathBuf> = None;
     let mut edge_count = 0;
@@ -258,6 +330,14 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, ConfigErrors> {
             c.check::<crate::data::DataConfig>(key, v);
         }
         "optimizer" => {
+            // LARS's key was renamed to SGD's and AdamW's; files and run directories written
+            // before still load, and say so.
+            if v.get("exclude_bias_and_norm").is_some() {
+                tracing::warn!(
+                    "{}: `optimizer.exclude_bias_and_norm` is deprecated: it is now `exclude_bias_and_norm_from_weight_decay` (the same meaning, the key SGD and AdamW use)",
+                    c.index.locate("optimizer.exclude_bias_and_norm")
+                );
+            }
             c.check::<crate::optim::OptimizerConfig>(key, v);
         }
         "schedule" => {
@@ -266,15 +346,22 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, ConfigErrors> {
         "train" => {
             c.check::<super::TrainConfig>(key, v);
         }
+        "placement" => {
+            c.check::<super::placement::PlacementConfig>(key, v);
+        }
+        "monitor" => {
+            c.check::<super::MonitorConfig>(key, v);
+        }
         other => c.push(other, format!("key `{other}` has no checker (internal error)")),
     });
 
     let mut locations = Locations { file: file.to_path_buf(), index: index.clone(), ..Default::default() };
     let mut nodes = IndexMap::new();
+    let mut graph_ids = vec![];
     if let Some(enc) = &encoder {
         let path = base_dir.join(enc);
         let mut errs = vec![];
-        match load_graph_file(&path, &mut errs) {
+        match load_graph_file(&path, &mut applied, &for_encoder, &mut errs, &mut graph_ids) {
             Some((graph_nodes, gidx)) => {
                 for (id, n) in graph_nodes {
                     locations.nodes.insert(id.clone(), gidx.locate(&format!("nodes.{id}")));
@@ -298,17 +385,24 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, ConfigErrors> {
         nodes.insert(id, n);
     }
     locations.edges = (0..edge_count).map(|i| index.locate(&format!("edges[{i}]"))).collect();
+    for o in for_encoder.iter().map(|&i| &applied[i]) {
+        if let Some(id) = o.node().filter(|id| !graph_ids.iter().any(|n| n == id)) {
+            let all: Vec<&str> = own.iter().chain(&graph_ids).map(String::as_str).collect();
+            c.push("nodes", format!("{o}: no node `{id}` (nodes: {})", all.join(", ")));
+        }
+    }
     if !c.errors.is_empty() {
-        return Err(ConfigErrors(c.errors));
+        let errors = c.errors.into_iter().map(|e| attribute(&applied, e)).collect();
+        return Err(ConfigErrors(errors));
     }
     // Every piece checked out: the whole-document parse is now the constructor.
     let mut experiment: Experiment = match serde_path_to_error::deserialize(Value::Mapping(map)) {
         Ok(e) => e,
         Err(e) => {
             c.push(&e.path().to_string(), e.inner().to_string());
-            return Err(ConfigErrors(c.errors));
+            return Err(ConfigErrors(c.errors.into_iter().map(|e| attribute(&applied, e)).collect()));
         }
     };
     experiment.nodes = nodes;
-    Ok(Loaded { experiment, base_dir, locations })
+    Ok(Loaded { experiment, base_dir, locations, overrides: applied })
 }

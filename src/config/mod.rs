@@ -7,16 +7,22 @@ pub mod edge;
 pub mod experiment;
 pub mod load;
 pub mod location;
+pub mod monitor;
 pub mod node;
+pub mod overrides;
+pub mod placement;
 pub mod values;
 
 use std::fmt;
 
 pub use edge::{EdgeConfig, Stop};
 pub use experiment::{DeviceKind, Experiment, GraphFile, InputConfig, Precision, TrainConfig};
-pub use load::{load, parse_str, Loaded, Locations};
+pub use load::{load, load_with, parse_str, parse_with, Loaded, Locations};
 pub use location::{Location, SpanIndex};
+pub use monitor::MonitorConfig;
 pub use node::{CrossEntropyConfig, EmaConfig, Inputs, MseConfig, NegCosineConfig, NodeConfig, NtXentConfig};
+pub use overrides::Override;
+pub use placement::{Balance, PipelineSchedule, PlacementConfig};
 pub use values::check_values;
 
 /// One problem in an experiment file.

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::loss::Negatives;
 use crate::nn::decoder::DecoderConfig;
 use crate::nn::image_decoder::ImageDecoderConfig;
 use crate::nn::stage::StageConfig;
@@ -25,6 +26,11 @@ pub struct NtXentConfig {
     /// Multiplies this loss's gradient (and its logged value is left unscaled).
     #[serde(default = "unit")]
     pub weight: f64,
+    /// Across ranks (`mpirun -np N`): `global` contrasts each anchor with every rank's rows, the
+    /// loss of one process on the whole batch; `local` with its own rank's only. One process:
+    /// the same either way.
+    #[serde(default)]
+    pub negatives: Negatives,
 }
 
 /// `op: cross_entropy` — a supervised loss: `logits` (a classifier decoder's `[classes]`) against

@@ -8,10 +8,8 @@ use super::{ConfigError, ConfigErrors, Loaded};
 /// Checks the values of every section (types were checked by the loader); all problems at once.
 pub fn check_values(loaded: &Loaded) -> Result<(), ConfigErrors> {
     let e = &loaded.experiment;
-    let at = |path: &str, message: String| ConfigError {
-        location: loaded.locations.path(path),
-        path: path.to_string(),
-        message,
+    let at = |path: &str, message: String| {
+        loaded.attribute(ConfigError { location: loaded.locations.path(path), path: path.to_string(), message })
     };
     let mut errors = vec![];
     if let Err(err) = e.data.validate() {
@@ -37,6 +35,12 @@ pub fn check_values(loaded: &Loaded) -> Result<(), ConfigErrors> {
     }
     if t.log_every == 0 {
         errors.push(at("train.log_every", "must be at least 1".into()));
+    }
+    if t.threads == Some(0) {
+        errors.push(at("train.threads", "must be at least 1 (leave it out for one per core)".into()));
+    }
+    if let Some(m) = &e.monitor {
+        errors.extend(m.problems(t.log_every).into_iter().map(|(key, why)| at(&format!("monitor.{key}"), why)));
     }
     if e.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
         errors

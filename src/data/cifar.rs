@@ -35,7 +35,9 @@ impl CifarDataset {
         let files: Vec<String> = match split {
             Split::Train => (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
             Split::Test => vec!["test_batch.bin".into()],
-            Split::Unlabeled => return Err(DataError::invalid(dir, "CIFAR has no unlabeled split")),
+            Split::Unlabeled | Split::TrainUnlabeled => {
+                return Err(DataError::invalid(dir, "CIFAR has no unlabeled split"))
+            }
         };
         let d = data_dir(dir, "cifar-10-batches-bin", &files[0]);
         let paths = files.iter().map(|f| d.join(f)).collect::<Vec<_>>();
@@ -49,7 +51,9 @@ impl CifarDataset {
         let file = match split {
             Split::Train => "train.bin",
             Split::Test => "test.bin",
-            Split::Unlabeled => return Err(DataError::invalid(dir, "CIFAR has no unlabeled split")),
+            Split::Unlabeled | Split::TrainUnlabeled => {
+                return Err(DataError::invalid(dir, "CIFAR has no unlabeled split"))
+            }
         };
         let d = data_dir(dir, "cifar-100-binary", file);
         let (which, classes) = match labels {
@@ -67,7 +71,7 @@ impl CifarDataset {
         let mut pixels = Vec::new();
         let mut labels = Vec::new();
         for path in paths {
-            let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+            let bytes = crate::bounded::read(path, crate::bounded::DATASET).map_err(|e| DataError::io(path, e))?;
             if bytes.is_empty() || bytes.len() % record != 0 {
                 let whole = bytes.len() / record;
                 return Err(DataError::format(

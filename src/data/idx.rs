@@ -90,7 +90,9 @@ impl IdxDataset {
         let prefix = match split {
             Split::Train => "train",
             Split::Test => "t10k",
-            Split::Unlabeled => return Err(DataError::invalid(dir, "IDX datasets have no unlabeled split")),
+            Split::Unlabeled | Split::TrainUnlabeled => {
+                return Err(DataError::invalid(dir, "IDX datasets have no unlabeled split"))
+            }
         };
         let img_path = find(dir, &format!("{prefix}-images-idx3-ubyte"))?;
         let lbl_path = find(dir, &format!("{prefix}-labels-idx1-ubyte"))?;

@@ -47,8 +47,8 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
 /// Decodes one file to an RGB [`Image`].
 pub fn decode(path: &Path) -> Result<Image, DataError> {
     let err = |msg: String| DataError::Decode { path: path.to_path_buf(), msg };
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| DataError::io(path, e))?
+    let bytes = crate::bounded::read(path, crate::bounded::IMAGE).map_err(|e| DataError::io(path, e))?;
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| DataError::io(path, e))?;
     let rgb = reader.decode().map_err(|e| err(e.to_string()))?.to_rgb8();
@@ -68,7 +68,7 @@ impl ImageFolder {
                 let candidates: &[&str] = match split {
                     Split::Train => &["train"],
                     Split::Test => &["test", "val"],
-                    Split::Unlabeled => &["unlabeled"],
+                    Split::Unlabeled | Split::TrainUnlabeled => &["unlabeled"],
                 };
                 candidates.iter().map(|c| dir.join(c)).find(|p| p.is_dir()).ok_or_else(|| {
                     DataError::invalid(dir, format!("no {split:?} folder ({})", candidates.join(" or ")))

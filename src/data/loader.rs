@@ -13,6 +13,7 @@ use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
 use super::augment::sample_rng;
+use super::shard::Shard;
 use super::{DataConfig, DataError, Dataset, Image};
 
 /// A batch ready for the model.
@@ -209,9 +210,28 @@ pub struct PairLoader {
 impl PairLoader {
     /// Starts producing the epoch's batches in the background.
     pub fn new(ds: Arc<dyn Dataset>, cfg: &DataConfig, batch_size: usize, seed: u64, epoch: usize) -> Self {
+        Self::sharded(ds, cfg, batch_size, seed, epoch, Shard::ALL)
+    }
+
+    /// [`Self::new`] for one rank of several: each batch holds only `shard`'s share of the
+    /// global batch of `batch_size` images ([`Shard::range`]), with the same views one process
+    /// would make of those images. The ranks' batches stacked in rank order (view 1 of all,
+    /// then view 2 of all) are one process's batch.
+    pub fn sharded(
+        ds: Arc<dyn Dataset>,
+        cfg: &DataConfig,
+        batch_size: usize,
+        seed: u64,
+        epoch: usize,
+        shard: Shard,
+    ) -> Self {
         if let Some(e) = batch_size_error(batch_size, ds.len()) {
             return PairLoader { inner: Pipeline::failed(e) };
         }
+        let share = match shard.range(batch_size) {
+            Ok(r) => r,
+            Err(e) => return PairLoader { inner: Pipeline::failed(e) },
+        };
         if let Err(e) = check(cfg, ds.as_ref()) {
             return PairLoader { inner: Pipeline::failed(e) };
         }
@@ -219,7 +239,7 @@ impl PairLoader {
         let mut order: Vec<usize> = (0..ds.len()).collect();
         // Index u64::MAX is never a dataset index, so the shuffle stream is apart from the views.
         order.shuffle(&mut sample_rng(seed, epoch, u64::MAX, 1));
-        let batches: Vec<Vec<usize>> = order.chunks_exact(batch_size).map(<[usize]>::to_vec).collect();
+        let batches: Vec<Vec<usize>> = order.chunks_exact(batch_size).map(|b| b[share.clone()].to_vec()).collect();
         let (_, h, w) = cfg.output_shape(ds.as_ref());
         let aug = cfg.augment.clone();
         let src = ds.clone();

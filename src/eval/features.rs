@@ -4,14 +4,16 @@
 //! running statistics) on detached tensors, and nothing here holds an optimizer. Images come
 //! from [`EvalLoader`]: no random augmentation, index order, so two calls give the same numbers.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
 use petgraph::graph::NodeIndex;
 
 use super::error::EvalError;
 use crate::config::NodeConfig;
-use crate::data::{self, EvalLoader, Split};
-use crate::exec::forward_to;
+use crate::data::{self, DataConfig, Dataset, EvalLoader, Split};
 use crate::exec::run_dir::OpenRun;
+use crate::exec::{forward_to, Model};
 use crate::graph::Plan;
 use crate::Result;
 
@@ -142,10 +144,8 @@ pub fn default_node(c: &Plan) -> Result<String> {
         .ok_or_else(|| EvalError::NoEncoder.into())
 }
 
-/// Pooled features of node `node` for `split`, with the run's `data:` section (evaluation
-/// transform: no random augmentation).
-pub fn extract(run: &OpenRun, node: &str, split: Split, opts: &FeatureOptions) -> Result<Features> {
-    let c = &run.plan;
+/// The node `node` names, if it can give features (it exists and is not a loss).
+pub fn feature_node(c: &Plan, node: &str) -> Result<NodeIndex> {
     let Some(&idx) = c.ids.get(node) else {
         let known: Vec<&str> = c.ids.keys().map(String::as_str).collect();
         return Err(EvalError::UnknownNode { node: node.into(), known: known.join(", ") }.into());
@@ -153,23 +153,58 @@ pub fn extract(run: &OpenRun, node: &str, split: Split, opts: &FeatureOptions) -
     if c.graph[idx].is_loss() {
         return Err(EvalError::LossNode { node: node.into() }.into());
     }
+    Ok(idx)
+}
+
+/// Pooled features of node `node` for `split`, with the run's `data:` section (evaluation
+/// transform: no random augmentation).
+pub fn extract(run: &OpenRun, node: &str, split: Split, opts: &FeatureOptions) -> Result<Features> {
+    let idx = feature_node(&run.plan, node)?;
     let mut cfg = run.loaded.experiment.data.clone();
     if opts.limit.is_some() {
         cfg.limit = opts.limit;
     }
     let ds = data::open(&cfg, &run.loaded.base_dir, Some(split))?;
+    let label = format!("features {node} ({split:?})").to_lowercase();
+    let bar = crate::progress::bar(ds.len() as u64, "images", &label);
+    let batches = EvalLoader::new(ds.clone(), &cfg, opts.batch_size.max(1)).inspect(|b| {
+        if let Ok(b) = b {
+            bar.inc(b.len() as u64);
+        }
+    });
+    let f = pooled(&run.plan, &run.model, idx, &ds, batches);
+    bar.finish_and_clear();
+    f
+}
+
+/// Pooled features of `idx` for every batch of `batches` (images of `ds`), in eval mode.
+pub fn pooled(
+    plan: &Plan,
+    model: &Model,
+    idx: NodeIndex,
+    ds: &Arc<dyn Dataset>,
+    batches: impl IntoIterator<Item = std::result::Result<data::Batch, data::DataError>>,
+) -> Result<Features> {
     let num_classes = ds.num_classes().ok_or_else(|| EvalError::Unlabeled { dataset: ds.name() })?;
+    // Where the model is (a run being trained on a GPU is monitored there).
+    let device = model.params.params.first().map_or(Device::Cpu, |p| p.var.device().clone());
     let mut x = Vec::new();
     let mut labels = Vec::new();
     let mut dim = 0;
-    for batch in EvalLoader::new(ds, &cfg, opts.batch_size.max(1)) {
+    for batch in batches {
         let batch = batch?;
-        let y = pool(&forward_to(c, &run.model, &batch.to_tensor(&Device::Cpu)?, idx)?)?;
+        let y = pool(&forward_to(plan, model, &batch.to_tensor(&device)?, idx)?)?;
         dim = y.dim(1)?;
-        x.extend(y.flatten_all()?.to_vec1::<f32>()?);
+        x.extend(y.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
         labels.extend_from_slice(&batch.labels);
     }
     let f = Features { n: labels.len(), x, dim, labels, num_classes };
     f.validate()?;
     Ok(f)
+}
+
+/// Every evaluation batch of `ds` under `cfg`'s transform, read once (the monitor reuses
+/// them every pass).
+pub fn eval_batches(ds: &Arc<dyn Dataset>, cfg: &DataConfig, batch_size: usize) -> Result<Vec<data::Batch>> {
+    Ok(EvalLoader::new(ds.clone(), cfg, batch_size.max(1)).collect::<std::result::Result<Vec<_>, _>>()?)
 }

@@ -64,26 +64,46 @@ pub struct LossRun {
     pub curves: Vec<LossCurve>,
 }
 
-/// Reads `metrics.csv` and the graph in `config.yaml` of a run directory (no weights needed).
-pub fn read_loss_run(dir: &Path, label: &str) -> Result<LossRun> {
-    let cfg_path = dir.join(CONFIG);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let c = compile(&parse_str(&text, &cfg_path)?)?;
+/// A run's `metrics.csv`: the header's column names and every row's values (an empty or
+/// unreadable cell is NaN). Fails when there is no `step` column.
+pub fn read_metrics(dir: &Path) -> Result<(Vec<String>, Vec<Vec<f64>>)> {
     let path = dir.join(METRICS);
-    let csv = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let csv = crate::bounded::read_to_string(&path, crate::bounded::METRICS).map_err(|e| Error::io(&path, e))?;
     let mut lines = csv.lines();
-    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
-    let Some(step_col) = header.iter().position(|h| *h == "step") else {
-        return Err(EvalError::Metrics { path: path.clone(), why: "no `step` column in the header".into() }.into());
-    };
-    let rows: Vec<Vec<f64>> = lines
+    let header: Vec<String> = lines.next().unwrap_or_default().split(',').map(String::from).collect();
+    if !header.iter().any(|h| h == "step") {
+        return Err(EvalError::Metrics { path, why: "no `step` column in the header".into() }.into());
+    }
+    let rows = lines
         .filter(|l| !l.trim().is_empty())
         .map(|l| l.split(',').map(|v| v.trim().parse().unwrap_or(f64::NAN)).collect())
         .collect();
+    Ok((header, rows))
+}
+
+/// The values of column `name` as `(step, value)`, skipping rows where it is empty.
+pub fn column(dir: &Path, name: &str) -> Result<Vec<(f64, f64)>> {
+    let (header, rows) = read_metrics(dir)?;
+    let at = |n: &str| header.iter().position(|h| h == n);
+    let (Some(step), Some(col)) = (at("step"), at(name)) else {
+        let path = dir.join(METRICS);
+        return Err(EvalError::Metrics { path, why: format!("no `{name}` column (is `monitor:` on?)") }.into());
+    };
+    Ok(rows.iter().filter_map(|r| Some((*r.get(step)?, *r.get(col)?))).filter(|(_, v)| v.is_finite()).collect())
+}
+
+/// Reads `metrics.csv` and the graph in `config.yaml` of a run directory (no weights needed).
+pub fn read_loss_run(dir: &Path, label: &str) -> Result<LossRun> {
+    let cfg_path = dir.join(CONFIG);
+    let text = crate::bounded::read_to_string(&cfg_path, crate::bounded::SMALL).map_err(|e| Error::io(&cfg_path, e))?;
+    let c = compile(&parse_str(&text, &cfg_path)?)?;
+    let path = dir.join(METRICS);
+    let (header, rows) = read_metrics(dir)?;
+    let step_col = header.iter().position(|h| h == "step").unwrap_or(0);
     let mut curves = vec![];
     for &l in &c.losses {
         let id = c.id(l);
-        let Some(col) = header.iter().position(|h| *h == id) else {
+        let Some(col) = header.iter().position(|h| h == id) else {
             return Err(EvalError::Metrics { path: path.clone(), why: format!("no column for loss `{id}`") }.into());
         };
         let Some(src) = features::encoder_source(&c, l) else { continue };
@@ -161,6 +181,47 @@ pub fn loss_curves(runs: &[(String, PathBuf)], smoothing: f64, outs: &[PathBuf])
     };
     for out in outs {
         let bytes = plot::line_figure(&title, &panels, 2, Format::from_path(out)?)?;
+        plot::save(out, &bytes)?;
+    }
+    Ok(())
+}
+
+/// The online kNN curve (`knn_top1`, from `monitor:`) of each `(label, dir)`: a run directory,
+/// or a seed group (`run --seeds`), drawn as the mean over its runs at each step they share.
+pub fn monitor_curves(runs: &[(String, PathBuf)], outs: &[PathBuf]) -> Result<()> {
+    let mut series = vec![];
+    for (i, (label, dir)) in runs.iter().enumerate() {
+        let dirs = if super::repeats::is_group(dir) { super::repeats::group_runs(dir)? } else { vec![dir.clone()] };
+        let curves = dirs.iter().map(|d| column(d, super::monitor::COLUMN)).collect::<Result<Vec<_>>>()?;
+        let n = curves.len();
+        // The steps every run measured, with the mean of the runs there.
+        let points: Vec<(f64, f64)> = curves
+            .first()
+            .map(|c| c.iter().map(|p| p.0).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|step| {
+                let at: Vec<f64> =
+                    curves.iter().filter_map(|c| c.iter().find(|p| p.0 == step).map(|p| 100.0 * p.1)).collect();
+                (at.len() == n).then(|| (step, at.iter().sum::<f64>() / n as f64))
+            })
+            .collect();
+        let name = if n > 1 { format!("{label} (mean of {n} seeds)") } else { label.clone() };
+        series.push(Series { name, color: i, points });
+    }
+    let panel = LinePanel {
+        title: "online kNN of the live encoder".into(),
+        x_label: "step".into(),
+        y_label: "kNN top-1 (%)".into(),
+        series,
+    };
+    for out in outs {
+        let bytes = plot::line_figure(
+            "Online kNN accuracy during pre-training",
+            std::slice::from_ref(&panel),
+            1,
+            Format::from_path(out)?,
+        )?;
         plot::save(out, &bytes)?;
     }
     Ok(())

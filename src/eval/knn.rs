@@ -6,6 +6,7 @@
 //! linear probe.
 
 use candle_core::{Device, Tensor};
+use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use super::error::EvalError;
@@ -75,6 +76,15 @@ fn vote(sims: &[f32], labels: &[u32], classes: usize, k: usize, temperature: f64
 
 /// Predicted class of every test row.
 pub fn predict(train: &Features, test: &Features, cfg: &KnnConfig) -> Result<Vec<u32>> {
+    let bar = crate::progress::bar(test.n as u64, "queries", &format!("kNN (k = {})", cfg.k));
+    let pred = predict_with(train, test, cfg, &bar);
+    bar.finish_and_clear();
+    pred
+}
+
+/// [`predict`], advancing `bar` by the queries done (the monitor passes a hidden one: its
+/// measurement sits under the training bar).
+pub fn predict_with(train: &Features, test: &Features, cfg: &KnnConfig, bar: &ProgressBar) -> Result<Vec<u32>> {
     train.validate()?;
     test.validate()?;
     if cfg.k == 0 || cfg.chunk == 0 || cfg.temperature.is_nan() || cfg.temperature <= 0.0 {
@@ -101,13 +111,22 @@ pub fn predict(train: &Features, test: &Features, cfg: &KnnConfig) -> Result<Vec
         // [chunk, dim] × [dim, train] = all cosine similarities of the chunk at once
         let sims = q.matmul(&bank)?.to_vec2::<f32>()?;
         pred.extend(sims.iter().map(|s| vote(s, &train.labels, classes, k, cfg.temperature)));
+        bar.inc(sims.len() as u64);
     }
     Ok(pred)
 }
 
 /// Classifies `test` by its neighbours in `train` and reports top-1.
 pub fn knn(train: &Features, test: &Features, cfg: &KnnConfig) -> Result<KnnReport> {
-    let pred = predict(train, test, cfg)?;
+    report(train, test, predict(train, test, cfg)?)
+}
+
+/// [`knn`] without a progress bar of its own.
+pub fn knn_quiet(train: &Features, test: &Features, cfg: &KnnConfig) -> Result<KnnReport> {
+    report(train, test, predict_with(train, test, cfg, &ProgressBar::hidden())?)
+}
+
+fn report(train: &Features, test: &Features, pred: Vec<u32>) -> Result<KnnReport> {
     let hits = pred.iter().zip(&test.labels).filter(|(p, l)| p == l).count();
     Ok(KnnReport {
         test_top1: hits as f64 / test.n.max(1) as f64,

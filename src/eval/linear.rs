@@ -180,7 +180,9 @@ pub fn probe(train: &Features, test: &Features, cfg: &LinearConfig) -> Result<Li
     let mut order: Vec<usize> = (0..train.n).collect();
     let mut step = 0;
     let mut last_loss = f64::NAN;
+    let bar = crate::progress::bar(cfg.epochs as u64, "epochs", "linear probe");
     for _ in 0..cfg.epochs {
+        bar.inc(1);
         order.shuffle(&mut rng);
         let (mut sum, mut count) = (0.0, 0usize);
         for chunk in order.chunks(cfg.batch_size) {
@@ -201,7 +203,9 @@ pub fn probe(train: &Features, test: &Features, cfg: &LinearConfig) -> Result<Li
             step += 1;
         }
         last_loss = sum / count.max(1) as f64;
+        bar.set_message(format!("loss {last_loss:.4}"));
     }
+    bar.finish_and_clear();
     let logits = |x: &Tensor| -> Result<Tensor> { Ok(x.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?) };
     Ok(LinearReport {
         test_top1: accuracy(&logits(&xte)?, &test.labels)?,

@@ -11,8 +11,10 @@ pub mod features;
 pub mod figures;
 pub mod knn;
 pub mod linear;
+pub mod monitor;
 pub mod plot;
 pub mod profile;
+pub mod repeats;
 pub mod report;
 pub mod tsne;
 

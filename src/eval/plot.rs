@@ -111,7 +111,8 @@ fn ensure_font() -> Result<()> {
             "no TrueType font found for figure text: install fonts-dejavu-core or set LOCOGRAPH_FONT=/path/to/font.ttf"
                 .to_string()
         })?;
-        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bytes =
+            crate::bounded::read(&path, crate::bounded::IMAGE).map_err(|e| format!("{}: {e}", path.display()))?;
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
         plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
             .map_err(|_| format!("{}: not a TrueType/OpenType font", path.display()))

@@ -143,7 +143,9 @@ pub fn tsne(x: &[f32], n: usize, dim: usize, cfg: &TsneConfig) -> Result<Vec<[f6
     let mut velocity = vec![[0f64; 2]; n];
     let mut gains = vec![[1f64; 2]; n];
     let mut num = vec![0f64; n * n];
+    let bar = crate::progress::bar(cfg.iterations as u64, "iterations", &format!("t-SNE of {n} points"));
     for it in 0..cfg.iterations {
+        bar.inc(1);
         let exaggeration = if it < cfg.exaggeration_iterations { cfg.early_exaggeration } else { 1.0 };
         let momentum = if it < cfg.exaggeration_iterations { 0.5 } else { 0.8 };
         // Student-t kernel 1 / (1 + |yi - yj|²) and its sum (Q's normaliser).
@@ -190,6 +192,7 @@ pub fn tsne(x: &[f32], n: usize, dim: usize, cfg: &TsneConfig) -> Result<Vec<[f6
             yi[1] -= mean[1];
         }
     }
+    bar.finish_and_clear();
     Ok(y)
 }
 

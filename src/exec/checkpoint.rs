@@ -67,6 +67,9 @@ pub struct CheckpointState {
     pub graph_hash: String,
     /// Threads candle's kernels ran with: bit-identical resumption needs the same count.
     pub threads: usize,
+    /// Ranks of the job (`mpirun -np`); resume needs the same count.
+    #[serde(default = "one")]
+    pub ranks: usize,
     /// Wall-clock seconds of training before this checkpoint (continues `metrics.csv`'s clock).
     pub elapsed_s: f64,
     /// Each loss at step 0, for the summary printed at the end.
@@ -75,6 +78,10 @@ pub struct CheckpointState {
     pub files: BTreeMap<String, String>,
     /// Version of the locograph that wrote it.
     pub locograph: String,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A stable hash of the graph part of an experiment: the input shape, every node's config
@@ -219,7 +226,8 @@ pub fn read(dir: &Path, older: bool) -> Result<Checkpoint> {
         CheckpointError::Damaged { dir: dir.into(), file: file.into(), why, older }.into()
     };
     let state_path = dir.join(STATE);
-    let text = std::fs::read_to_string(&state_path).map_err(|e| damaged(STATE, e.to_string()))?;
+    let text = crate::bounded::read_to_string(&state_path, crate::bounded::SMALL)
+        .map_err(|e| damaged(STATE, e.to_string()))?;
     // Read the version alone first, so a newer format gets a version message, not a parse error.
     let version = serde_json::from_str::<serde_json::Value>(&text)
         .map_err(|e| damaged(STATE, e.to_string()))?
@@ -253,6 +261,9 @@ impl Checkpoint {
     pub fn apply(&self, model: &Model, optimizer: &mut dyn Optimizer) -> Result<()> {
         model.params.load_safetensors(&self.dir.join(WEIGHTS))?;
         let path = self.dir.join(OPTIMIZER);
+        // candle reads the file whole: a regular file of a bounded size first.
+        crate::bounded::open(&path, crate::bounded::MODEL)
+            .map_err(|e| CheckpointError::OptimizerState { path: path.clone(), why: format!("cannot read it: {e}") })?;
         let mut state: Vec<(String, Tensor)> = candle_core::safetensors::load(&path, &Device::Cpu)
             .map_err(|e| CheckpointError::OptimizerState { path: path.clone(), why: format!("cannot read it: {e}") })?
             .into_iter()

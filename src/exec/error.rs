@@ -15,6 +15,11 @@ pub enum TrainError {
     DatasetTooSmall { dataset: String, images: usize, batch_size: usize },
     #[error("`device: cuda` needs a build with `--features cuda` (this binary is CPU-only)")]
     CudaNotBuilt,
+    #[error("`train.batch_size` is {batch_size} but the job has {ranks} ranks: every rank needs at least one image of each batch")]
+    BatchTooSmallForRanks { batch_size: usize, ranks: usize },
+    /// `exec::train::train` got no [`crate::exec::Monitor`] for an experiment with `monitor:`.
+    #[error("the experiment has a `monitor:` section, but no monitor was given to the trainer (`eval::monitor::train` builds it)")]
+    NoMonitor,
 }
 
 /// Problems with a run directory or one of its checkpoints.
@@ -35,6 +40,8 @@ pub enum CheckpointError {
     GraphChanged { checkpoint: PathBuf, config: PathBuf, was: String, now: String, mismatch: Option<String> },
     #[error("{}: `seed` is {now} but the checkpoint was trained with seed {was}: the data order would differ", config.display())]
     SeedChanged { config: PathBuf, now: u64, was: u64 },
+    #[error("checkpoint {} was written by a job of {was} rank(s), this one has {now}: resume under the same count (mpirun -np {was}); another count splits each batch differently, so the run would not continue the same way", dir.display())]
+    RanksChanged { dir: PathBuf, was: usize, now: usize },
     #[error("{}: optimizer state does not fit: {why}", path.display())]
     OptimizerState { path: PathBuf, why: String },
     #[error("cannot write {what}: {why}")]

@@ -13,6 +13,18 @@ pub fn estimate(loaded: &Loaded, plan: &Plan) -> MemoryEstimate {
     plan.memory_estimate(views, e.precision.dtype().size_in_bytes(), e.optimizer.state_slots())
 }
 
+/// What one rank's step needs when `ranks` share each batch (`dist::cost`: its share's views
+/// and the gathered similarities of global negatives); one rank: [`estimate`].
+pub fn estimate_per_rank(loaded: &Loaded, plan: &Plan, ranks: usize) -> MemoryEstimate {
+    if ranks <= 1 {
+        return estimate(loaded, plan);
+    }
+    let e = &loaded.experiment;
+    let (elem, slots) = (e.precision.dtype().size_in_bytes(), e.optimizer.state_slots());
+    crate::dist::cost::rank_cost(plan, e.train.batch_size, ranks, elem, slots, crate::dist::cost::Link::INFINIBAND_HDR)
+        .memory
+}
+
 /// The memory limit training must fit in, and where it comes from: `LOCOGRAPH_MEMORY_LIMIT`
 /// (bytes, or with a K/M/G/T suffix, powers of 1024), else `MemTotal` in `/proc/meminfo`.
 /// `None` where neither exists (the check is then skipped).
@@ -79,10 +91,18 @@ pub fn report(loaded: &Loaded, plan: &Plan) -> String {
 /// Refuses a configuration whose predicted step exceeds [`memory_limit`], with the prediction
 /// and the limit in the message, located at `train.batch_size`.
 pub fn check_fits(loaded: &Loaded, plan: &Plan) -> Result<(), ConfigErrors> {
+    check_fits_ranks(loaded, plan, 1, 1)
+}
+
+/// [`check_fits`] for one of `ranks` ranks, `local` of which share this machine (and its
+/// memory limit).
+pub fn check_fits_ranks(loaded: &Loaded, plan: &Plan, ranks: usize, local: usize) -> Result<(), ConfigErrors> {
     let Some((limit, source)) = memory_limit() else {
         return Ok(());
     };
-    let est = estimate(loaded, plan);
+    let (limit, source) =
+        if local > 1 { (limit / local as f64, format!("{source}, shared by {local} ranks")) } else { (limit, source) };
+    let est = estimate_per_rank(loaded, plan, ranks);
     if est.total() <= limit {
         return Ok(());
     }

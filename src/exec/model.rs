@@ -1,10 +1,13 @@
 //! The layers of a plan, built with seeded, named parameters.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use petgraph::graph::NodeIndex;
 use tracing::info_span;
 
 use crate::config::NodeConfig;
+use crate::dist::Communicator;
 use crate::graph::Plan;
 use crate::loss::{CrossEntropy, Loss, Mse, NegCosine, NtXent};
 use crate::nn::decoder::{decoder, Decoder};
@@ -90,7 +93,21 @@ fn averages(plan: &Plan, params: &ParamStore) -> Result<Vec<Average>> {
 impl Model {
     /// Builds every node; parameter names start with the node id.
     pub fn new(plan: &Plan, seed: u64, device: &Device) -> Result<Self> {
+        Self::new_in(plan, seed, device, &crate::dist::solo(), false)
+    }
+
+    /// [`Model::new`] for one rank of `group`, which holds a share of each batch: the losses
+    /// contrast across the ranks as their `negatives` say, and with `sync_batch_norm` every
+    /// batch norm normalises with the whole batch's statistics. One rank: the same as `new`.
+    pub fn new_in(
+        plan: &Plan,
+        seed: u64,
+        device: &Device,
+        group: &Arc<dyn Communicator>,
+        sync_batch_norm: bool,
+    ) -> Result<Self> {
         let pb = ParamBuilder::new(seed, device, DType::F32);
+        let pb = if sync_batch_norm { pb.sync_batch_norm(group.clone()) } else { pb };
         let n = plan.graph.node_count();
         let mut modules = vec![None; n];
         let mut frozen = vec![false; n];
@@ -107,7 +124,9 @@ impl Model {
                 NodeConfig::Stage(s) => NodeModule::Stage(stage(s, in_c, &b)?),
                 NodeConfig::Decoder(d) => NodeModule::Decoder(decoder(d, in_c, &b)?),
                 NodeConfig::ImageDecoder(d) => NodeModule::ImageDecoder(image_decoder(d, in_c, &b)?),
-                NodeConfig::NtXent(l) => NodeModule::Loss(Loss::NtXent(NtXent { temperature: l.temperature })),
+                NodeConfig::NtXent(l) => {
+                    NodeModule::Loss(Loss::NtXent(NtXent::new(l.temperature).in_group(l.negatives, group.clone())))
+                }
                 NodeConfig::CrossEntropy(_) => NodeModule::Loss(Loss::CrossEntropy(CrossEntropy)),
                 NodeConfig::Mse(_) => NodeModule::Loss(Loss::Mse(Mse)),
                 NodeConfig::NegCosine(_) => NodeModule::Loss(Loss::NegCosine(NegCosine)),

@@ -38,9 +38,28 @@ pub fn resolved_yaml(exp: &Experiment) -> Result<String> {
         .map_err(|err| CheckpointError::Serialise { what: "the experiment", why: err.to_string() }.into())
 }
 
-/// A new run directory's name: `<root>/<name>-YYYYmmdd-HHMMSS` (UTC).
+/// Where a run's directory goes: `cli` (`--runs-dir`, relative to the working directory),
+/// else `train.runs_dir` (relative to the experiment file, like every path in it), else
+/// `runs/` in the working directory.
+pub fn root(loaded: &Loaded, cli: Option<&Path>) -> PathBuf {
+    match (cli, &loaded.experiment.train.runs_dir) {
+        (Some(c), _) => c.to_path_buf(),
+        (None, Some(r)) => loaded.base_dir.join(r),
+        (None, None) => PathBuf::from("runs"),
+    }
+}
+
+/// A new run directory's name: `<root>/<name>-YYYYmmdd-HHMMSS` (UTC), with `-2`, `-3`, …
+/// added when a run of the same name started in the same second.
 pub fn new_dir(root: &Path, name: &str) -> PathBuf {
-    root.join(format!("{name}-{}", timestamp()))
+    let base = format!("{name}-{}", timestamp());
+    let mut dir = root.join(&base);
+    let mut n = 1;
+    while dir.exists() {
+        n += 1;
+        dir = root.join(format!("{base}-{n}"));
+    }
+    dir
 }
 
 /// `YYYYmmdd-HHMMSS` in UTC, without a date-time dependency.
@@ -83,10 +102,10 @@ pub struct OpenRun {
 pub fn load_config(dir: &Path) -> Result<Loaded> {
     check(dir)?;
     let cfg_path = dir.join(CONFIG);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let text = crate::bounded::read_to_string(&cfg_path, crate::bounded::SMALL).map_err(|e| Error::io(&cfg_path, e))?;
     let mut loaded = parse_str(&text, &cfg_path)?;
     // Relative paths in a run's config were written relative to the original experiment.
-    if let Some(orig) = std::fs::read_to_string(dir.join(META))
+    if let Some(orig) = crate::bounded::read_to_string(&dir.join(META), crate::bounded::SMALL)
         .ok()
         .and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok())
         .and_then(|m| m.get("base_dir").and_then(|b| b.as_str()).map(PathBuf::from))
@@ -107,7 +126,7 @@ pub fn open_run(dir: &Path, device: &Device) -> Result<OpenRun> {
         return Err(CheckpointError::NoWeights { path: w }.into());
     }
     model.params.load_safetensors(&w)?;
-    let meta = std::fs::read_to_string(dir.join(META))
+    let meta = crate::bounded::read_to_string(&dir.join(META), crate::bounded::SMALL)
         .ok()
         .and_then(|m| serde_json::from_str(&m).ok())
         .unwrap_or(serde_json::Value::Null);

@@ -10,7 +10,8 @@ use super::error::TrainError;
 use super::memory_guard;
 use super::model::Model;
 use crate::config::{check_values, ConfigError, ConfigErrors, DeviceKind, Loaded};
-use crate::data::{self, Dataset};
+use crate::data::{self, Dataset, Shard};
+use crate::dist::{replicas, Communicator};
 use crate::graph::{compile, Plan};
 use crate::optim::{LrSchedule, Optimizer};
 use crate::Result;
@@ -49,14 +50,29 @@ pub struct Setup {
     pub batch_size: usize,
     /// Size of rayon's pool, recorded in checkpoints (determinism needs the same count).
     pub threads: usize,
+    /// The ranks training together (one process: a group of one).
+    pub group: Arc<dyn Communicator>,
+    /// This rank's share of each global batch.
+    pub shard: Shard,
 }
 
 impl Setup {
     /// Checks everything and only then allocates the model. `total` replaces the run's length;
     /// `threads` is the count to use when the experiment names none (a resumed run's).
     pub fn new(loaded: &Loaded, total: Option<u64>, threads: Option<usize>) -> Result<Self> {
+        Self::new_in(loaded, total, threads, crate::dist::solo())
+    }
+
+    /// [`Setup::new`] for one rank of `group`: the model's losses and batch norms work across
+    /// the ranks (`negatives`, `train.sync_batch_norm`) and its weights are rank 0's.
+    pub fn new_in(
+        loaded: &Loaded,
+        total: Option<u64>,
+        threads: Option<usize>,
+        group: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         let plan = validate(loaded)?;
-        memory_guard::check_fits(loaded, &plan)?;
+        memory_guard::check_fits_ranks(loaded, &plan, group.size(), crate::dist::launched_local_ranks().unwrap_or(1))?;
         let exp = &loaded.experiment;
         if let Some(t) = exp.train.threads.or(threads) {
             // candle's CPU kernels and the gemm crate read rayon's global pool.
@@ -78,6 +94,10 @@ impl Setup {
         }
         check_labels(&plan, ds.as_ref())?;
         let batch_size = exp.train.batch_size;
+        let shard = Shard { rank: group.rank(), ranks: group.size() };
+        if batch_size < shard.ranks {
+            return Err(TrainError::BatchTooSmallForRanks { batch_size, ranks: shard.ranks }.into());
+        }
         if ds.len() < batch_size {
             // The loader drops the last incomplete batch, so an epoch would have no step at all.
             return Err(TrainError::DatasetTooSmall { dataset: ds.name(), images: ds.len(), batch_size }.into());
@@ -85,7 +105,12 @@ impl Setup {
         let steps_per_epoch = (ds.len() / batch_size).max(1) as u64;
         let total = total.or(exp.train.steps).unwrap_or_else(|| exp.train.epochs.unwrap_or(1) * steps_per_epoch);
         let schedule = exp.schedule.build(batch_size, total as usize, steps_per_epoch as usize);
-        let model = Model::new(&plan, exp.seed, &device)?.with_compute(exp.precision.dtype());
+        let model = Model::new_in(&plan, exp.seed, &device, &group, exp.train.sync_batch_norm)?
+            .with_compute(exp.precision.dtype());
+        // Seeded initialisation is already the same everywhere; the broadcast makes it so
+        // whatever a rank's build did.
+        let vars = model.params.params.iter().map(|p| &p.var).chain(model.params.buffers.iter().map(|b| &b.var));
+        replicas::broadcast_vars(&group, vars, 0)?;
         let optimizer = exp.optimizer.build();
         Ok(Setup {
             plan,
@@ -98,6 +123,8 @@ impl Setup {
             steps_per_epoch,
             batch_size,
             threads: rayon::current_num_threads(),
+            group,
+            shard,
         })
     }
 }

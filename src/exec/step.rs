@@ -83,8 +83,23 @@ pub struct StepState<'a> {
     losses: Vec<(NodeIndex, f32)>,
 }
 
+/// A backward group held over to the next step (a pipelined rank's parameters-only group whose
+/// cotangent comes back from another rank): the links of the step that ran its forward.
+#[derive(Debug)]
+pub struct Deferred {
+    links: Vec<Link>,
+}
+
 impl<'a> StepState<'a> {
     pub fn new(plan: &'a Plan, model: &'a Model) -> Self {
+        Self::new_on(plan, model, &|_| true)
+    }
+
+    /// A step that runs only the nodes `runs` selects (one rank of a stage-parallel job): the
+    /// other nodes' values arrive through [`StepState::insert_value`], their cotangents leave
+    /// through [`StepState::take_cotangents`], and only the selected consumers and backward
+    /// groups are waited for before something is freed.
+    pub fn new_on(plan: &'a Plan, model: &'a Model, runs: &dyn Fn(NodeIndex) -> bool) -> Self {
         let g = &plan.graph;
         let nn = g.node_count();
         StepState {
@@ -94,8 +109,11 @@ impl<'a> StepState<'a> {
             chains: (0..nn).map(|_| vec![]).collect(),
             leaves: vec![None; g.edge_count()],
             cots: vec![vec![]; nn],
-            consumers_left: g.node_indices().map(|n| g.neighbors_directed(n, Direction::Outgoing).count()).collect(),
-            groups_left: g.node_indices().map(|n| plan.reach.groups(n).len()).collect(),
+            consumers_left: g
+                .node_indices()
+                .map(|n| g.neighbors_directed(n, Direction::Outgoing).filter(|&c| runs(c)).count())
+                .collect(),
+            groups_left: g.node_indices().map(|n| if runs(n) { plan.reach.groups(n).len() } else { 0 }).collect(),
             grads: vec![None; model.params.params.len()],
             passes: vec![0; nn],
             losses: vec![],
@@ -175,14 +193,60 @@ impl<'a> StepState<'a> {
         let g = &plan.reach.groups(m)[group];
         let _span = debug_span!("backward", node = %plan.id(m), losses = g.losses.len()).entered();
         let last = self.groups_left[m.index()] == 1;
-        let mut cot = Some(self.cotangent(m, &g.losses)?);
+        let cot = self.cotangent(m, &g.losses)?;
         if last {
-            // The node's own output must not hold its graph through the last backward (the
-            // links give theirs up one by one): keep only the value, for consumers still to read.
-            if let Some(v) = self.values[m.index()].take() {
-                self.values[m.index()] = (self.consumers_left[m.index()] > 0).then(|| v.detach());
-            }
+            self.keep_value_only(m);
         }
+        self.backward_links(m, group, cot, last)?;
+        self.passes[m.index()] += 1;
+        self.group_done(m, on_final)
+    }
+
+    /// A pipelined rank's backward group `group` of `m`, whose cotangent another rank sends back
+    /// after this rank has moved on: this step's links are held over and returned, and the
+    /// `earlier` step's links (with the cotangent that came back for them) run backward now, their
+    /// parameter gradients added to this step's. The group must be `m`'s last and send no gradient
+    /// below (parameters only: a LoCo shared stage's upper-unit group).
+    pub fn defer(
+        &mut self,
+        m: NodeIndex,
+        group: usize,
+        earlier: Option<(Deferred, Tensor)>,
+        on_final: Option<&mut OnGradsFinal<'_>>,
+    ) -> Result<Deferred> {
+        let plan = self.plan;
+        if self.groups_left[m.index()] != 1 || !plan.reach.groups(m)[group].input_edges.is_empty() {
+            candle_core::bail!(
+                "`{}`: only a node's last, parameters-only backward group can wait a step for its cotangent",
+                plan.id(m)
+            )
+        }
+        let _span = debug_span!("deferred_backward", node = %plan.id(m)).entered();
+        self.keep_value_only(m);
+        let now = Deferred { links: std::mem::take(&mut self.chains[m.index()]) };
+        if let Some((d, cot)) = earlier {
+            self.chains[m.index()] = d.links;
+            self.backward_links(m, group, cot, true)?;
+            self.chains[m.index()].clear();
+            self.passes[m.index()] += 1;
+        }
+        self.group_done(m, on_final)?;
+        Ok(now)
+    }
+
+    /// The node's output must not hold its graph through its last backward (the links give
+    /// theirs up one by one): keep only the value, for consumers still to read it.
+    fn keep_value_only(&mut self, m: NodeIndex) {
+        if let Some(v) = self.values[m.index()].take() {
+            self.values[m.index()] = (self.consumers_left[m.index()] > 0).then(|| v.detach());
+        }
+    }
+
+    /// Runs `m`'s links backward from the last, seeded with `cot` (the last backward gives each
+    /// link's graph up as it goes).
+    fn backward_links(&mut self, m: NodeIndex, group: usize, cot: Tensor, last: bool) -> Result<()> {
+        let plan = self.plan;
+        let mut cot = Some(cot);
         for k in (0..self.chains[m.index()].len()).rev() {
             // Moved in: the cotangent is freed as soon as the link has used it.
             let Some(seed) = cot.take() else { candle_core::bail!("link {k} of `{}` got no cotangent", plan.id(m)) };
@@ -205,7 +269,12 @@ impl<'a> StepState<'a> {
                 (None, _) => candle_core::bail!("link {k} of `{}` has no input leaf", plan.id(m)),
             }
         }
-        self.passes[m.index()] += 1;
+        Ok(())
+    }
+
+    /// One of `m`'s backward groups is done; after its last, `on_final` sees its gradients.
+    fn group_done(&mut self, m: NodeIndex, on_final: Option<&mut OnGradsFinal<'_>>) -> Result<()> {
+        let plan = self.plan;
         self.groups_left[m.index()] -= 1;
         if self.groups_left[m.index()] == 0 {
             for e in plan.graph.edges_directed(m, Direction::Incoming) {
@@ -218,6 +287,27 @@ impl<'a> StepState<'a> {
         }
         self.release(m);
         Ok(())
+    }
+
+    /// The output of node `n`, computed on another rank.
+    pub fn insert_value(&mut self, n: NodeIndex, value: Tensor) {
+        self.values[n.index()] = Some(value);
+    }
+
+    /// Node `n`'s output, while the step holds it.
+    pub fn value(&self, n: NodeIndex) -> Option<&Tensor> {
+        self.values[n.index()].as_ref()
+    }
+
+    /// A cotangent at `n`'s output carrying `losses`, computed on another rank.
+    pub fn push_cotangent(&mut self, n: NodeIndex, losses: Vec<NodeIndex>, cotangent: Tensor) {
+        self.cots[n.index()].push((losses, cotangent));
+    }
+
+    /// The cotangents sent to node `n` (one per backward group that reached it), to hand to the
+    /// rank that runs `n`.
+    pub fn take_cotangents(&mut self, n: NodeIndex) -> Vec<(Vec<NodeIndex>, Tensor)> {
+        std::mem::take(&mut self.cots[n.index()])
     }
 
     /// The cotangent at `m`'s output for a group of `losses`: a loss's weight at the loss itself

@@ -502,7 +502,7 @@ fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
 
 /// Reads an ONNX file back (for tests and tools).
 pub fn read_model(path: &Path) -> Result<ModelProto> {
-    let bytes = std::fs::read(path).map_err(|e| ExportError::io(path, e))?;
+    let bytes = crate::bounded::read(path, crate::bounded::MODEL).map_err(|e| ExportError::io(path, e))?;
     ModelProto::parse_from_bytes(&bytes)
         .map_err(|e| ExportError::BadModel { path: path.to_path_buf(), message: format!("not an ONNX model: {e}") })
 }

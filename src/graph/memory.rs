@@ -57,6 +57,13 @@ impl Plan {
     /// [`HeldBytes`] of one step on `views` images at `elem_bytes` per activation element
     /// (4 for f32).
     pub fn held_bytes(&self, views: usize, elem_bytes: usize) -> HeldBytes {
+        self.held_bytes_on(views, elem_bytes, &|_| true)
+    }
+
+    /// [`Plan::held_bytes`] of the nodes `mine` selects, as one rank of a stage-parallel job
+    /// holds them: its nodes' activations and outputs, a copy of every value it receives from
+    /// another rank while its consumer needs it, and the cotangents sent to its nodes.
+    pub fn held_bytes_on(&self, views: usize, elem_bytes: usize, mine: &dyn Fn(NodeIndex) -> bool) -> HeldBytes {
         let g = &self.graph;
         let nn = g.node_count();
         let out: Vec<usize> = g.node_indices().map(|n| self.cost(n).output_bytes(views, elem_bytes)).collect();
@@ -113,20 +120,25 @@ impl Plan {
                     release(m.index(), &mut value, &mut graph, &consumers_left, &groups_left);
                 }
             }
-            // A leaf that is its producer's own output keeps that storage, counted once.
+            // A leaf that is its producer's own output keeps that storage, counted once; a value
+            // from another rank is a copy.
             let mut storage_alive: Vec<bool> = value.clone();
             let mut copies = 0;
             for e in g.edge_references() {
-                if leaf[e.id().index()] {
-                    let p = e.source().index();
-                    if is_leaf[p] {
+                let p = e.source().index();
+                if leaf[e.id().index()] && mine(e.target()) {
+                    if is_leaf[p] && mine(e.source()) {
                         storage_alive[p] = true;
                     } else {
                         copies = usize::saturating_add(copies, out[p]);
                     }
+                } else if mine(e.target()) && !mine(e.source()) && graph[e.target().index()] {
+                    // Received from another rank, read (detached) by a graph still alive here.
+                    copies = usize::saturating_add(copies, out[p]);
                 }
             }
-            let nodes = (0..nn).map(|n| {
+            let nodes = g.node_indices().filter(|&n| mine(n)).map(|n| {
+                let n = n.index();
                 if graph[n] {
                     kept[n].max(out[n])
                 } else if storage_alive[n] {
@@ -135,7 +147,8 @@ impl Plan {
                     0
                 }
             });
-            let held = nodes.chain(cots.iter().map(|c| c.2)).fold(copies, usize::saturating_add);
+            let cots_here = cots.iter().filter(|c| mine(NodeIndex::new(c.0))).map(|c| c.2);
+            let held = nodes.chain(cots_here).fold(copies, usize::saturating_add);
             actions.push((action, held));
         }
         HeldBytes { actions }

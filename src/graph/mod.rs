@@ -7,6 +7,7 @@ pub mod explain;
 pub mod memory;
 pub mod node;
 pub mod order;
+pub mod placement;
 pub mod plan;
 pub mod reach;
 pub mod shape;
@@ -17,6 +18,7 @@ pub use build::compile;
 pub use memory::{HeldBytes, MemoryEstimate};
 pub use node::{GEdge, GNode, INPUT, LABELS};
 pub use order::{Action, Order};
+pub use placement::{place, Placement, RankCost};
 pub use plan::Plan;
 pub use reach::{BackwardGroup, Reachability};
 

@@ -10,10 +10,10 @@ pub use cross_entropy::{cross_entropy, CrossEntropy};
 pub use mse::{mse, Mse};
 pub use neg_cosine::{neg_cosine, NegCosine};
 
-pub use nt_xent::{contrastive_accuracy, nt_xent, NtXent};
+pub use nt_xent::{contrastive_accuracy, nt_xent, nt_xent_in, Negatives, NtXent};
 
 /// The loss a loss node computes.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum Loss {
     NtXent(NtXent),
     CrossEntropy(CrossEntropy),

@@ -4,8 +4,30 @@
 //! negatives are the other 2N−2 rows. Built from differentiable ops only: the fused
 //! `softmax_last_dim` has no gradient in candle (candle-notes trap 4), so this uses
 //! `candle_nn::ops::log_softmax`, which is an explicit max-subtracted logsumexp.
+//!
+//! Across ranks ([`nt_xent_in`]) each rank holds a share of the batch; with global negatives its
+//! anchors are contrasted with every rank's rows (all-gathered), so loss and gradients are one
+//! process's on the whole batch.
+
+use std::sync::Arc;
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::dist::{ops::all_gather_views, Communicator};
+
+/// Where an anchor's negatives come from when the batch is spread over ranks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Negatives {
+    /// Every other row of the global batch, all ranks' (SimCLR's "global" contrastive loss):
+    /// the loss one process computes on the whole batch.
+    #[default]
+    Global,
+    /// Only the rows of the anchor's own rank: 2·n_r − 2 negatives instead of 2N − 2, no
+    /// embeddings exchanged (what each GPU of a plain data-parallel SimCLR computes).
+    Local,
+}
 
 /// `F.normalize`'s eps: rows with a smaller norm are divided by this instead, so an all-zero
 /// row gives a finite loss and gradient.
@@ -29,17 +51,93 @@ pub fn nt_xent(z: &Tensor, temperature: f64) -> Result<Tensor> {
 }
 
 /// [`nt_xent`] as a graph node (`op: nt_xent`); it has no parameters and no training mode.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// In a group of several ranks it is [`nt_xent_in`] with the node's `negatives`.
+#[derive(Clone, Debug)]
 pub struct NtXent {
     pub temperature: f64,
+    pub negatives: Negatives,
+    /// The ranks that hold the batch's shares (one process: [`crate::dist::solo`]).
+    pub group: Arc<dyn Communicator>,
+}
+
+impl NtXent {
+    /// The loss of one process.
+    pub fn new(temperature: f64) -> Self {
+        NtXent { temperature, negatives: Negatives::Global, group: crate::dist::solo() }
+    }
+
+    /// The loss across `group`'s ranks with `negatives`.
+    pub fn in_group(mut self, negatives: Negatives, group: Arc<dyn Communicator>) -> Self {
+        self.negatives = negatives;
+        self.group = group;
+        self
+    }
 }
 
 impl crate::nn::Layer for NtXent {
     /// # Shapes
-    /// `[2N, D]` → scalar.
+    /// `[2·n_r, D]` → scalar.
     fn forward_t(&self, z: &Tensor, _train: bool) -> Result<Tensor> {
-        nt_xent(z, self.temperature)
+        nt_xent_in(z, self.temperature, self.negatives, &self.group)
     }
+}
+
+/// NT-Xent on a batch of which this rank holds the share `z` (`[2·n_r, D]`: view 1 of its
+/// `n_r` images, then view 2, as [`nt_xent`]), the ranks' shares being consecutive images of the
+/// global batch of `N = Σ n_r` images in rank order.
+///
+/// The value returned is the loss of the whole batch, the same on every rank (mean over its 2N
+/// anchors; with [`Negatives::Local`], each anchor's negatives are its own rank's rows). Its
+/// gradient is `size × this rank's anchors' share` of that loss's gradient: the mean over the
+/// ranks of each parameter's gradient (what the gradient reducer computes) is then the whole
+/// batch's gradient, with uneven shares too. With global negatives the backward also returns the
+/// gradient of the rows other ranks gathered from this one (`dist::ops::all_gather_views`).
+///
+/// One rank: exactly [`nt_xent`].
+///
+/// # Shapes
+/// - `z`: `[2·n_r, D]`
+/// - returns a scalar `[]` (dtype as [`nt_xent`]).
+pub fn nt_xent_in(z: &Tensor, temperature: f64, negatives: Negatives, group: &Arc<dyn Communicator>) -> Result<Tensor> {
+    if group.size() == 1 {
+        return nt_xent(z, temperature);
+    }
+    let (rows, _dim) = z.dims2()?;
+    if rows < 2 || rows % 2 != 0 {
+        bail!("nt_xent: expected [2n, D] with n >= 1 (two views per image), got {:?}", z.shape());
+    }
+    check_temperature(temperature)?;
+    let z = match z.dtype() {
+        DType::F16 | DType::BF16 => z.to_dtype(DType::F32)?,
+        _ => z.clone(),
+    };
+    let unit = unit_rows(&z)?;
+    let n_local = rows / 2;
+    // Σ over this rank's anchors of −log p(positive); N, the global image count.
+    let (anchor_sum, n_global) = match negatives {
+        Negatives::Global => {
+            let (all, counts) = all_gather_views(&unit, 2, group)?;
+            let n: usize = counts.iter().sum();
+            let off: usize = counts[..group.rank()].iter().sum();
+            // This rank's anchors are global rows off..off+n_r and N+off..N+off+n_r.
+            let global_row = |i: usize| if i < n_local { off + i } else { n + off + i - n_local };
+            let logits = (unit.matmul(&all.t()?)? / temperature)?;
+            let (others, positive) = anchor_indices(rows, 2 * n, global_row, z.device())?;
+            let log_prob = candle_nn::ops::log_softmax(&logits.gather(&others, 1)?, D::Minus1)?;
+            (log_prob.gather(&positive, 1)?.sum_all()?.neg()?, n)
+        }
+        Negatives::Local => {
+            let counts = group.all_gather_counts(n_local).map_err(candle_core::Error::wrap)?;
+            (nt_xent(&z, temperature)?.affine(rows as f64, 0.0)?, counts.iter().sum())
+        }
+    };
+    let share = anchor_sum.affine(group.size() as f64 / (2 * n_global) as f64, 0.0)?;
+    // The value of the whole batch's loss on every rank (logs, and the same finite/non-finite
+    // verdict everywhere), the gradient of this rank's share.
+    let mine = share.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let mut total = [mine];
+    group.all_reduce_sum(&mut total).map_err(candle_core::Error::wrap)?;
+    share.affine(1.0, total[0] / group.size() as f64 - mine)
 }
 
 /// Contrastive top-1 accuracy: the fraction of the 2N anchors whose positive has the highest
@@ -65,37 +163,52 @@ fn logits_without_self(z: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)>
     if rows < 2 || rows % 2 != 0 {
         bail!("nt_xent: expected [2N, D] with N >= 1 (two views per image), got {:?}", z.shape());
     }
-    if !(temperature.is_finite() && temperature > 0.0) {
-        bail!("nt_xent: temperature must be a positive number, got {temperature}");
-    }
+    check_temperature(temperature)?;
     let z = match z.dtype() {
         DType::F16 | DType::BF16 => z.to_dtype(DType::F32)?,
         _ => z.clone(),
     };
-    let n = rows / 2;
-
-    // max(‖z‖, eps) written as sqrt(max(‖z‖², eps²)): sqrt of an exact 0 would give an
-    // infinite derivative and a NaN gradient through the zero row.
-    let norm = z.sqr()?.sum_keepdim(1)?.maximum(NORM_EPS * NORM_EPS)?.sqrt()?;
-    let unit = z.broadcast_div(&norm)?;
+    let unit = unit_rows(&z)?;
     let logits = (unit.matmul(&unit.t()?)? / temperature)?;
-
-    let (others, positive) = off_diagonal_indices(rows, n, z.device())?;
+    let (others, positive) = anchor_indices(rows, rows, |i| i, z.device())?;
     Ok((logits.gather(&others, 1)?, positive))
 }
 
-/// Column indices of the off-diagonal entries of each row of a `[rows, rows]` matrix, and
-/// the position of the positive `(i + n) mod rows` among them.
-fn off_diagonal_indices(rows: usize, n: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-    let mut others = Vec::with_capacity(rows * (rows - 1));
-    let mut positive = Vec::with_capacity(rows);
-    for i in 0..rows {
-        others.extend((0..rows).filter(|&j| j != i).map(|j| j as u32));
-        let p = (i + n) % rows;
-        // dropping column i shifts every later column one to the left
-        positive.push(if p > i { p - 1 } else { p } as u32);
+fn check_temperature(temperature: f64) -> Result<()> {
+    if !(temperature.is_finite() && temperature > 0.0) {
+        bail!("nt_xent: temperature must be a positive number, got {temperature}");
     }
-    Ok((Tensor::from_vec(others, (rows, rows - 1), device)?, Tensor::from_vec(positive, (rows, 1), device)?))
+    Ok(())
+}
+
+/// Each row divided by its L2 norm (at least [`NORM_EPS`]).
+fn unit_rows(z: &Tensor) -> Result<Tensor> {
+    // max(‖z‖, eps) written as sqrt(max(‖z‖², eps²)): sqrt of an exact 0 would give an
+    // infinite derivative and a NaN gradient through the zero row.
+    let norm = z.sqr()?.sum_keepdim(1)?.maximum(NORM_EPS * NORM_EPS)?.sqrt()?;
+    z.broadcast_div(&norm)
+}
+
+/// For `anchors` rows of a `[anchors, cols]` similarity matrix whose anchor `i` is column
+/// `self_col(i)` of a batch of `cols = 2N` rows: the columns of every other row, and the
+/// position of the positive (column `(self_col(i) + N) mod 2N`) among them.
+fn anchor_indices(
+    anchors: usize,
+    cols: usize,
+    self_col: impl Fn(usize) -> usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let n = cols / 2;
+    let mut others = Vec::with_capacity(anchors * (cols - 1));
+    let mut positive = Vec::with_capacity(anchors);
+    for i in 0..anchors {
+        let s = self_col(i);
+        others.extend((0..cols).filter(|&j| j != s).map(|j| j as u32));
+        let p = (s + n) % cols;
+        // dropping column s shifts every later column one to the left
+        positive.push(if p > s { p - 1 } else { p } as u32);
+    }
+    Ok((Tensor::from_vec(others, (anchors, cols - 1), device)?, Tensor::from_vec(positive, (anchors, 1), device)?))
 }
 
 #[cfg(test)]

@@ -2,13 +2,21 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::sync::Arc;
+
 use candle_core::{DType, Result, Tensor, Var, D};
 
-use super::batch_norm_op::{channel_stats, BatchNormTrain};
+use super::batch_norm_op::{channel_stats_in, BatchNormTrain};
 use super::{Init, ParamBuilder, ParamKind};
+use crate::dist::{ops::all_reduce_sum, Communicator};
 
 /// `weight`/`bias` are learned (`ParamKind::Norm`: no weight decay, no LARS adaptation);
 /// `running_mean`/`running_var` are buffers, updated in training mode and used in eval mode.
+///
+/// Synchronised (built by a [`ParamBuilder::sync_batch_norm`] builder): in training mode the
+/// statistics are those of the batch that all ranks of the group hold shares of, and so are the
+/// backward's sums; outputs, `dx` and running statistics equal one process's on that batch, and
+/// `dγ`, `dβ` are this rank's share of its gradients.
 #[derive(Clone, Debug)]
 pub struct BatchNorm2d {
     weight: Tensor,
@@ -17,6 +25,7 @@ pub struct BatchNorm2d {
     running_var: Var,
     eps: f64,
     momentum: f64,
+    group: Option<Arc<dyn Communicator>>,
 }
 
 /// PyTorch defaults: eps 1e-5, momentum 0.1. `zero_init` sets γ = 0 (the last BN of a
@@ -30,6 +39,7 @@ pub fn batch_norm2d(channels: usize, zero_init: bool, pb: &ParamBuilder) -> Resu
         running_var: pb.buffer("running_var", channels, 1.0)?,
         eps: 1e-5,
         momentum: 0.1,
+        group: pb.batch_norm_group().cloned(),
     })
 }
 
@@ -123,26 +133,37 @@ impl BatchNorm2d {
 
     /// The batch's statistics as the fused op; updates the running statistics.
     fn batch_op(&self, x: &Tensor) -> Result<BatchNormTrain> {
-        let stats = channel_stats(x)?;
+        let stats = channel_stats_in(x, self.group.as_ref())?;
         check_count(stats.count, x)?;
         let count = stats.count as f64;
         let c = stats.mean.len();
         let mean = Tensor::from_slice(&stats.mean, c, x.device())?.to_dtype(x.dtype())?;
         let var = Tensor::from_slice(&stats.var, c, x.device())?.to_dtype(x.dtype())?;
         self.update_running(&mean, &(var * (count / (count - 1.0)))?)?;
-        Ok(BatchNormTrain::new(&stats, self.eps))
+        Ok(BatchNormTrain::new(&stats, self.eps).synced(self.group.clone()))
     }
 
     /// Training mode composed from candle ops (any device and dtype; the fused op's reference).
     pub(crate) fn train_composed(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        check_count(n * h * w, x)?;
-        let count = (n * h * w) as f64;
+        let mut count = (n * h * w) as f64;
+        // Synchronised: the per-channel sums are summed over the ranks by a differentiable
+        // all-reduce, whose backward sums the ranks' cotangents.
+        let global = |t: Tensor| match &self.group {
+            Some(g) => all_reduce_sum(&t, g),
+            None => Ok(t),
+        };
+        if let Some(g) = &self.group {
+            let mut all = [count];
+            g.all_reduce_sum(&mut all).map_err(candle_core::Error::wrap)?;
+            count = all[0];
+        }
+        check_count(count as usize, x)?;
         let view = (1, c, 1, 1);
         // Reduce W then (N, H): candle reduces one contiguous axis fastest.
-        let mean = (x.sum_keepdim(D::Minus1)?.sum_keepdim(2)?.sum_keepdim(0)? / count)?;
+        let mean = (global(x.sum_keepdim(D::Minus1)?.sum_keepdim(2)?.sum_keepdim(0)?)? / count)?;
         let centred = x.broadcast_sub(&mean)?;
-        let var = (centred.sqr()?.sum_keepdim(D::Minus1)?.sum_keepdim(2)?.sum_keepdim(0)? / count)?;
+        let var = (global(centred.sqr()?.sum_keepdim(D::Minus1)?.sum_keepdim(2)?.sum_keepdim(0)?)? / count)?;
         let unbiased = (var.detach().flatten_all()? * (count / (count - 1.0)))?;
         self.update_running(&mean.detach().flatten_all()?, &unbiased)?;
         let inv_std = (var + self.eps)?.sqrt()?.recip()?;
@@ -261,6 +282,7 @@ mod tests {
                         running_var: Var::from_tensor(&Tensor::ones(c, dtype, &Device::Cpu)?)?,
                         eps: 1e-5,
                         momentum: 0.1,
+                        group: None,
                     })
                 };
                 let (fused, composed) = (make()?, make()?);

@@ -19,55 +19,104 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, V
 use rayon::prelude::*;
 
 use super::cpu_slice::{storage_slice, with_slice};
+use crate::dist::Communicator;
 
 /// Per-channel batch statistics of `[N, C, H, W]`: mean and biased variance.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChannelStats {
     pub mean: Vec<f64>,
     pub var: Vec<f64>,
-    /// Values per channel, `N·H·W`.
+    /// Values per channel, `N·H·W` (summed over the ranks for synchronised statistics).
     pub count: usize,
 }
 
 /// The statistics of an NCHW CPU tensor (f32 or f64), in two passes per channel (mean, then
 /// the centred sum of squares: no cancellation for large means).
 pub fn channel_stats(x: &Tensor) -> Result<ChannelStats> {
-    let (n, c, h, w) = x.dims4()?;
-    let (mean, var) = match x.dtype() {
-        DType::F32 => with_slice(x, |v: &[f32]| stats(v, (n, c, h * w)))?,
-        DType::F64 => with_slice(x, |v: &[f64]| stats(v, (n, c, h * w)))?,
-        d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
-    };
-    Ok(ChannelStats { mean, var, count: n * h * w })
+    channel_stats_in(x, None)
 }
 
-fn stats<T: WithDType>(x: &[T], (n, c, hw): (usize, usize, usize)) -> (Vec<f64>, Vec<f64>) {
-    let count = (n * hw) as f64;
+/// [`channel_stats`] of the batch that every rank of `group` holds a share of: the sums of each
+/// pass are all-reduced (the mean's, with the counts, then the centred squares'), so every rank
+/// gets the statistics one process computes on the whole batch. `None` or one rank: this
+/// rank's own statistics, computed exactly as [`channel_stats`] always did.
+pub fn channel_stats_in(x: &Tensor, group: Option<&Arc<dyn Communicator>>) -> Result<ChannelStats> {
+    let (n, c, h, w) = x.dims4()?;
+    let dims = (n, c, h * w);
+    let mut sums = match x.dtype() {
+        DType::F32 => with_slice(x, |v: &[f32]| channel_sums(v, dims, None))?,
+        DType::F64 => with_slice(x, |v: &[f64]| channel_sums(v, dims, None))?,
+        d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
+    };
+    let mut count = (n * h * w) as f64;
+    let group = group.filter(|g| g.size() > 1);
+    if let Some(g) = group {
+        sums.push(count);
+        g.all_reduce_sum(&mut sums).map_err(candle_core::Error::wrap)?;
+        count = sums.pop().unwrap_or(0.0);
+    }
+    let mean: Vec<f64> = sums.iter().map(|s| s / count).collect();
+    let mut ss = match x.dtype() {
+        DType::F32 => with_slice(x, |v: &[f32]| channel_sums(v, dims, Some(&mean)))?,
+        DType::F64 => with_slice(x, |v: &[f64]| channel_sums(v, dims, Some(&mean)))?,
+        d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
+    };
+    if let Some(g) = group {
+        g.all_reduce_sum(&mut ss).map_err(candle_core::Error::wrap)?;
+    }
+    let var = ss.iter().map(|s| s / count).collect();
+    Ok(ChannelStats { mean, var, count: count as usize })
+}
+
+/// Per channel, `Σ x` (`centre` None) or `Σ (x − centre)²`, each channel summed by one thread
+/// in image order (the same bits for any thread count).
+fn channel_sums<T: WithDType>(x: &[T], (n, c, hw): (usize, usize, usize), centre: Option<&[f64]>) -> Vec<f64> {
     let planes = |ch: usize| (0..n).map(move |b| &x[(b * c + ch) * hw..][..hw]);
     (0..c)
         .into_par_iter()
-        .map(|ch| {
-            let mean = planes(ch).flat_map(|p| p.iter()).map(|v| v.to_f64()).sum::<f64>() / count;
-            let ss = planes(ch).flat_map(|p| p.iter()).map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>();
-            (mean, ss / count)
+        .map(|ch| match centre {
+            None => planes(ch).flat_map(|p| p.iter()).map(|v| v.to_f64()).sum::<f64>(),
+            Some(m) => planes(ch).flat_map(|p| p.iter()).map(|v| (v.to_f64() - m[ch]).powi(2)).sum::<f64>(),
         })
-        .unzip()
+        .collect()
 }
+
+/// `(dx, dγ, dβ)` of [`BatchNormTrain::backward`]; `dx` only when asked for.
+pub(crate) type BnGrads<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
 
 /// `y = (x − mean) · inv_std · γ + β` per channel, with `mean` and `inv_std` fixed (the batch's,
 /// computed by [`channel_stats`]); gradients for `x`, `γ` and `β` as in training mode, where the
 /// statistics depend on `x`.
+///
+/// Synchronised ([`Self::synced`], statistics from [`channel_stats_in`]): the backward's two
+/// sums are all-reduced too, so `dx` is the global batch's; `dγ` and `dβ` stay this rank's share
+/// (summed over the ranks, they are the global batch's: the gradient reducer's job).
 #[derive(Clone, Debug)]
 pub struct BatchNormTrain {
     mean: Arc<Vec<f64>>,
     inv_std: Arc<Vec<f64>>,
     relu: bool,
+    /// Values per channel the statistics were computed over (all ranks').
+    count: usize,
+    group: Option<Arc<dyn Communicator>>,
 }
 
 impl BatchNormTrain {
     pub fn new(stats: &ChannelStats, eps: f64) -> Self {
         let inv_std = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-        Self { mean: Arc::new(stats.mean.clone()), inv_std: Arc::new(inv_std), relu: false }
+        Self {
+            mean: Arc::new(stats.mean.clone()),
+            inv_std: Arc::new(inv_std),
+            relu: false,
+            count: stats.count,
+            group: None,
+        }
+    }
+
+    /// The backward all-reduces its sums over `group` (whose statistics `stats` were).
+    pub fn synced(mut self, group: Option<Arc<dyn Communicator>>) -> Self {
+        self.group = group.filter(|g| g.size() > 1);
+        self
     }
 
     /// `relu(bn(x))` as one op.
@@ -111,7 +160,7 @@ impl BatchNormTrain {
         dy: &[T],
         (n, c, hw): (usize, usize, usize),
         need_dx: bool,
-    ) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
+    ) -> Result<BnGrads<T>> {
         let relu = self.relu;
         // The gradient reaching the normalisation: dy, or dy where the ReLU passed.
         let g = |i: usize| if relu && y[i] <= T::zero() { 0.0 } else { dy[i].to_f64() };
@@ -134,8 +183,18 @@ impl BatchNormTrain {
             .unzip();
         let dgamma = sum_dy_xhat.iter().map(|v| T::from_f64(*v)).collect();
         let dbeta = sum_dy.iter().map(|v| T::from_f64(*v)).collect();
+        // dx needs the whole batch's sums; the parameters' gradients are this rank's share.
+        let (sum_dy, sum_dy_xhat) = match (&self.group, need_dx) {
+            (Some(g), true) => {
+                let mut both: Vec<f64> = sum_dy.iter().chain(&sum_dy_xhat).copied().collect();
+                g.all_reduce_sum(&mut both).map_err(candle_core::Error::wrap)?;
+                let xhat = both.split_off(c);
+                (both, xhat)
+            }
+            _ => (sum_dy, sum_dy_xhat),
+        };
         let dx = need_dx.then(|| {
-            let count = (n * hw) as f64;
+            let count = self.count as f64;
             let mut dx = vec![T::zero(); x.len()];
             dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dx)| {
                 let ch = plane % c;
@@ -150,7 +209,7 @@ impl BatchNormTrain {
             });
             dx
         });
-        (dx, dgamma, dbeta)
+        Ok((dx, dgamma, dbeta))
     }
 
     /// [`Self::forward`] on raw storages (x, γ, β), each made contiguous if strided.
@@ -179,7 +238,7 @@ impl BatchNormTrain {
                     with_slice(dy, |dys: &[T]| self.backward(xs, gs, ys, dys, (n, c, h * w), x.track_op()))
                 })
             })
-        })????;
+        })?????;
         let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
         Ok((dx, Some(Tensor::from_vec(dg, c, x.device())?), Some(Tensor::from_vec(db, c, x.device())?)))
     }

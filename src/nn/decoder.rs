@@ -111,8 +111,10 @@ impl DecoderConfig {
             if cb.block == BlockKind::Shuffle {
                 why.push("a decoder's `conv_block` is `basic` or `bottleneck`".into());
             }
-            if cb.blocks == 0 || cb.stride == 0 {
-                why.push("`conv_block.blocks` and `conv_block.stride` must be at least 1".into());
+            if cb.blocks == 0 || cb.stride == 0 || cb.channels == Some(0) {
+                why.push(
+                    "`conv_block.blocks`, `conv_block.stride` and `conv_block.channels` must be at least 1".into(),
+                );
             }
         }
         if !why.is_empty() {

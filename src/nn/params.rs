@@ -15,6 +15,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 
+use crate::dist::Communicator;
+
 /// What a parameter is, for the optimizers: LARS and weight decay skip `Bias` and `Norm`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParamKind {
@@ -98,6 +100,8 @@ pub struct ParamBuilder {
     trainable: bool,
     device: Device,
     dtype: DType,
+    /// The ranks whose batch shares the batch norms built here normalise together.
+    batch_norm_group: Option<Arc<dyn Communicator>>,
 }
 
 /// FNV-1a: a stable hash (std's `DefaultHasher` may change between Rust releases).
@@ -119,7 +123,22 @@ impl ParamBuilder {
             trainable: true,
             device: device.clone(),
             dtype,
+            batch_norm_group: None,
         }
+    }
+
+    /// The same builder, whose batch norms compute their training statistics over the batch that
+    /// all ranks of `group` hold shares of (synchronised batch norm; a group of one changes
+    /// nothing).
+    pub fn sync_batch_norm(&self, group: Arc<dyn Communicator>) -> Self {
+        let mut b = self.clone();
+        b.batch_norm_group = (group.size() > 1).then_some(group);
+        b
+    }
+
+    /// The group set by [`Self::sync_batch_norm`], if any.
+    pub fn batch_norm_group(&self) -> Option<&Arc<dyn Communicator>> {
+        self.batch_norm_group.as_ref()
     }
 
     /// A builder for the sub-path `name`.
@@ -218,6 +237,9 @@ impl ParamStore {
     /// Loads values saved by [`Self::save_safetensors`] into the existing variables.
     /// Refuses a file that does not match (missing, unexpected or misshapen keys), listing them.
     pub fn load_safetensors(&self, path: &std::path::Path) -> Result<()> {
+        // candle reads the file whole: a regular file of a bounded size first.
+        crate::bounded::open(path, crate::bounded::MODEL)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read weights: {e}", path.display())))?;
         let loaded = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| candle_core::Error::Msg(format!("{}: cannot read weights: {e}", path.display())))?;
         let mut problems = vec![];

@@ -126,6 +126,9 @@ impl StageConfig {
         if self.blocks == 0 {
             why.push("`blocks` must be at least 1".to_string());
         }
+        if self.channels == 0 || self.width == Some(0) {
+            why.push("`channels` and `width` must be at least 1".to_string());
+        }
         if let Some(ic) = self.in_channels {
             if ic != c {
                 why.push(format!("in_channels is {ic} but the input has {c} channels"));

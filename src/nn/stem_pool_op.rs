@@ -95,7 +95,7 @@ impl BnReluMaxPool {
         let need_dz = z.track_op();
         let (dz, dgamma, dbeta) = with_slice(z, |zs: &[T]| {
             with_slice(gamma, |gm: &[T]| self.bn.backward(zs, gm, &[], &dh, (g.n, g.c, plane_in), need_dz))
-        })??;
+        })???;
         let dz = dz.map(|v| Tensor::from_vec(v, z.shape(), z.device())).transpose()?;
         Ok((dz, Some(Tensor::from_vec(dgamma, g.c, z.device())?), Some(Tensor::from_vec(dbeta, g.c, z.device())?)))
     }

@@ -38,10 +38,12 @@ pub struct LarsConfig {
     /// L2 penalty added to the gradient (`g += weight_decay * w`) before the trust ratio.
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
-    /// Exclude biases and BatchNorm parameters from both weight decay and the trust ratio
-    /// (SimCLR does).
-    #[serde(default = "default_true")]
-    pub exclude_bias_and_norm: bool,
+    /// Exclude biases and BatchNorm parameters from weight decay, and so from the trust ratio
+    /// too (SimCLR does; its `exclude_from_layer_adaptation` defaults to the weight-decay
+    /// exclusion). The same key as SGD's and AdamW's; `exclude_bias_and_norm`, its former
+    /// name, is still read, with a warning.
+    #[serde(default = "default_true", alias = "exclude_bias_and_norm")]
+    pub exclude_bias_and_norm_from_weight_decay: bool,
 }
 
 impl Default for LarsConfig {
@@ -51,7 +53,7 @@ impl Default for LarsConfig {
             nesterov: false,
             trust_coefficient: default_trust_coefficient(),
             weight_decay: default_weight_decay(),
-            exclude_bias_and_norm: true,
+            exclude_bias_and_norm_from_weight_decay: true,
         }
     }
 }
@@ -102,7 +104,7 @@ impl Optimizer for Lars {
         let c = &self.config;
         for item in updates(params, grads)? {
             let (p, w, mut g) = item?;
-            let adapted = decayed(p.kind, c.exclude_bias_and_norm);
+            let adapted = decayed(p.kind, c.exclude_bias_and_norm_from_weight_decay);
             // CPU: the same arithmetic in place, without P-sized temporaries (`in_place`).
             let v = self.slots.get("momentum", p)?.cloned();
             if in_place::supported(&[&w, &g]) && v.as_ref().is_none_or(|v| in_place::supported(&[&w, v])) {
@@ -177,7 +179,7 @@ mod tests {
                     nesterov: true,
                     trust_coefficient: 0.01,
                     weight_decay: 0.1,
-                    exclude_bias_and_norm: false,
+                    exclude_bias_and_norm_from_weight_decay: false,
                     ..LarsConfig::default()
                 },
                 LARS_NESTEROV_ALL,
@@ -207,7 +209,12 @@ mod tests {
         };
         for config in [
             LarsConfig::default(),
-            LarsConfig { nesterov: true, weight_decay: 0.1, exclude_bias_and_norm: false, ..LarsConfig::default() },
+            LarsConfig {
+                nesterov: true,
+                weight_decay: 0.1,
+                exclude_bias_and_norm_from_weight_decay: false,
+                ..LarsConfig::default()
+            },
         ] {
             let (composed, fused) = (build()?, build()?);
             let (mut a, mut b) = (Lars::new(config.clone()), Lars::new(config.clone()));
