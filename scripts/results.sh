@@ -3,7 +3,9 @@
 # step budget, one run per seed (`run --seeds`), each with the online kNN monitor on; evaluates
 # every run (linear probe and kNN on the frozen encoder's res5 features); draws the paper's
 # figures and the online kNN curves into docs/figures/; prints mean ± std over the seeds.
-# ABLATIONS=1 adds the two decoder ablations (GIM + conv-block decoders, LoCo + 4-layer MLP).
+# ABLATIONS=1 adds the two decoder ablations (GIM + conv-block decoders, LoCo + 4-layer MLP);
+# METHODS=1 adds the other methods written as graphs (DGL and InfoPro, supervised; SimSiam and
+# BYOL, self-supervised).
 #
 #   scripts/results.sh                   # the step budget written in the experiment files
 #   STEPS=3000 scripts/results.sh        # the same budget for every method, overridden
@@ -24,6 +26,7 @@
 #                  default: all 60 000 / 10 000)
 #   SMOOTHING      EMA smoothing of the loss curves, in [0, 1) (default 0.6; 0 = raw)
 #   ABLATIONS      1: also the two decoder ablations (default 0)
+#   METHODS        1: also DGL, InfoPro, SimSiam and BYOL (default 0)
 #   RUNS           where runs go (default runs/results; each method in RUNS/<experiment>/)
 #   FIGURES        where figures go (default docs/figures)
 #   LOCOGRAPH      a locograph binary to use instead of building one (`cargo build --release`)
@@ -62,6 +65,14 @@ methods=(
 )
 if [[ ${ABLATIONS:-0} == 1 ]]; then
   methods+=("GIM+conv-dec gim_convdec_resnet18narrow_fmnist" "LoCo+MLP4 loco_mlp4_resnet18narrow_fmnist")
+fi
+if [[ ${METHODS:-0} == 1 ]]; then
+  methods+=(
+    "DGL dgl_resnet18narrow_fmnist"
+    "InfoPro infopro_resnet18narrow_fmnist"
+    "SimSiam simsiam_resnet18narrow_fmnist"
+    "BYOL byol_resnet18narrow_fmnist"
+  )
 fi
 
 step_args=()

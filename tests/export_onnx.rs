@@ -45,6 +45,16 @@ const PRESNET_LIKE: &str = r#"
   res5: {op: stage, block: bottleneck, blocks: 3, channels: 128, width: 32, resize: 12, groups: 2, group_expand: true}
 "#;
 
+/// A narrow ShuffleNet v2 (graphs/shufflenetv2_50.yaml's layout): channel split, two-branch
+/// units at stride 1 and 2, the channel shuffle, the final 1×1 conv.
+const SHUFFLENET_LIKE: &str = r#"
+  stem: {op: stem, kind: shufflenet, channels: 16}
+  res2: {op: stage, block: shuffle, blocks: 2, channels: 24, stride: 1}
+  res3: {op: stage, block: shuffle, blocks: 2, channels: 48, stride: 2}
+  res4: {op: stage, block: shuffle, blocks: 3, channels: 96, stride: 2}
+  res5: {op: stage, block: shuffle, blocks: 2, channels: 192, stride: 2, final_conv: 128}
+"#;
+
 /// A SimCLR experiment around `encoder` (the decoder and loss are not exported).
 fn experiment(encoder: &str, size: usize) -> String {
     format!(
@@ -167,6 +177,11 @@ fn parity_resnet50() {
 #[test]
 fn parity_presnet50_like_grouped_and_resized() {
     check_parity("presnet_like", PRESNET_LIKE, [160, 112]);
+}
+
+#[test]
+fn parity_shufflenet_v2_like_split_concat_shuffle() {
+    check_parity("shufflenet_like", SHUFFLENET_LIKE, [64, 48]);
 }
 
 #[test]
@@ -297,9 +312,17 @@ fn onnx_checker_accepts_the_exports() {
     let run = trained_run(RESNET18_SMALL, 16, &tmp.path().join("s"));
     let b = tmp.path().join("small.onnx");
     export_onnx(&run, &["res4".into(), EMBEDDING.into()], &b).expect("export");
+    let run = trained_run(SHUFFLENET_LIKE, 64, &tmp.path().join("shuffle"));
+    let d = tmp.path().join("shuffle.onnx");
+    export_onnx(&run, &[], &d).expect("export");
+    let ops: Vec<String> = read_model(&d).expect("read back").graph.node.iter().map(|n| n.op_type.clone()).collect();
+    for op in ["Split", "Concat", "Reshape", "Transpose"] {
+        assert!(ops.iter().any(|o| o == op), "no {op} in {ops:?}");
+    }
     let Some(python) = onnx_python() else { return };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_onnx.py");
-    let out = std::process::Command::new(python).arg(script).arg(&a).arg(&b).output().expect("run check_onnx.py");
+    let out =
+        std::process::Command::new(python).arg(script).arg(&a).arg(&b).arg(&d).output().expect("run check_onnx.py");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{text}");
     assert!(out.status.success(), "onnx.checker failed:\n{text}");

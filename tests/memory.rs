@@ -94,10 +94,6 @@ fn measured_peaks_fall_from_simclr_to_loco_to_gim() {
 #[test]
 fn the_plan_predicts_what_the_allocator_measures() {
     let _alone = ALLOCATOR.lock().unwrap_or_else(|e| e.into_inner());
-    use locograph::exec::StepState;
-    use locograph::graph::memory::WORKING_SET;
-    use locograph::graph::Action;
-    use locograph::malloc::live_bytes;
     let methods = [
         ("SimCLR", experiment(&[("dec", "L")], "  - {from: res2, to: res3}\n  - {from: res3, to: res4}\n  - {from: res4, to: res5}\n  - {from: res5, to: dec}\n  - {from: dec, to: L}\n")),
         ("GIM", experiment(
@@ -110,42 +106,83 @@ fn the_plan_predicts_what_the_allocator_measures() {
         )),
     ];
     for (name, text) in methods {
-        let (loaded, c) = common::compiled(&text);
-        let model = Model::new(&c, 0, &Device::Cpu).expect("model");
-        let v: Vec<f32> = (0..16 * 32 * 32).map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5).collect();
-        let x = Tensor::from_vec(v, (16, 1, 32, 32), &Device::Cpu).expect("batch");
-        let mut optimizer = loaded.experiment.optimizer.build();
-        let predicted = c.held_bytes(16, 4);
-        // Gradients that can be alive at once: every trainable parameter's (an upper bound).
-        let grads: usize = model.params.trainable().map(|p| p.var.elem_count() * 4).sum();
-        // The first step allocates the optimizer's state; measure the second.
-        for round in 0..2 {
-            let (base, _) = reset_peak();
-            let mut seen: Vec<(Action, usize)> = vec![];
-            let mut observe = |a: &Action, _: &StepState<'_>| seen.push((*a, live_bytes().saturating_sub(base)));
-            let mut update = |f: GradsFinal<'_>| update_when_final(optimizer.as_mut(), &model, f, 1e-3);
-            let hooks = Hooks { after_action: Some(&mut observe), grads_final: Some(&mut update) };
-            let out = run_step_with(&c, &model, &x, hooks).expect("step");
-            let (_, peak) = reset_peak();
-            drop(out);
-            if round == 0 {
-                continue;
-            }
-            let measured_peak = peak - base;
-            for ((a, want), (b, got)) in predicted.actions.iter().zip(&seen) {
-                assert_eq!(a, b, "{name}: the same order");
-                let step = c.action_name(a);
-                assert!(*got as f64 >= *want as f64 * 0.9, "{name} after {step}: {got} B live, {want} B predicted");
-                assert!(
-                    *got <= want + grads,
-                    "{name} after {step}: {got} B live, {want} B predicted (+{grads} B of gradients)"
-                );
-            }
-            let want = predicted.peak().map_or(0, |p| p.1);
-            eprintln!("{name}: predicted peak {want} B, measured step peak {measured_peak} B, gradients ≤ {grads} B");
-            assert!(measured_peak >= want, "{name}: step peak {measured_peak} B below the predicted {want} B");
-            let bound = want as f64 * WORKING_SET + grads as f64;
-            assert!(measured_peak as f64 <= bound, "{name}: step peak {measured_peak} B above {bound} B");
+        check_prediction(name, &text);
+    }
+}
+
+/// The prediction against the allocator for one method (see the test below).
+fn check_prediction(name: &str, text: &str) {
+    use locograph::exec::StepState;
+    use locograph::graph::memory::WORKING_SET;
+    use locograph::graph::Action;
+    use locograph::malloc::live_bytes;
+    let (loaded, c) = common::compiled(text);
+    let model = Model::new(&c, 0, &Device::Cpu).expect("model");
+    let side = c.graph[c.input].shape[1];
+    let v: Vec<f32> = (0..16 * side * side).map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5).collect();
+    let x = Tensor::from_vec(v, (16, 1, side, side), &Device::Cpu).expect("batch");
+    let mut optimizer = loaded.experiment.optimizer.build();
+    let predicted = c.held_bytes(16, 4);
+    // Gradients that can be alive at once: every trainable parameter's (an upper bound).
+    let grads: usize = model.params.trainable().map(|p| p.var.elem_count() * 4).sum();
+    // The first step allocates the optimizer's state; measure the second.
+    for round in 0..2 {
+        let (base, _) = reset_peak();
+        let mut seen: Vec<(Action, usize)> = vec![];
+        let mut observe = |a: &Action, _: &StepState<'_>| seen.push((*a, live_bytes().saturating_sub(base)));
+        let mut update = |f: GradsFinal<'_>| update_when_final(optimizer.as_mut(), &model, f, 1e-3);
+        let hooks = Hooks { after_action: Some(&mut observe), grads_final: Some(&mut update) };
+        let out = run_step_with(&c, &model, &x, hooks).expect("step");
+        let (_, peak) = reset_peak();
+        drop(out);
+        if round == 0 {
+            continue;
         }
+        let measured_peak = peak - base;
+        for ((a, want), (b, got)) in predicted.actions.iter().zip(&seen) {
+            assert_eq!(a, b, "{name}: the same order");
+            let step = c.action_name(a);
+            assert!(*got as f64 >= *want as f64 * 0.9, "{name} after {step}: {got} B live, {want} B predicted");
+            assert!(
+                *got <= want + grads,
+                "{name} after {step}: {got} B live, {want} B predicted (+{grads} B of gradients)"
+            );
+        }
+        let want = predicted.peak().map_or(0, |p| p.1);
+        eprintln!("{name}: predicted peak {want} B, measured step peak {measured_peak} B, gradients ≤ {grads} B");
+        assert!(measured_peak >= want, "{name}: step peak {measured_peak} B below the predicted {want} B");
+        let bound = want as f64 * WORKING_SET + grads as f64;
+        assert!(measured_peak as f64 <= bound, "{name}: step peak {measured_peak} B above {bound} B");
+    }
+}
+
+/// The same on a ShuffleNet v2 encoder (channel split, two-branch units, the final 1×1 conv),
+/// GIM and LoCo: the units' costs are what their links keep.
+#[test]
+fn the_plan_predicts_a_shufflenet_step() {
+    let _alone = ALLOCATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let shuffle = |t: String| {
+        t.replace(
+            NODES,
+            "  stem: {op: stem, kind: shufflenet, channels: 8}
+  res2: {op: stage, block: shuffle, blocks: 2, channels: 16}
+  res3: {op: stage, block: shuffle, blocks: 2, channels: 64, stride: 2}
+  res4: {op: stage, block: shuffle, blocks: 2, channels: 128, stride: 2}
+  res5: {op: stage, block: shuffle, blocks: 2, channels: 256, stride: 2, final_conv: 256}
+",
+        )
+        .replace("size: 32}", "size: 64}")
+    };
+    let gim = experiment(
+        &[("dec2", "L2"), ("dec3", "L3"), ("dec4", "L4"), ("dec5", "L5")],
+        "  - {from: res2, to: res3, stop: all}\n  - {from: res3, to: res4, stop: all}\n  - {from: res4, to: res5, stop: all}\n  - {from: res2, to: dec2}\n  - {from: dec2, to: L2}\n  - {from: res3, to: dec3}\n  - {from: dec3, to: L3}\n  - {from: res4, to: dec4}\n  - {from: dec4, to: L4}\n  - {from: res5, to: dec5}\n  - {from: dec5, to: L5}\n",
+    );
+    let loco = experiment(
+        &[("dec1", "L1"), ("dec2", "L2"), ("dec3", "L3")],
+        "  - {from: res2, to: res3, stop: [L2]}\n  - {from: res3, to: res4, stop: [L3]}\n  - {from: res4, to: res5}\n  - {from: res3, to: dec1}\n  - {from: dec1, to: L1}\n  - {from: res4, to: dec2}\n  - {from: dec2, to: L2}\n  - {from: res5, to: dec3}\n  - {from: dec3, to: L3}\n",
+    );
+    for (name, text) in [("ShuffleNet GIM", shuffle(gim)), ("ShuffleNet LoCo", shuffle(loco))] {
+        assert!(text.contains("kind: shufflenet"), "{text}");
+        check_prediction(name, &text);
     }
 }

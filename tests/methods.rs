@@ -126,6 +126,27 @@ fn simsiam_matches_the_reference_and_stops_the_target() {
     assert!(d > 1e-6, "the stop on the target changed nothing");
 }
 
+/// InfoPro (Wang et al. 2021): a module trained by the reconstruction of the input (the image
+/// decoder's output against the graph's `input`) and a classifier, no gradient between modules.
+#[test]
+fn infopro_reconstruction_and_classification_match_the_reference() {
+    let text = graph(
+        &format!("  rec: {{op: image_decoder, channels: 1, size: 8, hidden: 4}}\n  R: {{op: mse, weight: 0.5}}\n  aux2: {CLASSIFIER}\n  CE2: {{op: cross_entropy, weight: 0.5}}\n  aux3: {CLASSIFIER}\n  CE3: {{op: cross_entropy}}\n"),
+        "  - {from: res2, to: res3, stop: all}\n  - {from: res2, to: rec}\n  - {from: rec, to: R, as: prediction}\n  - {from: input, to: R, as: target}\n  - {from: res2, to: aux2}\n  - {from: aux2, to: CE2, as: logits}\n  - {from: labels, to: CE2, as: labels}\n  - {from: res3, to: aux3}\n  - {from: aux3, to: CE3, as: logits}\n  - {from: labels, to: CE3, as: labels}\n",
+    );
+    let checked = parity(&text);
+    assert!(checked > 25, "{checked}");
+    let (_, c) = common::compiled(&text);
+    let s = locograph::graph::explain::summary(&c);
+    assert!(s.contains(&"res2 <- R + CE2".to_string()) && s.contains(&"rec <- R".to_string()), "{s:?}");
+    // The decoder resizes res2's 8×8 map to the image's 8×8 (a 4×4 res3 would be upsampled).
+    assert_eq!(c.node("rec").expect("rec").shape, [1, 8, 8]);
+    // A reconstruction of another size than the image is refused at the loss.
+    let bad = text.replace("channels: 1, size: 8, hidden: 4", "channels: 1, size: 6, hidden: 4");
+    let e = errors_of(&bad);
+    assert!(e.contains("`prediction` [1, 6, 6] and `target` [1, 8, 8] must have the same shape"), "{e}");
+}
+
 fn errors_of(text: &str) -> String {
     let loaded = locograph::config::parse_str(text, std::path::Path::new("bad.yaml")).expect("parses");
     locograph::graph::compile(&loaded).expect_err("must not compile").to_string()

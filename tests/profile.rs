@@ -59,7 +59,8 @@ fn wrap(graph: &Path, dir: &Path) -> PathBuf {
         edges += &format!("  - {{from: {prev}, to: {id}}}\n");
         prev = id.to_string();
     }
-    let (ch, size) = if text.contains("kind: imagenet") { (3, 224) } else { (3, 32) };
+    let (ch, size) =
+        if text.contains("kind: imagenet") || text.contains("kind: shufflenet") { (3, 224) } else { (3, 32) };
     let exp = format!(
         "version: 1\nname: t\ninput: {{channels: {ch}, size: {size}}}\nencoder: {}\nnodes:\n  dec: {{op: decoder}}\n  L: {{op: nt_xent}}\nedges:\n{edges}  - {{from: {last}, to: dec}}\n  - {{from: dec, to: L}}\ndata: {{format: synthetic}}\noptimizer: {{kind: sgd}}\nschedule: {{kind: constant, lr: 0.1}}\ntrain: {{batch_size: 2, steps: 1}}\n",
         graph.display()
@@ -226,4 +227,34 @@ fn each_node_costs_what_its_layer_builds() {
             }
         }
     }
+}
+
+/// ShuffleNet v2-50 (graphs/shufflenetv2_50.yaml) against an independent count of its convs:
+/// ```python
+/// def add(cin, cout, k, groups, side):  # one conv + BN: weights, γ and β; MACs at the output side
+///     P += cout * cin // groups * k * k + 2 * cout; M += cout * cin // groups * k * k * side ** 2
+/// add(3, 64, 3, 1, 112)                                    # conv1 (the max pool halves to 56)
+/// for units, out, stride in [(3, 244, 1), (4, 488, 2), (6, 976, 2), (3, 1952, 2)]:
+///     for u in range(units):                               # b = out // 2, side' after the stride
+///         basic unit:      add(b, b, 1, 1, side); add(b, b, 3, b, side); add(b, b, 1, 1, side)
+///         two-branch unit: add(cin, b, 1, 1, side); add(b, b, 3, b, side'); add(b, b, 1, 1, side')
+///                          add(cin, cin, 3, cin, side'); add(cin, b, 1, 1, side')
+/// add(1952, 2048, 1, 1, 7)                                 # the last 1×1 conv
+/// # params 14524534, macs 2302104672
+/// ```
+/// The paper gives 2.3 GFLOPs (MACs); it lists no parameter count for v2-50.
+#[test]
+fn shufflenet_v2_50_counts_2_3_gflops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = compiled(&wrap(&Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/shufflenetv2_50.yaml"), dir.path()));
+    let p = profile(&c);
+    assert_eq!(p.params(), 14_524_534);
+    assert_eq!(p.macs(), 2_302_104_672);
+    assert!((p.macs() as f64 / 1e9 - 2.3).abs() < 0.01, "{} GMACs against the paper's 2.3", p.macs() as f64 / 1e9);
+    let out: Vec<Vec<usize>> = p.rows.iter().map(|r| r.output.clone()).collect();
+    assert_eq!(out, [vec![244, 56, 56], vec![488, 28, 28], vec![976, 14, 14], vec![2048, 7, 7]]);
+    // Per stage (the stem folded into the first, the last 1×1 into the last).
+    let macs: Vec<u64> = p.rows.iter().map(|r| r.macs).collect();
+    assert_eq!(macs, [21_676_032 + 294_489_216, 568_723_008, 752_845_408, 468_483_904 + 1952 * 2048 * 49]);
+    assert_eq!(p.fc_params, 2048 * 1000 + 1000);
 }

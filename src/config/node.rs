@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::loss::Negatives;
 use crate::nn::decoder::DecoderConfig;
+use crate::nn::image_decoder::ImageDecoderConfig;
 use crate::nn::stage::StageConfig;
 use crate::nn::stem::StemConfig;
 use crate::nn::Cost;
@@ -116,6 +117,8 @@ pub enum NodeConfig {
     Stage(StageConfig),
     /// A projection head: optional conv block → pool → MLP.
     Decoder(DecoderConfig),
+    /// InfoPro's reconstruction decoder: bilinear resize to the image's size → conv → conv.
+    ImageDecoder(ImageDecoderConfig),
     /// A contrastive loss on a decoder's output.
     NtXent(NtXentConfig),
     /// A supervised loss on a classifier's logits and the batch's labels.
@@ -144,6 +147,7 @@ impl NodeConfig {
             (NodeConfig::Stem(s), &[c, h, w]) => s.cost([c, h, w]),
             (NodeConfig::Stage(s), &[c, h, w]) => s.cost([c, h, w]),
             (NodeConfig::Decoder(d), _) => d.cost(input),
+            (NodeConfig::ImageDecoder(d), &[c, h, w]) => d.cost([c, h, w]),
             (NodeConfig::NtXent(l), _) => l.cost(),
             // The softmax's probabilities and its gradient, per image.
             (NodeConfig::CrossEntropy(_), _) => {
@@ -181,6 +185,7 @@ impl NodeConfig {
             NodeConfig::Stem(_) => "stem",
             NodeConfig::Stage(_) => "stage",
             NodeConfig::Decoder(_) => "decoder",
+            NodeConfig::ImageDecoder(_) => "image_decoder",
             NodeConfig::NtXent(_) => "nt_xent",
             NodeConfig::CrossEntropy(_) => "cross_entropy",
             NodeConfig::Mse(_) => "mse",
@@ -200,6 +205,7 @@ impl NodeConfig {
             NodeConfig::Stem(c) => !c.frozen,
             NodeConfig::Stage(c) => !c.frozen,
             NodeConfig::Decoder(c) => !c.frozen,
+            NodeConfig::ImageDecoder(c) => !c.frozen,
             _ => false,
         }
     }
@@ -208,6 +214,7 @@ impl NodeConfig {
             NodeConfig::Stem(c) => c.frozen,
             NodeConfig::Stage(c) => c.frozen,
             NodeConfig::Decoder(c) => c.frozen,
+            NodeConfig::ImageDecoder(c) => c.frozen,
             _ => false,
         }
     }

@@ -115,7 +115,7 @@ pub fn encoder_source(c: &Plan, node: NodeIndex) -> Option<NodeIndex> {
             return None;
         }
         let g = &c.graph[n];
-        if !(g.is_loss() || matches!(g.config, Some(NodeConfig::Decoder(_)))) {
+        if !(g.is_loss() || matches!(g.config, Some(NodeConfig::Decoder(_) | NodeConfig::ImageDecoder(_)))) {
             return Some(n);
         }
         n = c.producer(n)?.1;

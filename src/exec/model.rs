@@ -11,6 +11,7 @@ use crate::dist::Communicator;
 use crate::graph::Plan;
 use crate::loss::{CrossEntropy, Loss, Mse, NegCosine, NtXent};
 use crate::nn::decoder::{decoder, Decoder};
+use crate::nn::image_decoder::{image_decoder, ImageDecoder};
 use crate::nn::stage::{stage, Stage};
 use crate::nn::stem::{stem, Stem};
 use crate::nn::{Layer, Link, ParamBuilder, ParamStore};
@@ -22,6 +23,7 @@ pub enum NodeModule {
     Stem(Stem),
     Stage(Stage),
     Decoder(Decoder),
+    ImageDecoder(ImageDecoder),
     Loss(Loss),
 }
 
@@ -31,6 +33,7 @@ impl NodeModule {
             NodeModule::Stem(m) => m,
             NodeModule::Stage(m) => m,
             NodeModule::Decoder(m) => m,
+            NodeModule::ImageDecoder(m) => m,
             NodeModule::Loss(m) => m.layer(),
         }
     }
@@ -120,6 +123,7 @@ impl Model {
                 NodeConfig::Stem(s) => NodeModule::Stem(stem(s, in_c, &b)?),
                 NodeConfig::Stage(s) => NodeModule::Stage(stage(s, in_c, &b)?),
                 NodeConfig::Decoder(d) => NodeModule::Decoder(decoder(d, in_c, &b)?),
+                NodeConfig::ImageDecoder(d) => NodeModule::ImageDecoder(image_decoder(d, in_c, &b)?),
                 NodeConfig::NtXent(l) => {
                     NodeModule::Loss(Loss::NtXent(NtXent::new(l.temperature).in_group(l.negatives, group.clone())))
                 }

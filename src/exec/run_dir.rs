@@ -138,7 +138,11 @@ pub fn open_run(dir: &Path, device: &Device) -> Result<OpenRun> {
 pub fn method_name(c: &Plan) -> &'static str {
     use crate::config::Stop;
     let stops: Vec<&Stop> = c.graph.edge_weights().map(|e| &e.stop).filter(|s| !s.is_none()).collect();
+    // The three names are NT-Xent methods; other losses (DGL, InfoPro, SimSiam, BYOL) are custom.
+    let contrastive =
+        c.reach.losses.iter().all(|&l| matches!(c.graph[l].config, Some(crate::config::NodeConfig::NtXent(_))));
     match (c.reach.losses.len(), stops.is_empty()) {
+        _ if !contrastive => "custom",
         (1, true) => "simclr",
         (_, false) if stops.iter().all(|s| matches!(s, Stop::All)) => "gim",
         (_, false) if stops.iter().all(|s| matches!(s, Stop::Losses(_))) => "loco",

@@ -5,6 +5,9 @@
 //!   stem    Conv 7×7/2 → BatchNormalization → Relu → MaxPool 3×3/2   (small: Conv 3×3/1, no pool)
 //!   resK    [Shape → Concat → Resize (linear, half_pixel)]            (only with `resize:`)
 //!           per block: Conv → BN → Relu → … → Conv → BN, + shortcut (Conv 1×1 → BN), Add, Relu
+//!           per shuffle unit: [Split] → branches of Conv → BN [→ Relu] → Concat, then the channel
+//!           shuffle as Reshape [N, 2, C/2, H·W] → Transpose → Reshape [N, C, H, W]
+//!           [Conv 1×1 → BN → Relu]                                     (only with `final_conv:`)
 //!   embedding = Flatten(GlobalAveragePool(last stage))                 [N, C]
 //! ```
 //!
@@ -32,6 +35,7 @@ use super::{embedding_node, encoder_nodes, ExportError, Result};
 use crate::exec::run_dir::{method_name, OpenRun};
 use crate::exec::NodeModule;
 use crate::nn::batch_norm::BatchNorm2d;
+use crate::nn::block::{Block, BlockKind};
 use crate::nn::conv::Conv2d;
 use crate::nn::stage::Stage;
 use crate::nn::stem::{Stem, StemKind};
@@ -231,15 +235,81 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn node(&mut self, op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) {
+        self.node_outputs(op, inputs, &[output], attribute);
+    }
+
+    fn node_outputs(&mut self, op: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>) {
         self.counter += 1;
         self.nodes.push(NodeProto {
             op_type: op.into(),
             name: format!("{op}_{}", self.counter),
             input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.to_string()],
+            output: outputs.iter().map(|s| s.to_string()).collect(),
             attribute,
             ..Default::default()
         });
+    }
+
+    /// `Conv` → `BatchNormalization` [→ `Relu`] with the parameters under `{conv}` and `{bn}`;
+    /// returns the output's name.
+    fn conv_bn(
+        &mut self,
+        x: &str,
+        (conv, bn): &(Conv2d, BatchNorm2d),
+        names: (&str, &str),
+        relu: bool,
+    ) -> Result<String> {
+        let (cp, bp) = names;
+        self.conv(x, cp, conv, &format!("{cp}.out"))?;
+        self.bn(&format!("{cp}.out"), bp, bn, &format!("{bp}.out"))?;
+        if relu {
+            self.node("Relu", &[&format!("{bp}.out")], &format!("{bp}.relu"), vec![]);
+            return Ok(format!("{bp}.relu"));
+        }
+        Ok(format!("{bp}.out"))
+    }
+
+    /// A shuffle unit `p` on `x`, its output named `out` (see `nn::shuffle`).
+    fn shuffle_unit(&mut self, x: &str, p: &str, blk: &Block, out: &str) -> Result<()> {
+        let spec = blk.spec().shuffle();
+        let layers = blk.convs();
+        let b = spec.branch_channels() as i64;
+        let (first, second) = if spec.splits() {
+            let (split, x1, x2) = (format!("{p}.split"), format!("{p}.x1"), format!("{p}.x2"));
+            self.int64s(&split, &[b, b]);
+            self.node_outputs("Split", &[x, &split], &[&x1, &x2], vec![int("axis", 1)]);
+            (x1, x2)
+        } else {
+            (x.to_string(), x.to_string())
+        };
+        // Branch 2: 1×1 → BN → Relu, depthwise 3×3 → BN, 1×1 → BN → Relu.
+        let mut r = second;
+        for (k, layer) in layers.iter().take(3).enumerate() {
+            let (cp, bp) = (format!("{p}.branch2.conv{}", k + 1), format!("{p}.branch2.bn{}", k + 1));
+            r = self.conv_bn(&r, layer, (&cp, &bp), k != 1)?;
+        }
+        // Branch 1 (two-branch units): depthwise 3×3 → BN, 1×1 → BN → Relu.
+        let mut l = first;
+        for (k, layer) in layers.iter().skip(3).enumerate() {
+            let (cp, bp) = (format!("{p}.branch1.conv{}", k + 1), format!("{p}.branch1.bn{}", k + 1));
+            l = self.conv_bn(&l, layer, (&cp, &bp), k == 1)?;
+        }
+        let (cat, shape, grouped, swapped, groups) = (
+            format!("{p}.cat"),
+            format!("{p}.cat.shape"),
+            format!("{p}.grouped"),
+            format!("{p}.swapped"),
+            format!("{p}.groups"),
+        );
+        self.node("Concat", &[&l, &r], &cat, vec![int("axis", 1)]);
+        // Shuffle with two groups: [N, 2, C/2, H·W], swap the group and channel axes, and back to
+        // the concatenation's own shape (N, H and W stay symbolic).
+        self.node("Shape", &[&cat], &shape, vec![]);
+        self.int64s(&groups, &[0, 2, b, -1]);
+        self.node("Reshape", &[&cat, &groups], &grouped, vec![]);
+        self.node("Transpose", &[&grouped], &swapped, vec![ints("perm", &[0, 2, 1, 3])]);
+        self.node("Reshape", &[&swapped, &shape], out, vec![]);
+        Ok(())
     }
 
     /// Adds the parameter `name` as an f32 initializer (once) after checking it is finite.
@@ -306,7 +376,7 @@ impl Builder<'_> {
         self.conv(x, &format!("{id}.conv"), s.conv(), &format!("{id}.conv.out"))?;
         self.bn(&format!("{id}.conv.out"), &format!("{id}.bn"), s.bn(), &format!("{id}.bn.out"))?;
         match s.kind() {
-            StemKind::Imagenet => {
+            StemKind::Imagenet | StemKind::Shufflenet => {
                 self.node("Relu", &[&format!("{id}.bn.out")], &format!("{id}.relu"), vec![]);
                 // The same window as nn::pool::max_pool2d(h, 3, 2, 1).
                 let attrs = vec![ints("kernel_shape", &[3, 3]), ints("strides", &[2, 2]), ints("pads", &[1, 1, 1, 1])];
@@ -339,7 +409,12 @@ impl Builder<'_> {
         let n = s.blocks().len();
         for (i, blk) in s.blocks().iter().enumerate() {
             let p = format!("{id}.block{i}");
-            let out = if i + 1 == n { id.to_string() } else { p.clone() };
+            let out = if i + 1 == n && s.final_conv().is_none() { id.to_string() } else { p.clone() };
+            if blk.spec().kind == BlockKind::Shuffle {
+                self.shuffle_unit(&h, &p, blk, &out)?;
+                h = out;
+                continue;
+            }
             let mut y = h.clone();
             let last = blk.convs().len() - 1;
             for (j, (conv, bn)) in blk.convs().iter().enumerate() {
@@ -364,6 +439,10 @@ impl Builder<'_> {
             self.node("Add", &[&y, &shortcut], &format!("{p}.add"), vec![]);
             self.node("Relu", &[&format!("{p}.add")], &out, vec![]);
             h = out;
+        }
+        if let Some(layer) = s.final_conv() {
+            let y = self.conv_bn(&h, layer, (&format!("{id}.conv"), &format!("{id}.bn")), false)?;
+            self.node("Relu", &[&y], id, vec![]);
         }
         Ok(())
     }

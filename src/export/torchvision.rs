@@ -38,7 +38,8 @@ pub fn torchvision_state_dict(run: &OpenRun) -> Result<Vec<(String, Tensor)>> {
     match enc.first().and_then(|&n| m.module(n)) {
         Some(NodeModule::Stem(s)) => {
             if s.kind() != StemKind::Imagenet {
-                why.push(format!("the stem `{}` is `kind: small`; torchvision's is `imagenet`", c.id(enc[0])));
+                let kind = format!("{:?}", s.kind()).to_lowercase();
+                why.push(format!("the stem `{}` is `kind: {kind}`; torchvision's is `imagenet`", c.id(enc[0])));
             }
             if s.conv().spec().out_channels != 64 {
                 why.push(format!("the stem has {} channels; torchvision's has 64", s.conv().spec().out_channels));
@@ -70,6 +71,9 @@ pub fn torchvision_state_dict(run: &OpenRun) -> Result<Vec<(String, Tensor)>> {
         let want_stride = if i == 0 { 1 } else { 2 };
         if s.resize().is_none() && spec.stride != want_stride {
             why.push(format!("`{id}` has stride {}; torchvision's layer{} has {want_stride}", spec.stride, i + 1));
+        }
+        if spec.kind == BlockKind::Shuffle || s.final_conv().is_some() {
+            why.push(format!("`{id}` is a ShuffleNet stage; torchvision's ResNets have residual blocks"));
         }
         if s.blocks().iter().any(|b| b.spec().groups != 1) {
             why.push(format!("`{id}` uses grouped convolutions"));

@@ -147,7 +147,9 @@ pub fn dot(c: &Plan) -> String {
             None => ("invhouse", "gray"),
             Some(x) if x.is_loss() => ("diamond", "firebrick"),
             Some(x) if x.is_frozen() => ("box", "lightblue"),
-            Some(crate::config::NodeConfig::Decoder(_)) => ("box", "khaki"),
+            Some(crate::config::NodeConfig::Decoder(_) | crate::config::NodeConfig::ImageDecoder(_)) => {
+                ("box", "khaki")
+            }
             Some(_) => ("box", "palegreen"),
         };
         let shape_txt: Vec<String> = node.shape.iter().map(|d| d.to_string()).collect();

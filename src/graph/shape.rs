@@ -31,6 +31,7 @@ pub fn infer(node: &NodeConfig, inputs: &[&[usize]], from_labels: &[bool]) -> Re
             }
             c.out_shape(input)
         }
+        NodeConfig::ImageDecoder(c) => Ok(c.out_shape(chw("image_decoder")?)?.to_vec()),
         NodeConfig::NtXent(c) => {
             if input.len() != 1 {
                 return Err(format!(

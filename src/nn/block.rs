@@ -1,4 +1,5 @@
-//! Residual blocks: basic (ResNet-18/34) and bottleneck (ResNet-50, v1.5: stride on the 3×3).
+//! The blocks of a stage: residual basic (ResNet-18/34) and bottleneck (ResNet-50, v1.5: stride
+//! on the 3×3) blocks, and ShuffleNet v2's units (`nn::shuffle`).
 
 use candle_core::{Module, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -6,14 +7,12 @@ use serde::{Deserialize, Serialize};
 use super::batch_norm::{batch_norm2d, BatchNorm2d};
 use super::conv::{conv2d, Conv2d, ConvSpec};
 use super::link::Link;
+use super::shuffle::{halves, ShuffleSpec};
 use super::{Cost, ParamBuilder};
 
-/// Tensors of a conv's output size kept for the backward of conv + training-mode batch norm
-/// (`nn::batch_norm_op`): the conv output (the batch norm's input) and the batch norm's output
-/// (the next conv's input, ReLU fused in).
-pub(crate) const CONV_BN_SAVED: u64 = 2;
+pub(crate) use super::cost::CONV_BN_SAVED;
 
-/// Which residual block a stage is made of.
+/// Which block a stage is made of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BlockKind {
@@ -21,6 +20,9 @@ pub enum BlockKind {
     Basic,
     /// 1×1 → 3×3 → 1×1 (ResNet-50 and up).
     Bottleneck,
+    /// ShuffleNet v2's unit: channel split (or two branches), 1×1 → 3×3 depthwise → 1×1,
+    /// concatenation and channel shuffle (`nn::shuffle`).
+    Shuffle,
 }
 
 /// Everything that fixes one block's shapes.
@@ -28,7 +30,8 @@ pub enum BlockKind {
 pub struct BlockSpec {
     pub kind: BlockKind,
     pub in_channels: usize,
-    /// Inner width of a bottleneck (equal to `out_channels` for a basic block).
+    /// Inner width of a bottleneck (equal to `out_channels` for a basic block, half of it for a
+    /// shuffle unit).
     pub width: usize,
     pub out_channels: usize,
     pub stride: usize,
@@ -39,9 +42,16 @@ pub struct BlockSpec {
 }
 
 impl BlockSpec {
+    /// A shuffle unit's own spec.
+    pub fn shuffle(&self) -> ShuffleSpec {
+        ShuffleSpec { in_channels: self.in_channels, out_channels: self.out_channels, stride: self.stride }
+    }
+
+    /// Every convolution of the block; a shuffle unit's in [`ShuffleSpec::convs`]'s order.
     pub fn convs(&self) -> Vec<ConvSpec> {
         let s = self;
         let mut v = match s.kind {
+            BlockKind::Shuffle => return self.shuffle().convs(),
             BlockKind::Basic => vec![
                 ConvSpec::new(s.in_channels, s.out_channels, 3, s.stride).groups(s.groups),
                 ConvSpec::new(s.out_channels, s.out_channels, 3, 1).groups(s.groups),
@@ -59,7 +69,7 @@ impl BlockSpec {
     }
     /// A 1×1 projection on the shortcut when the shape changes (torchvision's `downsample`).
     pub fn has_projection(&self) -> bool {
-        self.stride != 1 || self.in_channels != self.out_channels
+        self.kind != BlockKind::Shuffle && (self.stride != 1 || self.in_channels != self.out_channels)
     }
 
     /// The block's cost on an `h × w` input and its output `[C, H, W]`.
@@ -69,6 +79,9 @@ impl BlockSpec {
     /// writing the block's output (the next block's leaf); the projection's conv and batch norm
     /// outputs; the block's output.
     pub fn cost(&self, h: usize, w: usize) -> (Cost, [usize; 3]) {
+        if self.kind == BlockKind::Shuffle {
+            return self.shuffle().cost(h, w);
+        }
         let mut convs = self.convs();
         let projection = if self.has_projection() { convs.pop() } else { None };
         let mut cost = Cost { output_is_leaf: true, ..Cost::default() };
@@ -98,7 +111,7 @@ impl BlockSpec {
     }
 }
 
-/// One residual block: `relu(branch(x) + shortcut(x))`.
+/// One block: residual, `relu(branch(x) + shortcut(x))`, or a shuffle unit.
 #[derive(Clone, Debug)]
 pub struct Block {
     spec: BlockSpec,
@@ -106,8 +119,26 @@ pub struct Block {
     projection: Option<(Conv2d, BatchNorm2d)>,
 }
 
-/// Parameters: `{path}.conv{i}.weight`, `{path}.bn{i}.*`, `{path}.downsample.{conv,bn}.*`.
+/// Parameters: `{path}.conv{i}.weight`, `{path}.bn{i}.*`, `{path}.downsample.{conv,bn}.*`; a
+/// shuffle unit's `{path}.branch2.{conv,bn}{1,2,3}.*` and `{path}.branch1.{conv,bn}{1,2}.*`
+/// (torchvision's branch names).
 pub fn block(spec: BlockSpec, pb: &ParamBuilder) -> Result<Block> {
+    if spec.kind == BlockKind::Shuffle {
+        let convs = spec
+            .convs()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let (branch, k) = if i < 3 { ("branch2", i + 1) } else { ("branch1", i - 2) };
+                let b = pb.pp(branch);
+                Ok((
+                    conv2d(*s, &b.pp(format!("conv{k}")))?,
+                    batch_norm2d(s.out_channels, false, &b.pp(format!("bn{k}")))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(Block { spec, convs, projection: None });
+    }
     let mut specs = spec.convs();
     let projection = if spec.has_projection() {
         let p = specs.pop().expect("projection spec present");
@@ -148,6 +179,10 @@ impl Block {
     /// # Shapes
     /// `[N, in, H, W]` → `[N, out, H/stride, W/stride]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if self.spec.kind == BlockKind::Shuffle {
+            let (first, second) = halves(&self.spec.shuffle(), &self.convs, x, train)?;
+            return super::shuffle::shuffled(&first, &second);
+        }
         let (branch, shortcut) = self.forward_parts(x, train)?;
         (branch + shortcut)?.relu()
     }
@@ -157,6 +192,10 @@ impl Block {
     /// ([`Link::tail`]); elsewhere the last batch norm runs on its own and the link sums and
     /// rectifies ([`Link::residual`]).
     pub fn forward_link(&self, input: Option<Var>, x: &Tensor, train: bool) -> Result<Link> {
+        if self.spec.kind == BlockKind::Shuffle {
+            let (first, second) = halves(&self.spec.shuffle(), &self.convs, x, train)?;
+            return Link::interleaved(input, first, second);
+        }
         let (z, shortcut) = self.forward_tail_inputs(x, train)?;
         let bn = self.last_bn();
         if train {

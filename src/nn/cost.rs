@@ -11,6 +11,11 @@
 
 use std::ops::{Add, AddAssign};
 
+/// Tensors of a conv's output size kept for the backward of conv + training-mode batch norm
+/// (`nn::batch_norm_op`): the conv output (the batch norm's input) and the batch norm's output
+/// (the next conv's input, ReLU fused in).
+pub(crate) const CONV_BN_SAVED: u64 = 2;
+
 /// A layer's cost per image.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cost {

@@ -108,6 +108,9 @@ impl DecoderConfig {
             if input.len() != 3 {
                 why.push(format!("a conv block needs a [C, H, W] input, got {input:?}"));
             }
+            if cb.block == BlockKind::Shuffle {
+                why.push("a decoder's `conv_block` is `basic` or `bottleneck`".into());
+            }
             if cb.blocks == 0 || cb.stride == 0 || cb.channels == Some(0) {
                 why.push(
                     "`conv_block.blocks`, `conv_block.stride` and `conv_block.channels` must be at least 1".into(),

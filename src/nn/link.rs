@@ -22,6 +22,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Resul
 use rayon::prelude::*;
 
 use super::batch_norm_op::{tail_forward, BatchNormTrain, TailSeed};
+use super::shuffle::{deinterleave, interleave};
 use crate::cpu_slice::with_slice;
 
 /// One link of a layer's chain, alive until the engine's last backward through the layer has
@@ -43,6 +44,12 @@ enum Seeds {
     Residual {
         branch: Tensor,
         shortcut: Tensor,
+    },
+    /// A shuffle unit: the output interleaves the channels of `first` and `second`
+    /// ([`super::shuffle::interleave`]), each seeded with its share of the cotangent.
+    Interleaved {
+        first: Tensor,
+        second: Tensor,
     },
     /// A block tail: `anchor` is [`TailSeed`] applied to `(z, γ, β)`; its backward reads the
     /// branch's cotangent from `slot`.
@@ -80,6 +87,13 @@ impl Link {
         let slot = Arc::new(Mutex::new(None));
         let anchor = z.apply_op3(gamma, beta, TailSeed { op, slot: slot.clone() })?;
         Ok(Link { input, seeds: Seeds::Tail { anchor, slot, shortcut }, output })
+    }
+
+    /// A shuffle unit's link: the output interleaves the channels of its two halves, written
+    /// into a new leaf (no concatenated copy is kept; the cotangent is split back).
+    pub fn interleaved(input: Option<Var>, first: Tensor, second: Tensor) -> Result<Self> {
+        let output = interleave(&first, &second)?.as_tensor().clone();
+        Ok(Link { input, seeds: Seeds::Interleaved { first, second }, output })
     }
 
     /// Backward of the link with cotangent `g` at its output: the gradients of its parameters
@@ -121,6 +135,10 @@ fn root(output: &Tensor, seeds: &Seeds, g: Tensor) -> Result<Tensor> {
             } else {
                 branch.mul(&g)?.sum_all()? + shortcut.mul(&g)?.sum_all()?
             }
+        }
+        Seeds::Interleaved { first, second } => {
+            let (g1, g2) = deinterleave(&g)?;
+            seed_root(first, g1)? + seed_root(second, g2)?
         }
         Seeds::Tail { anchor, slot, shortcut } => {
             let g = relu_backward(output, g)?;

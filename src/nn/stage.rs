@@ -1,9 +1,12 @@
-//! A ResNet stage: optional bilinear downsampling, then `blocks` residual blocks.
+//! A stage: optional bilinear downsampling, then `blocks` residual blocks or shuffle units, then
+//! optionally a 1×1 conv (ShuffleNet v2's last conv).
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Module, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::block::{blocks, Block, BlockKind, BlockSpec};
+use super::batch_norm::{batch_norm2d, BatchNorm2d};
+use super::block::{blocks, Block, BlockKind, BlockSpec, CONV_BN_SAVED};
+use super::conv::{conv2d, Conv2d, ConvSpec};
 use super::layer::Layer;
 use super::link::Link;
 use super::resize::resize_bilinear;
@@ -23,7 +26,8 @@ pub struct StageConfig {
     pub blocks: usize,
     /// Output channels of every block.
     pub channels: usize,
-    /// Inner width of a bottleneck (default `channels / 4`); basic blocks ignore it.
+    /// Inner width of a bottleneck (default `channels / 4`); basic blocks ignore it, shuffle
+    /// units take half of `channels`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub width: Option<usize>,
     /// Stride of the first block (2 halves the feature map).
@@ -39,6 +43,10 @@ pub struct StageConfig {
     /// Group a bottleneck's last 1×1 too, in every block but the first (PResNet-50 res5–res7).
     #[serde(default)]
     pub group_expand: bool,
+    /// After the last block, a 1×1 conv → batch norm → ReLU to this many channels, which are then
+    /// the stage's output (ShuffleNet v2's last conv: 2048 in ShuffleNet v2-50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_conv: Option<usize>,
     /// Expected input channels; inferred from the producer when absent, checked when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_channels: Option<usize>,
@@ -54,6 +62,7 @@ impl StageConfig {
         let width = match self.block {
             BlockKind::Basic => self.channels,
             BlockKind::Bottleneck => self.width.unwrap_or(self.channels / 4),
+            BlockKind::Shuffle => self.channels / 2,
         };
         (0..self.blocks)
             .map(|i| BlockSpec {
@@ -71,6 +80,11 @@ impl StageConfig {
     /// Cost on a `[C, H, W]` input (which [`StageConfig::out_shape`] accepts): the bilinear
     /// resize (the row-resized intermediate and the output; a side already at the size is
     /// skipped), then each block's [`BlockSpec::cost`].
+    /// The final 1×1 conv for `channels` inputs, when there is one.
+    pub fn final_conv_spec(&self) -> Option<ConvSpec> {
+        self.final_conv.map(|out| ConvSpec::new(self.channels, out, 1, 1))
+    }
+
     pub fn cost(&self, input: [usize; 3]) -> Cost {
         let [c, mut h, mut w] = input;
         let mut cost = Cost::default();
@@ -88,6 +102,19 @@ impl StageConfig {
             let (b, out) = spec.cost(h, w);
             cost += b;
             (h, w) = (out[1], out[2]);
+        }
+        if let Some(f) = self.final_conv_spec() {
+            // The conv's output and the batch norm + ReLU's (the stage's output, not a leaf).
+            let out = (f.out_channels * h * w) as u64;
+            cost += Cost {
+                params: f.params() + 2 * f.out_channels as u64,
+                buffers: 2 * f.out_channels as u64,
+                macs: f.macs(h, w),
+                saved: out * CONV_BN_SAVED,
+                output: out,
+                paper: out,
+                ..Cost::default()
+            };
         }
         cost
     }
@@ -113,7 +140,20 @@ impl StageConfig {
         if self.stride == 0 {
             why.push("`stride` must be at least 1".into());
         }
-        for s in self.block_specs(c) {
+        if self.final_conv == Some(0) {
+            why.push("`final_conv` must be at least 1".into());
+        }
+        if self.block == BlockKind::Shuffle {
+            if self.width.is_some() || self.groups != 1 || self.group_expand {
+                why.push("a shuffle stage takes no `width`, `groups` or `group_expand`: its branches are half of `channels`, its 3×3 convs depthwise".into());
+            }
+            for s in self.block_specs(c) {
+                if let Err(e) = s.shuffle().check() {
+                    why.push(e);
+                }
+            }
+        }
+        for s in self.block_specs(c).iter().filter(|s| s.kind != BlockKind::Shuffle) {
             for conv in s.convs() {
                 if conv.groups == 0 || conv.in_channels % conv.groups != 0 || conv.out_channels % conv.groups != 0 {
                     why.push(format!(
@@ -132,7 +172,7 @@ impl StageConfig {
             Some(r) => (r, r),
             None => ((h + 2 - 3) / self.stride + 1, (w + 2 - 3) / self.stride + 1),
         };
-        Ok([self.channels, h, w])
+        Ok([self.final_conv.unwrap_or(self.channels), h, w])
     }
 }
 
@@ -141,12 +181,17 @@ impl StageConfig {
 pub struct Stage {
     resize: Option<usize>,
     blocks: Vec<Block>,
+    final_conv: Option<(Conv2d, BatchNorm2d)>,
 }
 
-/// Parameters `{path}.block{i}.…`.
+/// Parameters `{path}.block{i}.…`; the final 1×1's `{path}.conv.weight`, `{path}.bn.*`.
 pub fn stage(cfg: &StageConfig, in_channels: usize, pb: &ParamBuilder) -> Result<Stage> {
     let blocks = blocks(cfg.block_specs(in_channels), pb)?;
-    Ok(Stage { resize: cfg.resize, blocks })
+    let final_conv = match cfg.final_conv_spec() {
+        Some(s) => Some((conv2d(s, &pb.pp("conv"))?, batch_norm2d(s.out_channels, false, &pb.pp("bn"))?)),
+        None => None,
+    };
+    Ok(Stage { resize: cfg.resize, blocks, final_conv })
 }
 
 impl Stage {
@@ -155,6 +200,10 @@ impl Stage {
     }
     pub fn resize(&self) -> Option<usize> {
         self.resize
+    }
+    /// The final 1×1 conv and its batch norm (ReLU after), when the stage has one.
+    pub fn final_conv(&self) -> Option<&(Conv2d, BatchNorm2d)> {
+        self.final_conv.as_ref()
     }
 
     /// The stage's input as its first block sees it (bilinearly resized in PResNet-50).
@@ -166,8 +215,8 @@ impl Stage {
     }
 }
 
-/// One link per residual block (the resize belongs to the first), so that the engine's last
-/// backward frees each block's activations as soon as the block is done.
+/// One link per block (the resize belongs to the first) and one for the final conv, so that the
+/// engine's last backward frees each block's activations as soon as the block is done.
 impl Layer for Stage {
     /// # Shapes
     /// `[N, in, H, W]` → `[N, channels, H', W']` (see [`StageConfig::out_shape`]).
@@ -176,14 +225,20 @@ impl Layer for Stage {
         for b in &self.blocks {
             h = b.forward_t(&h, train)?;
         }
-        Ok(h)
+        match &self.final_conv {
+            Some((conv, bn)) => bn.forward_relu_t(&conv.forward(&h)?, train),
+            None => Ok(h),
+        }
     }
 
     fn links(&self) -> usize {
-        self.blocks.len().max(1)
+        (self.blocks.len() + usize::from(self.final_conv.is_some())).max(1)
     }
 
     fn forward_link(&self, k: usize, input: Option<Var>, x: &Tensor, train: bool) -> Result<Link> {
+        if let (Some((conv, bn)), true) = (&self.final_conv, k == self.blocks.len()) {
+            return Ok(Link::plain(input, bn.forward_relu_t(&conv.forward(x)?, train)?));
+        }
         let Some(block) = self.blocks.get(k) else {
             candle_core::bail!("a stage of {} blocks has no link {k}", self.blocks.len())
         };

@@ -1,4 +1,5 @@
-//! The stem in front of res2: ImageNet (7×7/2 conv + 3×3/2 max pool) or small-image (3×3/1).
+//! The stem in front of res2: ImageNet (7×7/2 conv + 3×3/2 max pool), ShuffleNet's (3×3/2 conv +
+//! 3×3/2 max pool) or small-image (3×3/1).
 
 use candle_core::{Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,16 @@ pub enum StemKind {
     Imagenet,
     /// 3×3 conv, stride 1, BN, ReLU, no pool (CIFAR-style ResNets, 28–96 px inputs).
     Small,
+    /// 3×3 conv, stride 2, BN, ReLU, 3×3 max pool, stride 2: 224 → 56 (ShuffleNet v1/v2's conv1
+    /// and max pool).
+    Shufflenet,
+}
+
+impl StemKind {
+    /// Ends in the 3×3/2 max pool.
+    pub fn pools(&self) -> bool {
+        matches!(self, StemKind::Imagenet | StemKind::Shufflenet)
+    }
 }
 
 fn sixty_four() -> usize {
@@ -41,22 +52,22 @@ impl StemConfig {
         match self.kind {
             StemKind::Imagenet => ConvSpec::new(in_channels, self.channels, 7, 2),
             StemKind::Small => ConvSpec::new(in_channels, self.channels, 3, 1),
+            StemKind::Shufflenet => ConvSpec::new(in_channels, self.channels, 3, 2),
         }
     }
     /// Cost on a `[C, H, W]` input (which [`StemConfig::out_shape`] accepts). Saved in
-    /// training: the ImageNet stem's conv output, then its max pool's output and the u32 argmax
+    /// training: a pooling stem's conv output, then its max pool's output and the u32 argmax
     /// positions (same size; `nn::stem_pool_op`: the normalised map is never kept); the small
     /// stem's conv output and its batch norm + ReLU output.
     pub fn cost(&self, input: [usize; 3]) -> Cost {
         let s = self.conv_spec(input[0]);
         let (h, w) = (s.out_size(input[1]), s.out_size(input[2]));
         let conv_out = (s.out_channels * h * w) as u64;
-        let (saved, output) = match self.kind {
-            StemKind::Imagenet => {
-                let pooled = (s.out_channels * ((h - 1) / 2 + 1) * ((w - 1) / 2 + 1)) as u64;
-                (conv_out + 2 * pooled, pooled)
-            }
-            StemKind::Small => (conv_out * CONV_BN_SAVED, conv_out),
+        let (saved, output) = if self.kind.pools() {
+            let pooled = (s.out_channels * ((h - 1) / 2 + 1) * ((w - 1) / 2 + 1)) as u64;
+            (conv_out + 2 * pooled, pooled)
+        } else {
+            (conv_out * CONV_BN_SAVED, conv_out)
         };
         Cost {
             params: s.params() + 2 * s.out_channels as u64,
@@ -78,10 +89,7 @@ impl StemConfig {
             return Err(format!("input {h}×{w} is smaller than the stem's {0}×{0} kernel", conv.kernel));
         }
         let (h, w) = (conv.out_size(h), conv.out_size(w));
-        Ok(match self.kind {
-            StemKind::Imagenet => [self.channels, (h - 1) / 2 + 1, (w - 1) / 2 + 1],
-            StemKind::Small => [self.channels, h, w],
-        })
+        Ok(if self.kind.pools() { [self.channels, (h - 1) / 2 + 1, (w - 1) / 2 + 1] } else { [self.channels, h, w] })
     }
 }
 
@@ -115,10 +123,11 @@ impl Stem {
 
 impl Layer for Stem {
     /// # Shapes
-    /// ImageNet: `[N, 3, 224, 224]` → `[N, 64, 56, 56]`; small: `[N, C, H, W]` → `[N, 64, H, W]`.
+    /// ImageNet and ShuffleNet: `[N, 3, 224, 224]` → `[N, 64, 56, 56]`; small: `[N, C, H, W]` →
+    /// `[N, 64, H, W]`.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let z = self.conv.forward(x)?;
-        if train && self.kind == StemKind::Imagenet {
+        if train && self.kind.pools() {
             // Batch norm, ReLU and max pool as one op: the full-size normalised map is never
             // kept for the backward (`nn::stem_pool_op`). Where that op does not run (not CPU
             // f32/f64), the composed path below gives the same values.
@@ -128,9 +137,10 @@ impl Layer for Stem {
             }
         }
         let h = self.bn.forward_relu_t(&z, train)?;
-        match self.kind {
-            StemKind::Imagenet => max_pool2d(&h, 3, 2, 1),
-            StemKind::Small => Ok(h),
+        if self.kind.pools() {
+            max_pool2d(&h, 3, 2, 1)
+        } else {
+            Ok(h)
         }
     }
 }
