@@ -27,6 +27,8 @@
 #   SMOOTHING      EMA smoothing of the loss curves, in [0, 1) (default 0.6; 0 = raw)
 #   ABLATIONS      1: also the two decoder ablations (default 0)
 #   METHODS        1: also DGL, InfoPro, SimSiam and BYOL (default 0)
+#   ONLY           labels of the methods to run, space-separated, e.g. "DGL BYOL" (default: all
+#                  selected); the loss-curve and t-SNE figures need SimCLR, GIM and LoCo among them
 #   RUNS           where runs go (default runs/results; each method in RUNS/<experiment>/)
 #   FIGURES        where figures go (default docs/figures)
 #   LOCOGRAPH      a locograph binary to use instead of building one (`cargo build --release`)
@@ -75,6 +77,13 @@ if [[ ${METHODS:-0} == 1 ]]; then
   )
 fi
 
+if [[ -n ${ONLY:-} ]]; then
+  kept=()
+  for m in "${methods[@]}"; do [[ " $ONLY " == *" ${m%% *} "* ]] && kept+=("$m"); done
+  [[ ${#kept[@]} -gt 0 ]] || { echo "ONLY=\"$ONLY\" names none of: ${methods[*]%% *}" >&2; exit 2; }
+  methods=("${kept[@]}")
+fi
+
 step_args=()
 [[ -n ${STEPS:-} ]] && step_args=(--steps "$STEPS")
 monitor="monitor={every: ${MONITOR_EVERY:-50}, train_images: 1000, test_images: 500, k: 20}"
@@ -95,15 +104,17 @@ for m in "${methods[@]}"; do
   firsts+=("$label=$group/seed-$first_seed")
 done
 
-# Fig. 1 (supplementary): per-decoder loss curves of the three methods, matched by stage.
 mkdir -p "$figures"
-lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves.png" --out "$figures/loss_curves.svg" "${firsts[@]:0:3}"
-if [[ ${ABLATIONS:-0} == 1 ]]; then
-  lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves_ablations.png" --out "$figures/loss_curves_ablations.svg" \
-    "${firsts[1]}" "${firsts[3]}" "${firsts[2]}" "${firsts[4]}"
+if [[ ${#firsts[@]} -ge 3 && ${firsts[0]} == SimCLR=* && ${firsts[2]} == LoCo=* ]]; then
+  # Fig. 1 (supplementary): per-decoder loss curves of the three methods, matched by stage.
+  lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves.png" --out "$figures/loss_curves.svg" "${firsts[@]:0:3}"
+  if [[ ${ABLATIONS:-0} == 1 && ${firsts[4]:-} == LoCo+MLP4=* ]]; then
+    lg plot losses --smoothing "${SMOOTHING:-0.6}" --out "$figures/loss_curves_ablations.png" --out "$figures/loss_curves_ablations.svg" \
+      "${firsts[1]}" "${firsts[3]}" "${firsts[2]}" "${firsts[4]}"
+  fi
+  # Fig. 2 (supplementary): t-SNE of 500 test images (first 50 of each of the 10 classes).
+  lg plot tsne --out "$figures/tsne.png" --out "$figures/tsne.svg" "${node_args[@]}" "${firsts[@]:0:3}"
 fi
-# Fig. 2 (supplementary): t-SNE of 500 test images (first 50 of each of the 10 classes).
-lg plot tsne --out "$figures/tsne.png" --out "$figures/tsne.svg" "${node_args[@]}" "${firsts[@]:0:3}"
 # The online kNN accuracy over training, the mean over the seeds of each method.
 lg plot monitor --out "$figures/online_knn.png" --out "$figures/online_knn.svg" "${groups[@]}"
 
