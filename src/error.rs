@@ -22,6 +22,8 @@ pub enum Error {
     Eval(#[from] crate::eval::EvalError),
     #[error(transparent)]
     Dist(#[from] crate::dist::DistError),
+    #[error(transparent)]
+    Stage(#[from] crate::exec::StageError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -79,6 +81,9 @@ impl Error {
                 exit::USAGE
             }
             Error::Eval(e) if e.is_usage() => exit::USAGE,
+            Error::Stage(crate::exec::StageError::NotDeferrable { .. } | crate::exec::StageError::Ranks { .. }) => {
+                exit::USAGE
+            }
             _ => exit::OTHER,
         }
     }

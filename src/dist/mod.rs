@@ -18,6 +18,7 @@
 
 pub mod meter;
 pub mod ops;
+pub mod postbox;
 pub mod reducer;
 pub mod replicas;
 
@@ -60,6 +61,9 @@ pub enum DistError {
     /// A thread of this rank panicked while it held the group.
     #[error("{op}: a thread of this rank panicked while communicating")]
     Poisoned { op: &'static str },
+    /// A stage-parallel rank's receiver failed (a message that is not one, a peer gone).
+    #[error("stage traffic: {0}")]
+    Traffic(String),
     /// The gradient reducer's communication thread is gone.
     #[error("gradient reducer: {0}")]
     Reducer(String),

@@ -15,6 +15,7 @@ pub mod monitor;
 pub mod reference;
 pub mod run_dir;
 pub mod setup;
+pub mod stage;
 pub mod step;
 pub mod train;
 
@@ -24,4 +25,5 @@ pub use model::{Model, NodeModule};
 pub use monitor::{Monitor, MonitorCost};
 pub use reference::reference_grads;
 pub use setup::validate;
+pub use stage::{RankStep, StageError, StageRank};
 pub use step::{GradsFinal, StepInput, StepOutput, StepState};

@@ -106,6 +106,24 @@ impl Model {
         group: &Arc<dyn Communicator>,
         sync_batch_norm: bool,
     ) -> Result<Self> {
+        Self::build(plan, seed, device, group, sync_batch_norm, &|_| true)
+    }
+
+    /// The nodes `runs` selects (one rank's share of a stage-parallel job), with the same
+    /// parameters as [`Model::new`] gives them (each is seeded by its name); the other nodes have
+    /// no module and no parameters.
+    pub fn new_on(plan: &Plan, seed: u64, device: &Device, runs: &dyn Fn(NodeIndex) -> bool) -> Result<Self> {
+        Self::build(plan, seed, device, &crate::dist::solo(), false, runs)
+    }
+
+    fn build(
+        plan: &Plan,
+        seed: u64,
+        device: &Device,
+        group: &Arc<dyn Communicator>,
+        sync_batch_norm: bool,
+        runs: &dyn Fn(NodeIndex) -> bool,
+    ) -> Result<Self> {
         let pb = ParamBuilder::new(seed, device, DType::F32);
         let pb = if sync_batch_norm { pb.sync_batch_norm(group.clone()) } else { pb };
         let n = plan.graph.node_count();
@@ -113,7 +131,7 @@ impl Model {
         let mut frozen = vec![false; n];
         for idx in plan.graph.node_indices() {
             let node = &plan.graph[idx];
-            let Some(cfg) = &node.config else { continue };
+            let Some(cfg) = node.config.as_ref().filter(|_| runs(idx)) else { continue };
             let _span = info_span!("build", node = %node.id).entered();
             let in_c = plan.producer(idx).map(|(_, p)| plan.graph[p].shape.first().copied().unwrap_or(0)).unwrap_or(0);
             frozen[idx.index()] = cfg.is_frozen();
