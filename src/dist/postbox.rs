@@ -164,7 +164,10 @@ impl Postbox {
         }
         let dims = t.dims();
         if dims.len() > MAX_DIMS {
-            return Err(DistError::Shape { op: "post", detail: format!("{} dimensions (at most {MAX_DIMS})", dims.len()) });
+            return Err(DistError::Shape {
+                op: "post",
+                detail: format!("{} dimensions (at most {MAX_DIMS})", dims.len()),
+            });
         }
         let mut header = [0u64; HEADER];
         header[0] = KIND_MESSAGE;

@@ -144,7 +144,8 @@ impl<'a> StageRank<'a> {
         for r in &mut readers {
             r.sort_unstable();
         }
-        let me = StageRank { plan, placement, rank, schedule, readers, incoming, held: (0..nn).map(|_| None).collect() };
+        let me =
+            StageRank { plan, placement, rank, schedule, readers, incoming, held: (0..nn).map(|_| None).collect() };
         if schedule == PipelineSchedule::Pipelined {
             me.check_deferrable()?;
         }
@@ -186,9 +187,11 @@ impl<'a> StageRank<'a> {
     fn runs(&self, n: NodeIndex) -> bool {
         match self.placement.rank(n) {
             Some(r) => r == self.rank,
-            None => {
-                self.plan.graph.neighbors_directed(n, Direction::Outgoing).any(|c| self.placement.rank(c) == Some(self.rank))
-            }
+            None => self
+                .plan
+                .graph
+                .neighbors_directed(n, Direction::Outgoing)
+                .any(|c| self.placement.rank(c) == Some(self.rank)),
         }
     }
 
@@ -230,7 +233,9 @@ impl<'a> StageRank<'a> {
                     state.forward(n, batch)?;
                     if !self.readers[n.index()].is_empty() {
                         let Some(v) = state.value(n).cloned() else {
-                            return Err(candle_core::Error::Msg(format!("`{}` has no value to send", plan.id(n))).into());
+                            return Err(
+                                candle_core::Error::Msg(format!("`{}` has no value to send", plan.id(n))).into()
+                            );
                         };
                         for &d in &self.readers[n.index()] {
                             post.send(d, step, value_tag(n), &v)?;
@@ -317,7 +322,12 @@ impl<'a> StageRank<'a> {
 
     /// Rank 0: every rank's losses of `step` (waiting for them), in `plan.losses` order, `own`
     /// being rank 0's.
-    pub fn gather_losses(&self, post: &mut Postbox, step: u64, own: &[(NodeIndex, f32)]) -> Result<Vec<(NodeIndex, f32)>> {
+    pub fn gather_losses(
+        &self,
+        post: &mut Postbox,
+        step: u64,
+        own: &[(NodeIndex, f32)],
+    ) -> Result<Vec<(NodeIndex, f32)>> {
         let plan = self.plan;
         let mut all: Vec<(NodeIndex, f32)> = own.to_vec();
         for r in 1..self.placement.ranks {

@@ -1,0 +1,282 @@
+//! Stage-parallel training with ranks as threads ([`LocalGroup`]): each rank builds and updates
+//! only its own nodes, values go forward and cotangents back through the postbox, and
+//! - under the exact schedule the weights after a few steps equal one process's, GIM and LoCo,
+//!   on 2 and 3 ranks;
+//! - under the pipelined schedule LoCo's shared stage gets the upper unit's gradient one step
+//!   late, exactly as docs/parallel.md describes (pinned against single-process references),
+//!   and the losses still fall on a fixed batch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use locograph::config::{Loaded, PipelineSchedule, PlacementConfig};
+use locograph::dist::postbox::Postbox;
+use locograph::dist::{Communicator, LocalGroup};
+use locograph::exec::step::{GradsFinal, StepInput, StepState};
+use locograph::exec::train::update_when_final;
+use locograph::exec::{run_step_with, Hooks, Model, StageRank};
+use locograph::graph::{place, Action, Placement, Plan};
+
+mod common;
+
+const SEED: u64 = 7;
+
+/// The batch of step `step`: 4 images, 8 views of 1×8×8, the same on every rank.
+fn batch(step: u64) -> StepInput {
+    let x = Tensor::arange(0f32, 512.0, &Device::Cpu)
+        .and_then(|t| t.reshape((8, 1, 8, 8)))
+        .and_then(|t| (t * (0.37 + 0.11 * step as f64))?.sin())
+        .expect("batch");
+    StepInput::from(&x)
+}
+
+/// Every parameter and batch norm statistic by name.
+fn weights(model: &Model) -> HashMap<String, Vec<f32>> {
+    model
+        .params
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().and_then(|t| t.to_vec1()).expect("weights")))
+        .collect()
+}
+
+/// `max |a − b| / max |b|` over all tensors (as tests/distributed.rs); the key sets must agree.
+fn relative_difference(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>) -> f64 {
+    let mut ka: Vec<_> = a.keys().collect();
+    let mut kb: Vec<_> = b.keys().collect();
+    ka.sort();
+    kb.sort();
+    assert_eq!(ka, kb, "the ranks together hold every parameter exactly once");
+    let (mut diff, mut scale) = (0f64, 0f64);
+    for (k, va) in a {
+        for (x, y) in va.iter().zip(&b[k]) {
+            diff = diff.max((x - y).abs() as f64);
+            scale = scale.max(y.abs() as f64);
+        }
+    }
+    diff / scale
+}
+
+/// `steps` steps in one process, each node updated as soon as its gradients are final.
+fn one_process(loaded: &Loaded, plan: &Plan, steps: u64, lr: f64) -> (HashMap<String, Vec<f32>>, Vec<Vec<f32>>) {
+    let model = Model::new(plan, SEED, &Device::Cpu).expect("model");
+    let mut opt = loaded.experiment.optimizer.build();
+    let mut losses = vec![];
+    for step in 0..steps {
+        let mut update = |f: GradsFinal<'_>| update_when_final(opt.as_mut(), &model, f, lr);
+        let out =
+            run_step_with(plan, &model, batch(step), Hooks { grads_final: Some(&mut update), ..Hooks::default() })
+                .expect("step");
+        losses.push(out.losses.iter().map(|l| l.1).collect());
+    }
+    (weights(&model), losses)
+}
+
+/// `steps` steps on `placement.ranks` thread-ranks; every rank's weights together, and rank 0's
+/// gathered losses per step.
+fn stage_parallel(
+    loaded: &Loaded,
+    plan: &Plan,
+    placement: &Placement,
+    schedule: PipelineSchedule,
+    steps: u64,
+    lr: f64,
+) -> (HashMap<String, Vec<f32>>, Vec<Vec<f32>>) {
+    let results = LocalGroup::run(placement.ranks, |group: Arc<dyn Communicator>| {
+        let rank = group.rank();
+        let model = Model::new_on(plan, SEED, &Device::Cpu, &|n| placement.rank(n) == Some(rank)).expect("model");
+        let mut opt = loaded.experiment.optimizer.build();
+        let mut post = Postbox::open(&group, &Device::Cpu, 2).expect("postbox");
+        let mut sr = StageRank::new(plan, placement, rank, schedule).expect("stage rank");
+        let mut losses = vec![];
+        for step in 0..steps {
+            let mut update = |f: GradsFinal<'_>| update_when_final(opt.as_mut(), &model, f, lr);
+            let out = sr.step(&model, &mut post, &batch(step), step, Some(&mut update)).expect("stage step");
+            if rank == 0 {
+                let all = sr.gather_losses(&mut post, step, &out.losses).expect("losses");
+                losses.push(all.iter().map(|l| l.1).collect::<Vec<f32>>());
+            }
+        }
+        post.close().expect("close");
+        (weights(&model), losses)
+    });
+    let mut all = HashMap::new();
+    let mut losses = vec![];
+    for (rank, (w, l)) in results.into_iter().enumerate() {
+        if rank == 0 {
+            losses = l;
+        }
+        for (k, v) in w {
+            assert!(all.insert(k.clone(), v).is_none(), "{k} on two ranks");
+        }
+    }
+    (all, losses)
+}
+
+fn placement(loaded: &Loaded, plan: &Plan, nodes: &[(&str, usize)], ranks: usize) -> Placement {
+    let cfg = PlacementConfig { nodes: nodes.iter().map(|&(k, r)| (k.to_string(), r)).collect(), ..Default::default() };
+    place(plan, loaded, &cfg, ranks, 8).expect("placement")
+}
+
+fn auto(loaded: &Loaded, plan: &Plan, ranks: usize) -> Placement {
+    place(plan, loaded, &PlacementConfig::default(), ranks, 8).expect("placement")
+}
+
+/// The exact schedule on 2 and 3 ranks (automatic placement, and cuts given by hand that put
+/// LoCo's overlap across ranks), GIM and LoCo: after 3 steps every weight equals one process's.
+#[test]
+fn the_exact_schedule_equals_one_process() {
+    for (method, text) in [("gim", common::gim()), ("loco", common::loco())] {
+        let (loaded, plan) = common::compiled(&text);
+        let (want, want_losses) = one_process(&loaded, &plan, 3, 0.05);
+        let init = weights(&Model::new(&plan, SEED, &Device::Cpu).expect("model"));
+        assert!(relative_difference(&init, &want) > 1e-3, "{method}: the steps change the weights");
+        let placements = [
+            ("auto on 2", auto(&loaded, &plan, 2)),
+            ("auto on 3", auto(&loaded, &plan, 3)),
+            (
+                "res4 cut on 2",
+                placement(&loaded, &plan, &[("stem", 0), ("res2", 0), ("res3", 0), ("res4", 1), ("res5", 1)], 2),
+            ),
+            (
+                "every cut on 3",
+                placement(&loaded, &plan, &[("stem", 0), ("res2", 0), ("res3", 1), ("res4", 2), ("res5", 2)], 3),
+            ),
+        ];
+        for (label, p) in &placements {
+            assert!(!p.crossing(&plan).is_empty());
+            let (got, losses) = stage_parallel(&loaded, &plan, p, PipelineSchedule::Exact, 3, 0.05);
+            let d = relative_difference(&got, &want);
+            eprintln!("{method}, {label}: max relative weight difference {d:.2e}");
+            assert!(d <= 1e-5, "{method}, {label}: {d:.3e}");
+            assert_eq!(losses.len(), 3);
+            for (a, b) in losses.iter().flatten().zip(want_losses.iter().flatten()) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "{method}, {label}: losses {losses:?} vs {want_losses:?}"
+                );
+            }
+        }
+    }
+}
+
+/// LoCo's cut at res4 on 2 ranks: rank 0 runs stem, res2, res3 (with L1), rank 1 res4, res5 (L2,
+/// L3). The cotangent of L2 at res3's output comes back from rank 1; res3's L2 group is its last
+/// and parameters-only (the edge res2 → res3 stops L2), so the pipelined schedule holds it over.
+fn loco_cut_at_res4() -> (Loaded, Plan, Placement) {
+    let (loaded, plan) = common::compiled(&common::loco());
+    let p = placement(&loaded, &plan, &[("stem", 0), ("res2", 0), ("res3", 0), ("res4", 1), ("res5", 1)], 2);
+    (loaded, plan, p)
+}
+
+/// The single-process reference of the pipelined schedule, written with the step's primitives
+/// and no ranks: every action in order, except that res3's L2 group takes the cotangent that
+/// res4's backward sent to res3 *in the previous step*, run back through that step's res3 links
+/// ([`StepState::defer`]), while this step's links and cotangent wait for the next step.
+fn pipelined_reference(loaded: &Loaded, plan: &Plan, steps: u64, lr: f64) -> HashMap<String, Vec<f32>> {
+    let model = Model::new(plan, SEED, &Device::Cpu).expect("model");
+    let mut opt = loaded.experiment.optimizer.build();
+    let res3 = plan.ids["res3"];
+    let l2 = plan.ids["L2"];
+    let mut late = None;
+    for step in 0..steps {
+        let mut update = |f: GradsFinal<'_>| update_when_final(opt.as_mut(), &model, f, lr);
+        let mut state = StepState::new(plan, &model);
+        for action in &plan.order.actions {
+            match *action {
+                Action::Forward(n) => state.forward(n, &batch(step)).expect("forward"),
+                Action::Backward { node, group } if node == res3 && plan.reach.groups(node)[group].losses == [l2] => {
+                    let mut now = state.take_cotangents(res3);
+                    assert_eq!(now.len(), 1, "one L2 cotangent at res3");
+                    let (_, cot) = now.remove(0);
+                    let links = state.defer(res3, group, late.take(), Some(&mut update)).expect("defer");
+                    late = Some((links, cot));
+                }
+                Action::Backward { node, group } => state.backward(node, group, Some(&mut update)).expect("backward"),
+            }
+        }
+    }
+    weights(&model)
+}
+
+/// The pipelined schedule's gradients are the documented ones: after one step, res3 has no L2
+/// gradient at all (the same weights as one process with L2 stopped before res3); after three,
+/// the weights equal the single-process reference that applies each L2 gradient of res3 one step
+/// late; and they differ from the exact schedule's.
+#[test]
+fn the_pipelined_schedule_applies_the_shared_stage_upper_gradient_one_step_late() {
+    let (loaded, plan, p) = loco_cut_at_res4();
+    let lr = 0.05;
+    let (first, _) = stage_parallel(&loaded, &plan, &p, PipelineSchedule::Pipelined, 1, lr);
+    let stopped =
+        common::loco().replace("{from: res3, to: res4, stop: [L3]}", "{from: res3, to: res4, stop: [L3, L2]}");
+    let (sl, sp) = common::compiled(&stopped);
+    let (want_first, _) = one_process(&sl, &sp, 1, lr);
+    let d = relative_difference(&first, &want_first);
+    assert!(d <= 1e-6, "step 0: {d:.3e}");
+
+    let (got, _) = stage_parallel(&loaded, &plan, &p, PipelineSchedule::Pipelined, 3, lr);
+    let reference = pipelined_reference(&loaded, &plan, 3, lr);
+    let d = relative_difference(&got, &reference);
+    eprintln!("pipelined vs its single-process reference: {d:.2e}");
+    assert!(d <= 1e-6, "{d:.3e}");
+    let (exact, _) = one_process(&loaded, &plan, 3, lr);
+    let apart = relative_difference(&got, &exact);
+    eprintln!("pipelined vs exact: {apart:.2e}");
+    assert!(apart > 1e-4, "the late gradient changes the weights: {apart:.3e}");
+}
+
+/// GIM sends nothing back: its pipelined schedule is its exact schedule, on 3 ranks.
+#[test]
+fn gim_pipelined_equals_exact() {
+    let (loaded, plan) = common::compiled(&common::gim());
+    let p = auto(&loaded, &plan, 3);
+    let (got, _) = stage_parallel(&loaded, &plan, &p, PipelineSchedule::Pipelined, 3, 0.05);
+    let (want, _) = one_process(&loaded, &plan, 3, 0.05);
+    assert_eq!(relative_difference(&got, &want), 0.0);
+}
+
+/// A cut whose cotangent must go further down (LoCo cut at res3: L1's gradient crosses back from
+/// res3 to res2 and on to the stem) cannot be pipelined: a typed error naming the node.
+#[test]
+fn a_cut_that_sends_gradient_further_down_is_not_pipelined() {
+    let (loaded, plan) = common::compiled(&common::loco());
+    let p = placement(&loaded, &plan, &[("stem", 0), ("res2", 0), ("res3", 1), ("res4", 1), ("res5", 1)], 2);
+    let err = StageRank::new(&plan, &p, 0, PipelineSchedule::Pipelined).err().expect("refused");
+    let text = err.to_string();
+    assert!(text.contains("`res2`") && text.contains("L1") && text.contains("further down"), "{text}");
+    assert!(StageRank::new(&plan, &p, 0, PipelineSchedule::Exact).is_ok());
+}
+
+/// On one fixed batch the pipelined LoCo job's losses at least halve.
+#[test]
+fn pipelined_losses_halve_on_a_fixed_batch() {
+    let (loaded, plan, p) = loco_cut_at_res4();
+    let steps = 40;
+    let results = LocalGroup::run(2, |group: Arc<dyn Communicator>| {
+        let rank = group.rank();
+        let model = Model::new_on(&plan, SEED, &Device::Cpu, &|n| p.rank(n) == Some(rank)).expect("model");
+        let mut opt = loaded.experiment.optimizer.build();
+        let mut post = Postbox::open(&group, &Device::Cpu, 2).expect("postbox");
+        let mut sr = StageRank::new(&plan, &p, rank, PipelineSchedule::Pipelined).expect("stage rank");
+        let mut losses = vec![];
+        for step in 0..steps {
+            let mut update = |f: GradsFinal<'_>| update_when_final(opt.as_mut(), &model, f, 0.1);
+            let out = sr.step(&model, &mut post, &batch(0), step, Some(&mut update)).expect("step");
+            if rank == 0 {
+                losses.push(sr.gather_losses(&mut post, step, &out.losses).expect("losses"));
+            }
+        }
+        post.close().expect("close");
+        losses
+    });
+    let losses = &results[0];
+    let (first, last) = (&losses[0], &losses[losses.len() - 1]);
+    eprintln!("first {first:?}\nlast {last:?}");
+    assert_eq!(first.len(), 3);
+    for (a, b) in first.iter().zip(last) {
+        assert_eq!(a.0, b.0);
+        assert!(b.1 <= 0.5 * a.1, "{} from {} to {}", plan.id(a.0), a.1, b.1);
+    }
+}
