@@ -81,9 +81,12 @@ impl Error {
                 exit::USAGE
             }
             Error::Eval(e) if e.is_usage() => exit::USAGE,
-            Error::Stage(crate::exec::StageError::NotDeferrable { .. } | crate::exec::StageError::Ranks { .. }) => {
-                exit::USAGE
-            }
+            Error::Stage(
+                crate::exec::StageError::NotDeferrable { .. }
+                | crate::exec::StageError::DataParallel { .. }
+                | crate::exec::StageError::Ranks { .. }
+                | crate::exec::StageError::Unsupported { .. },
+            ) => exit::USAGE,
             _ => exit::OTHER,
         }
     }

@@ -16,6 +16,7 @@ pub mod reference;
 pub mod run_dir;
 pub mod setup;
 pub mod stage;
+pub mod stage_train;
 pub mod step;
 pub mod train;
 

@@ -50,9 +50,19 @@ pub enum StageError {
          and the group {why}; move the cut between ranks (`placement.nodes`) or use `schedule: exact`"
     )]
     NotDeferrable { node: String, losses: String, from: usize, why: &'static str },
-    /// The job's rank count is not the placement's.
-    #[error("the placement is for {placement} ranks, but this rank is {rank} of {ranks}")]
-    Ranks { placement: usize, rank: usize, ranks: usize },
+    /// The job has not the ranks the given placement names.
+    #[error("`placement.nodes` puts the model on {placement} ranks, but the job has {ranks}: start it with `mpirun -np {placement}`")]
+    Ranks { placement: usize, ranks: usize },
+    /// More ranks than the given placement, by a multiple: replicas of the stages, a stage ×
+    /// data grid.
+    #[error(
+        "{ranks} ranks for a placement on {placement}: the other ranks would be data-parallel replicas of the stages \
+         (a stage × data grid), which locograph does not run; start {placement} ranks, or drop `placement:` for data parallelism"
+    )]
+    DataParallel { placement: usize, ranks: usize },
+    /// Something a stage-parallel run does not do.
+    #[error("a stage-parallel run (`placement:`) does not support {what}")]
+    Unsupported { what: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

@@ -1,0 +1,337 @@
+//! The training loop of a stage-parallel run: `locograph run FILE` on an experiment with a
+//! `placement:`, one rank per part of the placement (`mpirun -np N`; one process is a placement
+//! on one rank).
+//!
+//! Each rank builds and updates only its own nodes ([`StageRank`]); every rank that runs the
+//! input or the labels reads the same batches (the loader is a pure function of the seed: there
+//! is no data sharding), the others read none. Rank 0 alone writes the run directory:
+//! `metrics.csv` with every rank's losses (gathered at the logged steps), `ranks.json` with each
+//! rank's nodes, busy and idle seconds per step, bytes sent and received and peak memory, and at
+//! the end `weights.safetensors` with every rank's weights gathered, so that the directory reads
+//! like a single-process run's (`eval`, `export`). No resumable checkpoint is written: each
+//! rank's optimizer state and a pipelined rank's held-over links would have to travel too, and
+//! `locograph resume` refuses the directory (it has no checkpoint).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use indicatif::ProgressBar;
+use tracing::info;
+
+use super::ema;
+use super::metrics::{Metrics, Row};
+use super::model::Model;
+use super::run_dir;
+use super::stage::{StageError, StageRank};
+use super::step::{GradsFinal, StepInput};
+use super::train::{update_when_final, TrainOptions, TrainSummary};
+use super::{error::TrainError, setup};
+use crate::config::{Loaded, PlacementConfig};
+use crate::data::{self, PairLoader, Shard};
+use crate::dist::postbox::Postbox;
+use crate::dist::Communicator;
+use crate::graph::{explain, place, Placement, Plan};
+use crate::{Error, Result};
+
+/// The per-rank file beside `metrics.csv`.
+pub const RANKS: &str = "ranks.json";
+
+/// How many steps a rank may run ahead of a rank that reads its values.
+const AHEAD: u64 = 2;
+
+/// What one rank measured over the run.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct RankReport {
+    pub rank: usize,
+    pub nodes: Vec<String>,
+    pub steps: u64,
+    /// Mean seconds per step computing (and sending), and waiting for other ranks' messages.
+    pub busy_s_per_step: f64,
+    pub idle_s_per_step: f64,
+    /// idle / (busy + idle).
+    pub idle_fraction: f64,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    /// The rank's peak resident set size (`VmHWM`), 0 where unknown.
+    pub peak_rss_bytes: u64,
+}
+
+/// Refuses what a stage-parallel job cannot do: another rank count than a given placement's
+/// (more by a multiple would be a stage × data grid), a monitor (it reads the whole encoder on
+/// one rank). `train.sync_batch_norm` and `negatives` need nothing: every rank's batch norms and
+/// losses see the whole batch.
+fn check(loaded: &Loaded, cfg: &PlacementConfig, ranks: usize, monitor: bool) -> std::result::Result<(), StageError> {
+    if let Some(&most) = cfg.nodes.values().max() {
+        let placement = most + 1;
+        if ranks > placement && ranks.is_multiple_of(placement) {
+            return Err(StageError::DataParallel { placement, ranks });
+        }
+        if ranks != placement {
+            return Err(StageError::Ranks { placement, ranks });
+        }
+    }
+    if monitor || loaded.experiment.monitor.is_some() {
+        return Err(StageError::Unsupported { what: "`monitor:` (it needs the whole encoder on one rank)".into() });
+    }
+    Ok(())
+}
+
+fn write(path: &std::path::Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// Trains `loaded` (which has a `placement:`) stage-parallel over `opts.group`.
+pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions, monitor: bool) -> Result<TrainSummary> {
+    let group: Arc<dyn Communicator> = opts.group.clone().unwrap_or_else(crate::dist::solo);
+    let (rank, ranks) = (group.rank(), group.size());
+    check(loaded, cfg, ranks, monitor)?;
+    let exp = &loaded.experiment;
+    let plan = setup::validate(loaded)?;
+    let views = 2 * exp.train.batch_size;
+    let placement = place(&plan, loaded, cfg, ranks, views)?;
+    if let Some(t) = exp.train.threads {
+        // candle's CPU kernels and the gemm crate read rayon's global pool.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
+    }
+    let device = setup::device(exp.device)?;
+    let ds = data::open(&exp.data, &loaded.base_dir, None)?;
+    let batch_size = exp.train.batch_size;
+    if ds.len() < batch_size {
+        return Err(TrainError::DatasetTooSmall { dataset: ds.name(), images: ds.len(), batch_size }.into());
+    }
+    let steps_per_epoch = (ds.len() / batch_size).max(1) as u64;
+    let total = opts.steps.or(exp.train.steps).unwrap_or_else(|| exp.train.epochs.unwrap_or(1) * steps_per_epoch);
+    let schedule = exp.schedule.build(batch_size, total as usize, steps_per_epoch as usize);
+    let model = Model::new_on(&plan, exp.seed, &device, &|n| placement.rank(n) == Some(rank))?
+        .with_compute(exp.precision.dtype());
+    let mut optimizer = exp.optimizer.build();
+
+    // Rank 0 names the run directory (its clock) and alone writes into it.
+    let dir = opts
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| run_dir::new_dir(&run_dir::root(loaded, opts.runs_dir.as_deref()), &exp.name));
+    let mut name = dir.to_string_lossy().into_owned().into_bytes();
+    group.broadcast_bytes(&mut name, 0)?;
+    let dir = PathBuf::from(String::from_utf8_lossy(&name).into_owned());
+    let mut metrics = None;
+    if rank == 0 {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        write(&dir.join(run_dir::CONFIG), &run_dir::resolved_yaml(exp)?)?;
+        write(&dir.join(run_dir::EXPLAIN), &explain::table(&plan))?;
+        metrics = Some(Metrics::create(&dir.join(run_dir::METRICS), &plan, None)?);
+        eprintln!("run directory: {}", dir.display());
+        eprintln!(
+            "stage-parallel on {ranks} ranks ({:?} schedule), batch {batch_size} images = {views} views/step on every rank, {total} steps",
+            cfg.schedule
+        );
+        let costs = placement.costs(&plan, views, exp.precision.dtype().size_in_bytes(), 1);
+        for (r, c) in costs.iter().enumerate() {
+            eprintln!("  rank {r}: {}", c.nodes.join(" "));
+        }
+    }
+
+    let mut post = Postbox::open(&group, &device, AHEAD)?;
+    let mut sr = StageRank::new(&plan, &placement, rank, cfg.schedule)?;
+    let reads =
+        |n| plan.graph.neighbors_directed(n, petgraph::Direction::Outgoing).any(|c| placement.rank(c) == Some(rank));
+    let (images, labels) = (reads(plan.input), plan.labels().is_some_and(reads));
+    let ds2 = ds.clone();
+    let mut batches = (0u64..).flat_map(move |epoch| {
+        PairLoader::sharded(ds2.clone(), &exp.data, batch_size, exp.seed, epoch as usize, Shard { rank: 0, ranks: 1 })
+    });
+    let bar =
+        if opts.quiet || rank != 0 { ProgressBar::hidden() } else { crate::progress::bar(total, "steps", &exp.name) };
+    let empty = Tensor::zeros(0, candle_core::DType::F32, &device)?;
+    let clock = Instant::now();
+    let (mut busy, mut idle) = (0.0, 0.0);
+    let (mut first, mut last): (Vec<(String, f32)>, Vec<(String, f32)>) = (vec![], vec![]);
+    let mut window = (Instant::now(), 0usize);
+    let mut images_per_sec = 0.0;
+    for step in 0..total {
+        let input = if images || labels {
+            let Some(b) = batches.next() else { break };
+            let b = b?;
+            StepInput {
+                images: if images { b.to_tensor(&device)? } else { empty.clone() },
+                labels: if labels { b.row_labels(&device)? } else { None },
+            }
+        } else {
+            StepInput { images: empty.clone(), labels: None }
+        };
+        let lr = schedule.lr(step as usize);
+        let out = {
+            let (opt, m) = (&mut optimizer, &model);
+            let mut update = |f: GradsFinal<'_>| update_when_final(opt.as_mut(), m, f, lr);
+            sr.step(&model, &mut post, &input, step, Some(&mut update))?
+        };
+        busy += out.busy_s;
+        idle += out.waiting_s;
+        if let Some((n, v)) = out.losses.iter().find(|(_, v)| !v.is_finite()) {
+            bar.abandon();
+            return Err(TrainError::Diverged { loss: plan.id(*n).to_string(), value: *v, step, run_dir: dir }.into());
+        }
+        ema::update(&model, step, total)?;
+        bar.inc(1);
+        window.1 += batch_size;
+        let done = step + 1;
+        let logged = done.is_multiple_of(exp.train.log_every) || done == total;
+        if rank == 0 && (step == 0 || logged) {
+            let all = sr.gather_losses(&mut post, step, &out.losses)?;
+            let named: Vec<(String, f32)> = all.iter().map(|&(n, v)| (plan.id(n).to_string(), v)).collect();
+            if step == 0 {
+                first = named.clone();
+            }
+            last = named;
+        }
+        if rank == 0 && logged {
+            images_per_sec = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+            window = (Instant::now(), 0);
+            if let Some(m) = metrics.as_mut() {
+                m.write(&Row {
+                    step: done,
+                    epoch: done as f64 / steps_per_epoch as f64,
+                    lr,
+                    losses: &last,
+                    monitor: None,
+                    images_per_sec,
+                    elapsed_s: clock.elapsed().as_secs_f64(),
+                })?;
+            }
+            let msg: Vec<String> = last.iter().map(|(id, v)| format!("{id} {v:.4}")).collect();
+            info!(step = done, lr, images_per_sec, losses = %msg.join(" "), "train");
+            bar.set_message(format!("{}  {images_per_sec:.1} img/s", msg.join("  ")));
+        }
+    }
+    bar.finish();
+    let stats = post.close()?;
+    let seconds = clock.elapsed().as_secs_f64();
+    let steps = total.max(1) as f64;
+    let mine = RankReport {
+        rank,
+        nodes: sr.nodes().into_iter().map(|n| plan.id(n).to_string()).collect(),
+        steps: total,
+        busy_s_per_step: busy / steps,
+        idle_s_per_step: idle / steps,
+        idle_fraction: idle / (busy + idle).max(1e-12),
+        sent_bytes: stats.sent_bytes,
+        received_bytes: stats.received_bytes,
+        peak_rss_bytes: crate::malloc::peak_rss().unwrap_or(0),
+    };
+    let reports = gather_reports(&group, &mine)?;
+    let gathered = gather_weights(&group, &plan, &placement, &model, exp.seed, &device)?;
+    if let (Some(m), Some(full)) = (metrics.as_ref(), gathered) {
+        m.sync()?;
+        let json = serde_json::to_string_pretty(&reports).unwrap_or_default();
+        write(&dir.join(RANKS), &json)?;
+        run_dir::save(&dir, loaded, &plan, &full, total)?;
+        eprintln!("done: {total} steps in {seconds:.1} s; weights in {}", dir.join(run_dir::WEIGHTS).display());
+        for r in &reports {
+            eprintln!(
+                "  rank {}: busy {:.3} s/step, idle {:.3} s/step ({:.0} %), sent {:.1} MB, received {:.1} MB, peak RSS {:.0} MB",
+                r.rank,
+                r.busy_s_per_step,
+                r.idle_s_per_step,
+                100.0 * r.idle_fraction,
+                r.sent_bytes as f64 / 1e6,
+                r.received_bytes as f64 / 1e6,
+                r.peak_rss_bytes as f64 / 1e6
+            );
+        }
+    }
+    Ok(TrainSummary {
+        run_dir: dir,
+        steps: total,
+        final_losses: last,
+        first_losses: first,
+        images_per_sec,
+        seconds,
+        interrupted: false,
+        communication: None,
+        monitor: None,
+    })
+}
+
+/// Every rank's report, on rank 0 (collective).
+fn gather_reports(group: &Arc<dyn Communicator>, mine: &RankReport) -> Result<Vec<RankReport>> {
+    let numbers = [
+        mine.steps as f64,
+        mine.busy_s_per_step,
+        mine.idle_s_per_step,
+        mine.idle_fraction,
+        mine.sent_bytes as f64,
+        mine.received_bytes as f64,
+        mine.peak_rss_bytes as f64,
+    ];
+    let (all, _) = group.all_gather(&numbers)?;
+    let mut names = mine.nodes.join(" ").into_bytes();
+    let (all_names, counts) = group.all_gather(&names)?;
+    names.clear();
+    let mut at = 0;
+    let mut out = vec![];
+    for (r, (x, &count)) in all.chunks(numbers.len()).zip(&counts).enumerate() {
+        let nodes = String::from_utf8_lossy(&all_names[at..at + count]).split(' ').map(String::from).collect();
+        at += count;
+        out.push(RankReport {
+            rank: r,
+            nodes,
+            steps: x[0] as u64,
+            busy_s_per_step: x[1],
+            idle_s_per_step: x[2],
+            idle_fraction: x[3],
+            sent_bytes: x[4] as u64,
+            received_bytes: x[5] as u64,
+            peak_rss_bytes: x[6] as u64,
+        });
+    }
+    Ok(out)
+}
+
+/// Every rank's parameters and batch norm statistics in one model, on rank 0 (`None` on the
+/// others; collective). Rank `q` sends its tensors in its model's order, which is the whole
+/// model's order restricted to `q`'s nodes (both are built node by node in graph order).
+fn gather_weights(
+    group: &Arc<dyn Communicator>,
+    plan: &Plan,
+    placement: &Placement,
+    model: &Model,
+    seed: u64,
+    device: &candle_core::Device,
+) -> Result<Option<Model>> {
+    const TAG: u16 = 1;
+    let rank = group.rank();
+    let node_rank =
+        |name: &str| plan.ids.get(name.split('.').next().unwrap_or_default()).and_then(|&n| placement.rank(n));
+    let vars = |m: &Model| -> Vec<(String, candle_core::Var)> {
+        m.params
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.clone()))
+            .chain(m.params.buffers.iter().map(|b| (b.name.clone(), b.var.clone())))
+            .collect()
+    };
+    if rank != 0 {
+        for (_, v) in vars(model) {
+            let data: Vec<f32> = v.as_tensor().flatten_all()?.to_vec1()?;
+            group.send(&data, 0, TAG)?;
+        }
+        return Ok(None);
+    }
+    let full = Model::new(plan, seed, device)?;
+    let own: std::collections::HashMap<String, candle_core::Var> = vars(model).into_iter().collect();
+    for q in 1..group.size() {
+        for (_, v) in vars(&full).into_iter().filter(|(n, _)| node_rank(n) == Some(q)) {
+            let mut data = vec![0f32; v.elem_count()];
+            group.recv(&mut data, q, TAG)?;
+            v.set(&Tensor::from_vec(data, v.shape(), device)?)?;
+        }
+    }
+    for (name, v) in vars(&full) {
+        if let Some(mine) = own.get(&name) {
+            v.set(mine.as_tensor())?;
+        }
+    }
+    Ok(Some(full))
+}
