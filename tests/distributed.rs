@@ -275,3 +275,75 @@ fn a_diverging_run_ends_the_job_with_the_cause() {
     assert!(all.contains("of 2: error:") && all.contains("diverged"), "{all}");
     assert!(t.elapsed() < Duration::from_secs(60), "{all}");
 }
+
+// ---- stage parallel: `placement:` under mpirun -----------------------------------------------
+
+/// The experiment with its units placed on ranks (`placement:` as YAML text).
+fn placed(text: &str, placement: &str) -> String {
+    format!("{text}\nplacement: {placement}\n")
+}
+
+/// GIM and LoCo stage-parallel under the exact schedule on 2 ranks (automatic placement) and 3
+/// ranks (a cut at every unit boundary that LoCo's overlap crosses): after 3 steps the gathered
+/// weights equal one process's without a placement, and `ranks.json` has every rank's nodes,
+/// busy and idle seconds, bytes and peak memory.
+#[test]
+fn stage_parallel_exact_equals_one_process() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for method in ["gim", "loco"] {
+        let text = experiment(method, 6, 3, "");
+        let one = train(&text, 0, tmp.path(), &format!("stage-{method}-one"));
+        for (ranks, placement) in [
+            (2, "{by: compute}".to_string()),
+            (3, "{nodes: {stem: 0, res2: 0, res3: 1, res4: 2, res5: 2}}".to_string()),
+        ] {
+            let many = train(&placed(&text, &placement), ranks, tmp.path(), &format!("stage-{method}-{ranks}"));
+            let d = weights_diff(&many, &one);
+            eprintln!("stage-parallel {method} on {ranks} ranks: max relative weight difference {d:.2e}");
+            assert!(d <= 1e-5, "stage-parallel {method} on {ranks} ranks differs from one process by {d:.3e}");
+            let report: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(many.join("ranks.json")).expect("ranks.json"))
+                    .expect("json");
+            let rows = report.as_array().expect("one row per rank");
+            assert_eq!(rows.len(), ranks);
+            for (r, row) in rows.iter().enumerate() {
+                assert_eq!(row["rank"], r);
+                assert!(row["peak_rss_bytes"].as_u64().is_some_and(|b| b > 1 << 20), "{row}");
+                assert!(row["busy_s_per_step"].as_f64().is_some_and(|s| s > 0.0), "{row}");
+                assert!(row["sent_bytes"].as_u64().unwrap_or(0) + row["received_bytes"].as_u64().unwrap_or(0) > 0);
+            }
+        }
+    }
+}
+
+/// The pipelined schedule under mpirun (LoCo, the shared stage res3 on rank 0 and the unit that
+/// overlaps it on rank 1): the run finishes, its losses fall, and its weights are not the exact
+/// schedule's (res3's upper-loss gradient is applied one step late: tests/stage_parallel.rs
+/// pins exactly which).
+#[test]
+fn stage_parallel_pipelined_runs_under_mpirun() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let text = experiment("loco", 6, 3, "");
+    let cut = "nodes: {stem: 0, res2: 0, res3: 0, res4: 1, res5: 1}";
+    let exact = train(&placed(&text, &format!("{{{cut}}}")), 2, tmp.path(), "exact");
+    let piped = train(&placed(&text, &format!("{{{cut}, schedule: pipelined}}")), 2, tmp.path(), "pipelined");
+    let d = weights_diff(&piped, &exact);
+    assert!(d > 1e-6, "pipelined equals exact ({d:.3e}): no late gradient?");
+}
+
+/// A rank count that does not fit a given placement is a usage error naming both counts; a
+/// multiple of it (a stage × data grid) is refused as such.
+#[test]
+fn stage_parallel_refuses_a_wrong_rank_count() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let text = placed(&experiment("gim", 6, 1, ""), "{nodes: {stem: 0, res2: 0, res3: 0, res4: 1, res5: 1}}");
+    let file = tmp.path().join("placed.yaml");
+    std::fs::write(&file, &text).expect("write");
+    let f = file.to_str().expect("utf-8");
+    let three = locograph(3, tmp.path(), &["run", f, "--quiet", "--runs-dir", "runs"]);
+    let all = output_text(&three);
+    assert!(!three.status.success() && all.contains("on 2 ranks, but the job has 3"), "{all}");
+    let four = locograph(4, tmp.path(), &["run", f, "--quiet", "--runs-dir", "runs"]);
+    let all = output_text(&four);
+    assert!(!four.status.success() && all.contains("stage × data grid"), "{all}");
+}

@@ -280,3 +280,50 @@ fn pipelined_losses_halve_on_a_fixed_batch() {
         assert!(b.1 <= 0.5 * a.1, "{} from {} to {}", plan.id(a.0), a.1, b.1);
     }
 }
+
+// ---- `locograph run` with a placement, one process ------------------------------------------
+
+/// `locograph run FILE --quiet --runs-dir DIR` in `dir`; the output and the run directory.
+fn run_cli(dir: &std::path::Path, label: &str, text: &str) -> (std::process::Output, std::path::PathBuf) {
+    let file = dir.join(format!("{label}.yaml"));
+    std::fs::write(&file, text).expect("write");
+    let runs = dir.join(label);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_locograph"))
+        .args(["run", file.to_str().expect("utf-8"), "--quiet", "--runs-dir", runs.to_str().expect("utf-8")])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("locograph");
+    let run = std::fs::read_dir(&runs).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map(|e| e.path());
+    (out, run.unwrap_or(runs))
+}
+
+fn saved(run: &std::path::Path) -> HashMap<String, Vec<f32>> {
+    candle_core::safetensors::load(run.join("weights.safetensors"), &Device::Cpu)
+        .expect("weights")
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().and_then(|t| t.to_vec1()).expect("values")))
+        .collect()
+}
+
+/// A placement on one rank is the single-process run: the same weights file, bit for bit, and a
+/// `ranks.json` with the one rank's measurements; a placement on two ranks refuses one process
+/// with a usage error (exit 2) that says how to start it.
+#[test]
+fn a_one_rank_placement_is_a_plain_run_and_two_ranks_need_mpirun() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let text = common::loco().replace("train: {batch_size: 4, steps: 1}", "train: {batch_size: 4, steps: 3}");
+    let (out, plain) = run_cli(tmp.path(), "plain", &text);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (out, placed) = run_cli(tmp.path(), "placed", &format!("{text}\nplacement: {{by: compute}}\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(relative_difference(&saved(&placed), &saved(&plain)), 0.0);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(placed.join("ranks.json")).expect("ranks.json")).expect("json");
+    assert_eq!(report[0]["steps"], 3);
+    assert_eq!(report[0]["idle_s_per_step"], 0.0, "one rank waits for nobody");
+    let two = format!("{text}\nplacement: {{nodes: {{stem: 0, res2: 0, res3: 0, res4: 1, res5: 1}}}}\n");
+    let (out, _) = run_cli(tmp.path(), "two", &two);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("on 2 ranks, but the job has 1: start it with `mpirun -np 2`"), "{err}");
+}
