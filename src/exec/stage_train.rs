@@ -52,6 +52,11 @@ pub struct RankReport {
     pub idle_s_per_step: f64,
     /// idle / (busy + idle).
     pub idle_fraction: f64,
+    /// Wall seconds per step after the first (from the end of step 0 to the end of the last):
+    /// the pipeline's period as this rank sees it, its filling left out.
+    pub period_s: f64,
+    /// Images per second at that period: the job's throughput is the slowest rank's.
+    pub images_per_s: f64,
     pub sent_bytes: u64,
     pub received_bytes: u64,
     /// The rank's peak resident set size (`VmHWM`), 0 where unknown.
@@ -150,6 +155,7 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions, monito
     let (mut first, mut last): (Vec<(String, f32)>, Vec<(String, f32)>) = (vec![], vec![]);
     let mut window = (Instant::now(), 0usize);
     let mut images_per_sec = 0.0;
+    let mut after_first = None;
     for step in 0..total {
         let input = if images || labels {
             let Some(b) = batches.next() else { break };
@@ -169,6 +175,9 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions, monito
         };
         busy += out.busy_s;
         idle += out.waiting_s;
+        if step == 0 {
+            after_first = Some(Instant::now());
+        }
         if let Some((n, v)) = out.losses.iter().find(|(_, v)| !v.is_finite()) {
             bar.abandon();
             return Err(TrainError::Diverged { loss: plan.id(*n).to_string(), value: *v, step, run_dir: dir }.into());
@@ -206,6 +215,10 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions, monito
         }
     }
     bar.finish();
+    let period_s = match after_first {
+        Some(t) if total > 1 => t.elapsed().as_secs_f64() / (total - 1) as f64,
+        _ => clock.elapsed().as_secs_f64(),
+    };
     let stats = post.close()?;
     let seconds = clock.elapsed().as_secs_f64();
     let steps = total.max(1) as f64;
@@ -216,6 +229,8 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions, monito
         busy_s_per_step: busy / steps,
         idle_s_per_step: idle / steps,
         idle_fraction: idle / (busy + idle).max(1e-12),
+        period_s,
+        images_per_s: batch_size as f64 / period_s.max(1e-12),
         sent_bytes: stats.sent_bytes,
         received_bytes: stats.received_bytes,
         peak_rss_bytes: crate::malloc::peak_rss().unwrap_or(0),
@@ -230,8 +245,9 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions, monito
         eprintln!("done: {total} steps in {seconds:.1} s; weights in {}", dir.join(run_dir::WEIGHTS).display());
         for r in &reports {
             eprintln!(
-                "  rank {}: busy {:.3} s/step, idle {:.3} s/step ({:.0} %), sent {:.1} MB, received {:.1} MB, peak RSS {:.0} MB",
+                "  rank {}: {:.1} images/s, busy {:.3} s/step, idle {:.3} s/step ({:.0} %), sent {:.1} MB, received {:.1} MB, peak RSS {:.0} MB",
                 r.rank,
+                r.images_per_s,
                 r.busy_s_per_step,
                 r.idle_s_per_step,
                 100.0 * r.idle_fraction,
@@ -261,14 +277,15 @@ fn gather_reports(group: &Arc<dyn Communicator>, mine: &RankReport) -> Result<Ve
         mine.busy_s_per_step,
         mine.idle_s_per_step,
         mine.idle_fraction,
+        mine.period_s,
+        mine.images_per_s,
         mine.sent_bytes as f64,
         mine.received_bytes as f64,
         mine.peak_rss_bytes as f64,
     ];
     let (all, _) = group.all_gather(&numbers)?;
-    let mut names = mine.nodes.join(" ").into_bytes();
+    let names = mine.nodes.join(" ").into_bytes();
     let (all_names, counts) = group.all_gather(&names)?;
-    names.clear();
     let mut at = 0;
     let mut out = vec![];
     for (r, (x, &count)) in all.chunks(numbers.len()).zip(&counts).enumerate() {
@@ -281,9 +298,11 @@ fn gather_reports(group: &Arc<dyn Communicator>, mine: &RankReport) -> Result<Ve
             busy_s_per_step: x[1],
             idle_s_per_step: x[2],
             idle_fraction: x[3],
-            sent_bytes: x[4] as u64,
-            received_bytes: x[5] as u64,
-            peak_rss_bytes: x[6] as u64,
+            period_s: x[4],
+            images_per_s: x[5],
+            sent_bytes: x[6] as u64,
+            received_bytes: x[7] as u64,
+            peak_rss_bytes: x[8] as u64,
         });
     }
     Ok(out)
