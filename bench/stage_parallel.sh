@@ -23,8 +23,8 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 RAYON_NUM_THREA
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
-# The shipped experiments with synthetic data (they read ImageNet otherwise), SGD (LARS's trust
-# ratio is irrelevant to speed), SIZE² views, BATCH images, logged once at the end (a logged
+# The shipped experiments (LARS, as the papers) with synthetic data (they read ImageNet otherwise),
+# SIZE² views, BATCH images, logged once at the end (a logged
 # step gathers every rank's losses on rank 0: a synchronisation point).
 exp() { # method model schedule by
     local f=$TMP/$1_$2_$3_$4.yaml

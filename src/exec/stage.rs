@@ -162,11 +162,12 @@ impl<'a> StageRank<'a> {
         Ok(me)
     }
 
-    /// Every group of this rank that waits for another rank's cotangent must be its node's last
-    /// and parameters-only, for the pipelined schedule to hold it over.
+    /// Every group that waits for another rank's cotangent must be its node's last and
+    /// parameters-only, for the pipelined schedule to hold it over. Checked for every rank's
+    /// nodes, so that every rank refuses the same job.
     fn check_deferrable(&self) -> Result<()> {
         let plan = self.plan;
-        for n in plan.graph.node_indices().filter(|&n| self.placement.rank(n) == Some(self.rank)) {
+        for n in plan.graph.node_indices().filter(|&n| self.placement.rank(n).is_some()) {
             let last = plan.order.actions.iter().rev().find_map(|a| match *a {
                 Action::Backward { node, group } if node == n => Some(group),
                 _ => None,
