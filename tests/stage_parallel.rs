@@ -311,7 +311,9 @@ fn saved(run: &std::path::Path) -> HashMap<String, Vec<f32>> {
 #[test]
 fn a_one_rank_placement_is_a_plain_run_and_two_ranks_need_mpirun() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let text = common::loco().replace("train: {batch_size: 4, steps: 1}", "train: {batch_size: 4, steps: 3}");
+    let text = common::loco()
+        .replace("train: {batch_size: 4, steps: 1}", "train: {batch_size: 4, steps: 3}")
+        .replace("data: {format: synthetic,", "data: {format: synthetic, synthetic: {channels: 1, side: 8},");
     let (out, plain) = run_cli(tmp.path(), "plain", &text);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (out, placed) = run_cli(tmp.path(), "placed", &format!("{text}\nplacement: {{by: compute}}\n"));

@@ -80,18 +80,7 @@ impl Setup {
         }
         let device = device(exp.device)?;
         let ds: Arc<dyn Dataset> = data::open(&exp.data, &loaded.base_dir, None)?;
-        let (c, h, w) = exp.data.output_shape(ds.as_ref());
-        if (c, h, w) != (exp.input.channels, exp.input.size, exp.input.size) {
-            return Err(ConfigErrors(vec![ConfigError {
-                location: loaded.locations.path("input"),
-                path: "input".into(),
-                message: format!(
-                    "the data pipeline gives {c}×{h}×{w} images but `input` says {}×{}×{}: set `data.augment.size`/`to_rgb` or `input`",
-                    exp.input.channels, exp.input.size, exp.input.size
-                ),
-            }])
-            .into());
-        }
+        check_input(loaded, ds.as_ref())?;
         check_labels(&plan, ds.as_ref())?;
         let batch_size = exp.train.batch_size;
         let shard = Shard { rank: group.rank(), ranks: group.size() };
@@ -129,9 +118,26 @@ impl Setup {
     }
 }
 
+/// The data pipeline's images must be what `input` says.
+pub(crate) fn check_input(loaded: &Loaded, ds: &dyn Dataset) -> std::result::Result<(), ConfigErrors> {
+    let exp = &loaded.experiment;
+    let (c, h, w) = exp.data.output_shape(ds);
+    if (c, h, w) != (exp.input.channels, exp.input.size, exp.input.size) {
+        return Err(ConfigErrors(vec![ConfigError {
+            location: loaded.locations.path("input"),
+            path: "input".into(),
+            message: format!(
+                "the data pipeline gives {c}×{h}×{w} images but `input` says {}×{}×{}: set `data.augment.size`/`to_rgb` or `input`",
+                exp.input.channels, exp.input.size, exp.input.size
+            ),
+        }]));
+    }
+    Ok(())
+}
+
 /// A graph that reads the batch's labels needs a labelled dataset, and each classifier as many
 /// logits as the dataset has classes.
-fn check_labels(plan: &Plan, ds: &dyn Dataset) -> std::result::Result<(), ConfigErrors> {
+pub(crate) fn check_labels(plan: &Plan, ds: &dyn Dataset) -> std::result::Result<(), ConfigErrors> {
     let Some(labels) = plan.labels() else { return Ok(()) };
     let mut errors = vec![];
     for (e, n) in plan.graph.edges_directed(labels, petgraph::Direction::Outgoing).map(|e| {

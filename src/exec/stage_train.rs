@@ -102,6 +102,8 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions, monito
     }
     let device = setup::device(exp.device)?;
     let ds = data::open(&exp.data, &loaded.base_dir, None)?;
+    setup::check_input(loaded, ds.as_ref())?;
+    setup::check_labels(&plan, ds.as_ref())?;
     let batch_size = exp.train.batch_size;
     if ds.len() < batch_size {
         return Err(TrainError::DatasetTooSmall { dataset: ds.name(), images: ds.len(), batch_size }.into());
