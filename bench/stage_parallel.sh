@@ -15,7 +15,7 @@
 # per step are printed beside). Needs a `--features mpi` release build (built here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${1:-6}; SIZE=${2:-64}; BATCH=${3:-8}
+STEPS=${1:-8}; SIZE=${2:-64}; BATCH=${3:-8}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 cargo build --release --features mpi --quiet
 BIN=$CARGO_TARGET_DIR/release/locograph

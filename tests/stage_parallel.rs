@@ -170,28 +170,36 @@ fn loco_cut_at_res4() -> (Loaded, Plan, Placement) {
     (loaded, plan, p)
 }
 
+/// The backward group of `n` that runs last in the plan's order.
+fn last_group(plan: &Plan, n: petgraph::graph::NodeIndex) -> Option<usize> {
+    plan.order.actions.iter().rev().find_map(|a| match *a {
+        Action::Backward { node, group } if node == n => Some(group),
+        _ => None,
+    })
+}
+
 /// The single-process reference of the pipelined schedule, written with the step's primitives
-/// and no ranks: every action in order, except that res3's L2 group takes the cotangent that
-/// res4's backward sent to res3 *in the previous step*, run back through that step's res3 links
+/// and no ranks: every action in order, except that the last backward group of each node in
+/// `late` (LoCo's shared stage, its upper unit's loss) takes the cotangent that the node above
+/// sent it *in the previous step*, run back through that step's links of the node
 /// ([`StepState::defer`]), while this step's links and cotangent wait for the next step.
-fn pipelined_reference(loaded: &Loaded, plan: &Plan, steps: u64, lr: f64) -> HashMap<String, Vec<f32>> {
+fn pipelined_reference(loaded: &Loaded, plan: &Plan, late: &[&str], steps: u64, lr: f64) -> HashMap<String, Vec<f32>> {
     let model = Model::new(plan, SEED, &Device::Cpu).expect("model");
     let mut opt = loaded.experiment.optimizer.build();
-    let res3 = plan.ids["res3"];
-    let l2 = plan.ids["L2"];
-    let mut late = None;
+    let late: Vec<_> = late.iter().map(|id| plan.ids[*id]).collect();
+    let mut held: HashMap<usize, (locograph::exec::step::Deferred, Tensor)> = HashMap::new();
     for step in 0..steps {
         let mut update = |f: GradsFinal<'_>| update_when_final(opt.as_mut(), &model, f, lr);
         let mut state = StepState::new(plan, &model);
         for action in &plan.order.actions {
             match *action {
                 Action::Forward(n) => state.forward(n, &batch(step)).expect("forward"),
-                Action::Backward { node, group } if node == res3 && plan.reach.groups(node)[group].losses == [l2] => {
-                    let mut now = state.take_cotangents(res3);
-                    assert_eq!(now.len(), 1, "one L2 cotangent at res3");
+                Action::Backward { node, group } if late.contains(&node) && Some(group) == last_group(plan, node) => {
+                    let mut now = state.take_cotangents(node);
+                    assert_eq!(now.len(), 1, "one upper-loss cotangent at {}", plan.id(node));
                     let (_, cot) = now.remove(0);
-                    let links = state.defer(res3, group, late.take(), Some(&mut update)).expect("defer");
-                    late = Some((links, cot));
+                    let links = state.defer(node, group, held.remove(&node.index()), Some(&mut update)).expect("defer");
+                    held.insert(node.index(), (links, cot));
                 }
                 Action::Backward { node, group } => state.backward(node, group, Some(&mut update)).expect("backward"),
             }
@@ -217,7 +225,7 @@ fn the_pipelined_schedule_applies_the_shared_stage_upper_gradient_one_step_late(
     assert!(d <= 1e-6, "step 0: {d:.3e}");
 
     let (got, _) = stage_parallel(&loaded, &plan, &p, PipelineSchedule::Pipelined, 3, lr);
-    let reference = pipelined_reference(&loaded, &plan, 3, lr);
+    let reference = pipelined_reference(&loaded, &plan, &["res3"], 3, lr);
     let d = relative_difference(&got, &reference);
     eprintln!("pipelined vs its single-process reference: {d:.2e}");
     assert!(d <= 1e-6, "{d:.3e}");
@@ -225,6 +233,19 @@ fn the_pipelined_schedule_applies_the_shared_stage_upper_gradient_one_step_late(
     let apart = relative_difference(&got, &exact);
     eprintln!("pipelined vs exact: {apart:.2e}");
     assert!(apart > 1e-4, "the late gradient changes the weights: {apart:.3e}");
+}
+
+/// LoCo on 3 ranks cut at res4 and res5: two shared stages (res3 on rank 0, res4 on rank 1)
+/// each get their upper unit's gradient one step late, as the reference with both held over.
+#[test]
+fn the_pipelined_schedule_on_three_ranks_holds_both_shared_stages_over() {
+    let (loaded, plan) = common::compiled(&common::loco());
+    let p = placement(&loaded, &plan, &[("stem", 0), ("res2", 0), ("res3", 0), ("res4", 1), ("res5", 2)], 3);
+    let (got, _) = stage_parallel(&loaded, &plan, &p, PipelineSchedule::Pipelined, 3, 0.05);
+    let reference = pipelined_reference(&loaded, &plan, &["res3", "res4"], 3, 0.05);
+    assert!(relative_difference(&got, &reference) <= 1e-6);
+    let only_res3 = pipelined_reference(&loaded, &plan, &["res3"], 3, 0.05);
+    assert!(relative_difference(&got, &only_res3) > 1e-4, "res4's late gradient is visible");
 }
 
 /// GIM sends nothing back: its pipelined schedule is its exact schedule, on 3 ranks.

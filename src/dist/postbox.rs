@@ -41,7 +41,9 @@ pub struct PostStats {
     pub received_bytes: u64,
     pub messages_sent: u64,
     pub messages_received: u64,
-    /// Seconds the main thread spent in [`Postbox::take`] waiting for a message not yet there.
+    /// Seconds the main thread spent in [`Postbox::take`] waiting for a message not yet there,
+    /// and in [`Postbox::send`] (copying, or held back by a receiver that is `ahead` steps
+    /// behind: under MPI a large message's send returns only once the receiver takes it).
     pub waiting_s: f64,
 }
 
@@ -95,7 +97,7 @@ fn dtype_code(d: DType) -> Result<u64> {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
-        DType::F64 => 3,
+        // Elements travel as f32: exact for these three, not for f64.
         other => return Err(DistError::Unsupported { op: "post", dtype: other.as_str() }),
     })
 }
@@ -105,7 +107,6 @@ fn dtype_of(code: u64) -> Result<DType> {
         0 => DType::F32,
         1 => DType::F16,
         2 => DType::BF16,
-        3 => DType::F64,
         c => return Err(DistError::Mismatch(format!("a message of unknown dtype code {c}"))),
     })
 }
@@ -180,8 +181,10 @@ impl Postbox {
         }
         let data: Vec<f32> =
             t.to_dtype(DType::F32).and_then(|x| x.flatten_all()?.to_vec1()).map_err(|e| candle("post", e))?;
+        let start = Instant::now();
         self.channel.send(&header, dest, 0)?;
         self.channel.send(&data, dest, 0)?;
+        self.waiting += start.elapsed();
         self.sent.0 += (data.len() * 4) as u64;
         self.sent.1 += 1;
         Ok(())

@@ -98,7 +98,8 @@ struct Incoming {
 pub struct RankStep {
     /// This rank's losses (the loss nodes it runs), in forward order.
     pub losses: Vec<(NodeIndex, f32)>,
-    /// Seconds computing and sending, and seconds waiting for messages from other ranks.
+    /// Seconds computing, and seconds waiting for messages from other ranks or in sends
+    /// ([`crate::dist::postbox::PostStats::waiting_s`]).
     pub busy_s: f64,
     pub waiting_s: f64,
 }

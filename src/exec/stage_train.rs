@@ -154,7 +154,8 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions, monito
     let empty = Tensor::zeros(0, candle_core::DType::F32, &device)?;
     let clock = Instant::now();
     let (mut busy, mut idle) = (0.0, 0.0);
-    let (mut first, mut last): (Vec<(String, f32)>, Vec<(String, f32)>) = (vec![], vec![]);
+    let mut first: Vec<(String, f32)> = vec![];
+    let mut last: Vec<(String, f32)> = vec![];
     let mut window = (Instant::now(), 0usize);
     let mut images_per_sec = 0.0;
     let mut after_first = None;
