@@ -267,6 +267,19 @@ impl Communicator for LocalGroup {
         }
     }
 
+    fn probe(&self, source: usize, tag: u16) -> Result<bool> {
+        const OP: &str = "probe";
+        check_rank(OP, source, self.size())?;
+        let st = self.lock(OP)?;
+        if st.mailboxes.get(&(source, self.rank, tag)).is_some_and(|q| !q.is_empty()) {
+            return Ok(true);
+        }
+        if st.stopped[source] {
+            return Err(DistError::PeerFailed { op: OP, rank: self.rank });
+        }
+        Ok(false)
+    }
+
     fn duplicate(&self) -> Result<Arc<dyn Communicator>> {
         const OP: &str = "duplicate";
         if self.rank == 0 {

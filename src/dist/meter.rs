@@ -109,6 +109,9 @@ impl Communicator for Metered {
     fn recv_slice(&self, buf: SliceMut<'_>, source: usize, tag: u16) -> Result<()> {
         self.count(bytes_mut(&buf), other, || self.inner.recv_slice(buf, source, tag))
     }
+    fn probe(&self, source: usize, tag: u16) -> Result<bool> {
+        self.inner.probe(source, tag)
+    }
     fn duplicate(&self) -> Result<Arc<dyn Communicator>> {
         self.inner.duplicate()
     }

@@ -183,6 +183,10 @@ pub trait Communicator: Send + Sync + fmt::Debug {
     fn send_slice(&self, buf: Slice<'_>, dest: usize, tag: u16) -> Result<()>;
     /// Receives the next message from `source` tagged `tag` into `buf` (exactly its length).
     fn recv_slice(&self, buf: SliceMut<'_>, source: usize, tag: u16) -> Result<()>;
+    /// Whether a message from `source` tagged `tag` is waiting to be received; never blocks.
+    /// (A thread that listens for messages polls with this between sleeps: MPI's blocking
+    /// receive busy-waits, taking a whole core from the computation beside it.)
+    fn probe(&self, source: usize, tag: u16) -> Result<bool>;
     /// A new group of the same ranks whose messages never mix with this one's (collective).
     fn duplicate(&self) -> Result<Arc<dyn Communicator>>;
     /// Ends the whole job, every rank of it, with `code`: what a rank that cannot go on calls

@@ -183,6 +183,12 @@ impl Communicator for Mpi {
         }
     }
 
+    fn probe(&self, source: usize, tag: u16) -> Result<bool> {
+        check_rank("probe", source, self.size)?;
+        let c = self.comm("probe")?;
+        Ok(c.process_at_rank(source as i32).immediate_probe_with_tag(i32::from(tag)).is_some())
+    }
+
     fn duplicate(&self) -> Result<Arc<dyn Communicator>> {
         let dup = self.comm("duplicate")?.duplicate();
         Ok(Arc::new(Mpi { comm: Mutex::new(dup), rank: self.rank, size: self.size, _universe: self._universe.clone() }))

@@ -33,6 +33,8 @@ const HEADER: usize = 5 + MAX_DIMS;
 const MAX_DIMS: usize = 8;
 const KIND_MESSAGE: u64 = 1;
 const KIND_CLOSE: u64 = 2;
+/// The longest a receiver sleeps between polls for the next message.
+const MAX_NAP: Duration = Duration::from_millis(1);
 
 /// What one rank sent and received, and how long its main thread waited for messages.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -259,6 +261,14 @@ impl Postbox {
 fn receive_from(source: usize, ch: &(dyn Communicator + 'static), shared: &Shared) {
     let outcome = (|| -> Result<()> {
         loop {
+            // Poll, sleeping between polls, rather than block in MPI's receive, which spins at
+            // 100 % of a core: with a core per rank that core is the computation's. A message
+            // waits at most the longest sleep, short beside a stage's compute.
+            let mut nap = Duration::from_micros(20);
+            while !ch.probe(source, 0)? {
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(MAX_NAP);
+            }
             let mut header = [0u64; HEADER];
             ch.recv(&mut header, source, 0)?;
             if header[0] == KIND_CLOSE {

@@ -51,6 +51,12 @@ impl Communicator for Solo {
         Ok(())
     }
 
+    fn probe(&self, source: usize, tag: u16) -> Result<bool> {
+        check_rank("probe", source, 1)?;
+        let mailbox = self.mailbox.lock().map_err(|_| DistError::PeerFailed { op: "probe", rank: 0 })?;
+        Ok(mailbox.iter().any(|(t, _)| *t == tag))
+    }
+
     fn recv_slice(&self, mut buf: SliceMut<'_>, source: usize, tag: u16) -> Result<()> {
         check_rank("recv", source, 1)?;
         let mut mailbox = self.mailbox.lock().map_err(|_| DistError::PeerFailed { op: "recv", rank: 0 })?;
