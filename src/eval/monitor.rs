@@ -92,6 +92,10 @@ impl Monitor for KnnMonitor {
 /// Trains `loaded` into a new run directory, with its `monitor:` measured (what `locograph
 /// run` does).
 pub fn train(loaded: &Loaded, opts: &TrainOptions) -> Result<TrainSummary> {
+    // A `placement:` trains stage parallel (which refuses a monitor: it reads the whole encoder).
+    if let Some(cfg) = &loaded.experiment.placement {
+        return crate::exec::stage_train::train(loaded, cfg, opts);
+    }
     // Values and graph first, so a wrong `monitor:` is reported with everything else.
     let plan = validate(loaded)?;
     let mut monitor = KnnMonitor::new(loaded, &plan)?;

@@ -20,6 +20,9 @@ pub enum TrainError {
     /// `exec::train::train` got no [`crate::exec::Monitor`] for an experiment with `monitor:`.
     #[error("the experiment has a `monitor:` section, but no monitor was given to the trainer (`eval::monitor::train` builds it)")]
     NoMonitor,
+    /// `exec::train::train` got an experiment with `placement:`, which trains stage parallel.
+    #[error("the experiment has a `placement:`: it trains stage parallel (`exec::stage_train::train`, what `locograph run` calls)")]
+    StageParallel,
 }
 
 /// Problems with a run directory or one of its checkpoints.

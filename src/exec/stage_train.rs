@@ -67,7 +67,7 @@ pub struct RankReport {
 /// (more by a multiple would be a stage × data grid), a monitor (it reads the whole encoder on
 /// one rank). `train.sync_batch_norm` and `negatives` need nothing: every rank's batch norms and
 /// losses see the whole batch.
-fn check(loaded: &Loaded, cfg: &PlacementConfig, ranks: usize, monitor: bool) -> std::result::Result<(), StageError> {
+fn check(loaded: &Loaded, cfg: &PlacementConfig, ranks: usize) -> std::result::Result<(), StageError> {
     if let Some(&most) = cfg.nodes.values().max() {
         let placement = most + 1;
         if ranks > placement && ranks.is_multiple_of(placement) {
@@ -77,7 +77,7 @@ fn check(loaded: &Loaded, cfg: &PlacementConfig, ranks: usize, monitor: bool) ->
             return Err(StageError::Ranks { placement, ranks });
         }
     }
-    if monitor || loaded.experiment.monitor.is_some() {
+    if loaded.experiment.monitor.is_some() {
         return Err(StageError::Unsupported { what: "`monitor:` (it needs the whole encoder on one rank)".into() });
     }
     Ok(())
@@ -88,10 +88,10 @@ fn write(path: &std::path::Path, text: &str) -> Result<()> {
 }
 
 /// Trains `loaded` (which has a `placement:`) stage-parallel over `opts.group`.
-pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions, monitor: bool) -> Result<TrainSummary> {
+pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let group: Arc<dyn Communicator> = opts.group.clone().unwrap_or_else(crate::dist::solo);
     let (rank, ranks) = (group.rank(), group.size());
-    check(loaded, cfg, ranks, monitor)?;
+    check(loaded, cfg, ranks)?;
     let exp = &loaded.experiment;
     let plan = setup::validate(loaded)?;
     let views = 2 * exp.train.batch_size;

@@ -113,9 +113,10 @@ fn check_monitor(loaded: &Loaded, monitor: &Option<&mut dyn Monitor>) -> Result<
 
 /// [`train`], measuring `monitor` every `monitor.every()` steps into its `metrics.csv` column.
 pub fn train_with(loaded: &Loaded, opts: &TrainOptions, monitor: Option<&mut dyn Monitor>) -> Result<TrainSummary> {
-    // An experiment with a `placement:` runs its units on separate ranks.
-    if let Some(cfg) = &loaded.experiment.placement {
-        return super::stage_train::train(loaded, cfg, opts, monitor.is_some());
+    // Not silently one process: an experiment with a `placement:` runs its units on separate
+    // ranks (exec::stage_train).
+    if loaded.experiment.placement.is_some() {
+        return Err(TrainError::StageParallel.into());
     }
     check_monitor(loaded, &monitor)?;
     let (group, meter) = metered(opts);
