@@ -105,7 +105,7 @@ echo "Projection for 1 GPU per rank: compute-bound, communication overlapped, fr
 echo "MACs (locograph profile --ranks): speedup over 1 GPU = 1 / the busiest rank's share. An encoder of"
 echo "S stem and stage nodes splits over at most S ranks; beyond, the projection is a grid of the best"
 echo "stage split × data replicas (ideal data parallelism: docs/parallel.md says how such a grid would run)."
-printf '%-9s %-5s %-7s %4s %-12s %14s %9s %12s\n' model method by GPUs layout "busiest share" speedup "MB sent/step"
+printf '%-9s %-5s %-7s %4s %-17s %14s %9s %12s\n' model method by GPUs layout "busiest share" speedup "MB sent/step"
 for model in presnet50 resnet50; do
   for method in gim loco; do
     for by in compute count; do
@@ -113,6 +113,7 @@ for model in presnet50 resnet50; do
       for gpus in 4 8; do
         # The most stage ranks that divide the GPUs and fit the encoder's nodes.
         for stages in $gpus $((gpus / 2)) $((gpus / 4)); do
+          # (profile prints a placement that does not fit as text: no rows, try fewer stages)
           out=$("$BIN" profile "$f" --input "$SIZE" --ranks $stages 2>&1) || continue
           echo "$out" | python3 -c '
 import re, sys
@@ -123,13 +124,15 @@ for line in sys.stdin:
     m = re.match(r"\s+(\d+)\s+([\d.]+)\s+(\d+) %\s+([\d.]+) MB\s+([\d.]+) MB\s+([\d.]+) MB", line)
     if m:
         rows.append((float(m.group(2)), float(m.group(6))))
+if not rows:
+    sys.exit(1)
 total = sum(x[0] for x in rows)
 share = max(x[0] for x in rows) / total
 data = gpus // stages
 layout = f"{stages} stages" + (f" x {data} data" if data > 1 else "")
 sent = sum(x[1] for x in rows) * data
-print(f"{model:<9} {method:<5} {by:<7} {gpus:>4} {layout:<12} {100 * share:>13.0f}% {data / share:>8.2f}x {sent:>12.1f}")
-' $model $method $by $gpus $stages
+print(f"{model:<9} {method:<5} {by:<7} {gpus:>4} {layout:<17} {100 * share:>13.0f}% {data / share:>8.2f}x {sent:>12.1f}")
+' $model $method $by $gpus $stages || continue
           break
         done
       done
