@@ -134,6 +134,11 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
             "stage-parallel on {ranks} ranks ({:?} schedule), batch {batch_size} images = {views} views/step on every rank, {total} steps",
             cfg.schedule
         );
+        if exp.train.checkpoint_every.is_some() {
+            eprintln!(
+                "warning: `train.checkpoint_every` is not used by a stage-parallel run: it writes no resumable checkpoint, only the final weights"
+            );
+        }
         let costs = placement.costs(&plan, views, exp.precision.dtype().size_in_bytes(), 1);
         for (r, c) in costs.iter().enumerate() {
             eprintln!("  rank {r}: {}", c.nodes.join(" "));
