@@ -67,9 +67,13 @@ impl Error {
             Error::Config(_) | Error::Graph(_) => exit::USAGE,
             Error::Data(_) | Error::Train(T::DatasetTooSmall { .. }) => exit::DATA,
             Error::Train(T::Diverged { .. } | T::NonFiniteParameter { .. }) => exit::DIVERGED,
-            Error::Train(T::CudaNotBuilt | T::BatchTooSmallForRanks { .. } | T::NoMonitor | T::StageParallel) => {
-                exit::USAGE
-            }
+            Error::Train(
+                T::CudaNotBuilt
+                | T::BatchTooSmallForRanks { .. }
+                | T::UnevenShares { .. }
+                | T::NoMonitor
+                | T::StageParallel,
+            ) => exit::USAGE,
             Error::Checkpoint(c)
                 if matches!(
                     **c,

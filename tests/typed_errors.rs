@@ -133,3 +133,36 @@ fn a_dataset_smaller_than_a_batch_is_a_data_error() {
     assert!(matches!(err, Error::Train(TrainError::DatasetTooSmall { images: 4, batch_size: 8, .. })), "{err:?}");
     assert_eq!(err.exit_code(), exit::DATA);
 }
+
+/// Data parallel with a batch the ranks share unevenly: NT-Xent weights each rank's share (the
+/// ranks' mean gradient is the whole batch's, `tests/distributed.rs`), a loss that averages
+/// over a rank's own images cannot, so such a job is refused before anything is built — on
+/// every rank alike. An even split is accepted.
+#[test]
+fn uneven_shares_are_refused_for_losses_that_average_per_rank() {
+    use locograph::dist::LocalGroup;
+    use locograph::exec::setup::Setup;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nt_xent = experiment(1, "0.1");
+    let neg_cosine = nt_xent.replace("L2: {op: nt_xent, temperature: 0.5}", "L2: {op: neg_cosine}").replace(
+        "  - {from: dec2, to: L2}\n",
+        "  - {from: dec2, to: L2, as: prediction}\n  - {from: dec1, to: L2, as: target}\n",
+    );
+    assert_ne!(neg_cosine, nt_xent);
+    let setup = |text: &str, batch: usize, ranks: usize| -> Vec<locograph::Result<()>> {
+        let text = text.replace("batch_size: 8", &format!("batch_size: {batch}"));
+        let loaded = parse_str(&text, &dir.path().join("shares.yaml")).expect("parse");
+        LocalGroup::run(ranks, |g| Setup::new_in(&loaded, Some(1), None, g).map(|_| ()))
+    };
+    for r in setup(&neg_cosine, 8, 3) {
+        let err = r.expect_err("8 images over 3 ranks with a neg_cosine loss");
+        assert!(
+            matches!(&err, Error::Train(TrainError::UnevenShares { batch_size: 8, ranks: 3, loss, op: "neg_cosine" }) if loss == "L2"),
+            "{err:?}"
+        );
+        assert_eq!(err.exit_code(), exit::USAGE);
+    }
+    for r in setup(&neg_cosine, 9, 3).into_iter().chain(setup(&nt_xent, 8, 3)) {
+        r.expect("an even split, or NT-Xent alone, trains");
+    }
+}

@@ -17,6 +17,14 @@ pub enum TrainError {
     CudaNotBuilt,
     #[error("`train.batch_size` is {batch_size} but the job has {ranks} ranks: every rank needs at least one image of each batch")]
     BatchTooSmallForRanks { batch_size: usize, ranks: usize },
+    /// A loss that averages over each rank's own images (all but NT-Xent, which weights the
+    /// shares itself) would make the ranks' mean gradient differ from the whole batch's when
+    /// the shares are uneven.
+    #[error(
+        "`train.batch_size` {batch_size} does not split evenly over {ranks} ranks, and loss `{loss}` ({op}) averages over each \
+         rank's own images, so the ranks' mean gradient would not be the whole batch's: use a batch size divisible by {ranks}"
+    )]
+    UnevenShares { batch_size: usize, ranks: usize, loss: String, op: &'static str },
     /// `exec::train::train` got no [`crate::exec::Monitor`] for an experiment with `monitor:`.
     #[error("the experiment has a `monitor:` section, but no monitor was given to the trainer (`eval::monitor::train` builds it)")]
     NoMonitor,

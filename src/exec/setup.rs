@@ -9,7 +9,7 @@ use candle_core::Device;
 use super::error::TrainError;
 use super::memory_guard;
 use super::model::Model;
-use crate::config::{check_values, ConfigError, ConfigErrors, DeviceKind, Loaded};
+use crate::config::{check_values, ConfigError, ConfigErrors, DeviceKind, Loaded, NodeConfig};
 use crate::data::{self, Dataset, Shard};
 use crate::dist::{replicas, Communicator};
 use crate::graph::{compile, Plan};
@@ -86,6 +86,17 @@ impl Setup {
         let shard = Shard { rank: group.rank(), ranks: group.size() };
         if batch_size < shard.ranks {
             return Err(TrainError::BatchTooSmallForRanks { batch_size, ranks: shard.ranks }.into());
+        }
+        if !batch_size.is_multiple_of(shard.ranks) {
+            let unweighted = plan.losses.iter().find_map(|&l| match &plan.graph[l].config {
+                Some(c @ (NodeConfig::CrossEntropy(_) | NodeConfig::Mse(_) | NodeConfig::NegCosine(_))) => {
+                    Some((plan.id(l).to_string(), c.op_name()))
+                }
+                _ => None,
+            });
+            if let Some((loss, op)) = unweighted {
+                return Err(TrainError::UnevenShares { batch_size, ranks: shard.ranks, loss, op }.into());
+            }
         }
         if ds.len() < batch_size {
             // The loader drops the last incomplete batch, so an epoch would have no step at all.
