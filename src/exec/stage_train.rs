@@ -30,7 +30,7 @@ use super::train::{update_when_final, TrainOptions, TrainSummary};
 use super::{error::TrainError, setup};
 use crate::config::{Loaded, PlacementConfig};
 use crate::data::{self, PairLoader, Shard};
-use crate::dist::postbox::Postbox;
+use crate::dist::postbox::{PostStats, Postbox};
 use crate::dist::Communicator;
 use crate::graph::{explain, place, Placement, Plan};
 use crate::{Error, Result};
@@ -115,34 +115,9 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
         .with_compute(exp.precision.dtype());
     let mut optimizer = exp.optimizer.build();
 
-    // Rank 0 names the run directory (its clock) and alone writes into it.
-    let dir = opts
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| run_dir::new_dir(&run_dir::root(loaded, opts.runs_dir.as_deref()), &exp.name));
-    let mut name = dir.to_string_lossy().into_owned().into_bytes();
-    group.broadcast_bytes(&mut name, 0)?;
-    let dir = PathBuf::from(String::from_utf8_lossy(&name).into_owned());
-    let mut metrics = None;
+    let (dir, mut metrics) = open_run(loaded, &plan, opts, &group)?;
     if rank == 0 {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        write(&dir.join(run_dir::CONFIG), &run_dir::resolved_yaml(exp)?)?;
-        write(&dir.join(run_dir::EXPLAIN), &explain::table(&plan))?;
-        metrics = Some(Metrics::create(&dir.join(run_dir::METRICS), &plan, None)?);
-        eprintln!("run directory: {}", dir.display());
-        eprintln!(
-            "stage-parallel on {ranks} ranks ({:?} schedule), batch {batch_size} images = {views} views/step on every rank, {total} steps",
-            cfg.schedule
-        );
-        if exp.train.checkpoint_every.is_some() {
-            eprintln!(
-                "warning: `train.checkpoint_every` is not used by a stage-parallel run: it writes no resumable checkpoint, only the final weights"
-            );
-        }
-        let costs = placement.costs(&plan, views, exp.precision.dtype().size_in_bytes(), 1);
-        for (r, c) in costs.iter().enumerate() {
-            eprintln!("  rank {r}: {}", c.nodes.join(" "));
-        }
+        announce(loaded, cfg, &plan, &placement, ranks, total);
     }
 
     let mut post = Postbox::open(&group, &device, AHEAD)?;
@@ -157,13 +132,11 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
     let bar =
         if opts.quiet || rank != 0 { ProgressBar::hidden() } else { crate::progress::bar(total, "steps", &exp.name) };
     let empty = Tensor::zeros(0, candle_core::DType::F32, &device)?;
-    let clock = Instant::now();
-    let (mut busy, mut idle) = (0.0, 0.0);
+    let mut tally = Tally::new();
     let mut first: Vec<(String, f32)> = vec![];
     let mut last: Vec<(String, f32)> = vec![];
     let mut window = (Instant::now(), 0usize);
     let mut images_per_sec = 0.0;
-    let mut after_first = None;
     for step in 0..total {
         let input = if images || labels {
             let Some(b) = batches.next() else { break };
@@ -181,10 +154,10 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
             let mut update = |f: GradsFinal<'_>| update_when_final(opt.as_mut(), m, f, lr);
             sr.step(&model, &mut post, &input, step, Some(&mut update))?
         };
-        busy += out.busy_s;
-        idle += out.waiting_s;
+        tally.busy += out.busy_s;
+        tally.idle += out.waiting_s;
         if step == 0 {
-            after_first = Some(Instant::now());
+            tally.after_first = Some(Instant::now());
         }
         if let Some((n, v)) = out.losses.iter().find(|(_, v)| !v.is_finite()) {
             bar.abandon();
@@ -214,7 +187,7 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
                     losses: &last,
                     monitor: None,
                     images_per_sec,
-                    elapsed_s: clock.elapsed().as_secs_f64(),
+                    elapsed_s: tally.clock.elapsed().as_secs_f64(),
                 })?;
             }
             let msg: Vec<String> = last.iter().map(|(id, v)| format!("{id} {v:.4}")).collect();
@@ -223,26 +196,11 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
         }
     }
     bar.finish();
-    let period_s = match after_first {
-        Some(t) if total > 1 => t.elapsed().as_secs_f64() / (total - 1) as f64,
-        _ => clock.elapsed().as_secs_f64(),
-    };
+    let ended = Instant::now();
     let stats = post.close()?;
-    let seconds = clock.elapsed().as_secs_f64();
-    let steps = total.max(1) as f64;
-    let mine = RankReport {
-        rank,
-        nodes: sr.nodes().into_iter().map(|n| plan.id(n).to_string()).collect(),
-        steps: total,
-        busy_s_per_step: busy / steps,
-        idle_s_per_step: idle / steps,
-        idle_fraction: idle / (busy + idle).max(1e-12),
-        period_s,
-        images_per_s: batch_size as f64 / period_s.max(1e-12),
-        sent_bytes: stats.sent_bytes,
-        received_bytes: stats.received_bytes,
-        peak_rss_bytes: crate::malloc::peak_rss().unwrap_or(0),
-    };
+    let seconds = tally.clock.elapsed().as_secs_f64();
+    let nodes = sr.nodes().into_iter().map(|n| plan.id(n).to_string()).collect();
+    let mine = tally.report(rank, nodes, total, batch_size, &stats, ended);
     let reports = gather_reports(&group, &mine)?;
     let gathered = gather_weights(&group, &plan, &placement, &model, exp.seed, &device)?;
     if let (Some(m), Some(full)) = (metrics.as_ref(), gathered) {
@@ -251,19 +209,7 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
         write(&dir.join(RANKS), &json)?;
         run_dir::save(&dir, loaded, &plan, &full, total)?;
         eprintln!("done: {total} steps in {seconds:.1} s; weights in {}", dir.join(run_dir::WEIGHTS).display());
-        for r in &reports {
-            eprintln!(
-                "  rank {}: {:.1} images/s, busy {:.3} s/step, idle {:.3} s/step ({:.0} %), sent {:.1} MB, received {:.1} MB, peak RSS {:.0} MB",
-                r.rank,
-                r.images_per_s,
-                r.busy_s_per_step,
-                r.idle_s_per_step,
-                100.0 * r.idle_fraction,
-                r.sent_bytes as f64 / 1e6,
-                r.received_bytes as f64 / 1e6,
-                r.peak_rss_bytes as f64 / 1e6
-            );
-        }
+        print_reports(&reports);
     }
     Ok(TrainSummary {
         run_dir: dir,
@@ -276,6 +222,113 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
         communication: None,
         monitor: None,
     })
+}
+
+/// The run directory, named by rank 0's clock and broadcast to every rank; rank 0 alone creates
+/// it and writes the resolved config, the explain table and the metrics file's header.
+fn open_run(
+    loaded: &Loaded,
+    plan: &Plan,
+    opts: &TrainOptions,
+    group: &Arc<dyn Communicator>,
+) -> Result<(PathBuf, Option<Metrics>)> {
+    let exp = &loaded.experiment;
+    let dir = opts
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| run_dir::new_dir(&run_dir::root(loaded, opts.runs_dir.as_deref()), &exp.name));
+    let mut name = dir.to_string_lossy().into_owned().into_bytes();
+    group.broadcast_bytes(&mut name, 0)?;
+    let dir = PathBuf::from(String::from_utf8_lossy(&name).into_owned());
+    if group.rank() != 0 {
+        return Ok((dir, None));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    write(&dir.join(run_dir::CONFIG), &run_dir::resolved_yaml(exp)?)?;
+    write(&dir.join(run_dir::EXPLAIN), &explain::table(plan))?;
+    let metrics = Metrics::create(&dir.join(run_dir::METRICS), plan, None)?;
+    eprintln!("run directory: {}", dir.display());
+    Ok((dir, Some(metrics)))
+}
+
+/// What rank 0 prints as the run starts: the schedule, the step budget and each rank's nodes.
+fn announce(loaded: &Loaded, cfg: &PlacementConfig, plan: &Plan, placement: &Placement, ranks: usize, total: u64) {
+    let exp = &loaded.experiment;
+    let (batch_size, views) = (exp.train.batch_size, 2 * exp.train.batch_size);
+    eprintln!(
+        "stage-parallel on {ranks} ranks ({:?} schedule), batch {batch_size} images = {views} views/step on every rank, {total} steps",
+        cfg.schedule
+    );
+    if exp.train.checkpoint_every.is_some() {
+        eprintln!(
+            "warning: `train.checkpoint_every` is not used by a stage-parallel run: it writes no resumable checkpoint, only the final weights"
+        );
+    }
+    let costs = placement.costs(plan, views, exp.precision.dtype().size_in_bytes(), 1);
+    for (r, c) in costs.iter().enumerate() {
+        eprintln!("  rank {r}: {}", c.nodes.join(" "));
+    }
+}
+
+/// Where one rank's time went: seconds computing and waiting, and when its first step ended.
+struct Tally {
+    clock: Instant,
+    busy: f64,
+    idle: f64,
+    after_first: Option<Instant>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Tally { clock: Instant::now(), busy: 0.0, idle: 0.0, after_first: None }
+    }
+
+    /// This rank's report after `total` steps of `batch_size` images, the last ending at `ended`.
+    fn report(
+        &self,
+        rank: usize,
+        nodes: Vec<String>,
+        total: u64,
+        batch_size: usize,
+        stats: &PostStats,
+        ended: Instant,
+    ) -> RankReport {
+        let period_s = match self.after_first {
+            Some(t) if total > 1 => ended.duration_since(t).as_secs_f64() / (total - 1) as f64,
+            _ => ended.duration_since(self.clock).as_secs_f64(),
+        };
+        let steps = total.max(1) as f64;
+        RankReport {
+            rank,
+            nodes,
+            steps: total,
+            busy_s_per_step: self.busy / steps,
+            idle_s_per_step: self.idle / steps,
+            idle_fraction: self.idle / (self.busy + self.idle).max(1e-12),
+            period_s,
+            images_per_s: batch_size as f64 / period_s.max(1e-12),
+            sent_bytes: stats.sent_bytes,
+            received_bytes: stats.received_bytes,
+            peak_rss_bytes: crate::malloc::peak_rss().unwrap_or(0),
+        }
+    }
+}
+
+/// Rank 0's closing lines: one per rank.
+fn print_reports(reports: &[RankReport]) {
+    for r in reports {
+        eprintln!(
+            "  rank {}: {:.1} images/s, busy {:.3} s/step, idle {:.3} s/step ({:.0} %), sent {:.1} MB, received {:.1} MB, peak RSS {:.0} MB",
+            r.rank,
+            r.images_per_s,
+            r.busy_s_per_step,
+            r.idle_s_per_step,
+            100.0 * r.idle_fraction,
+            r.sent_bytes as f64 / 1e6,
+            r.received_bytes as f64 / 1e6,
+            r.peak_rss_bytes as f64 / 1e6
+        );
+    }
 }
 
 /// Every rank's report, on rank 0 (collective).
