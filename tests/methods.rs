@@ -48,19 +48,7 @@ fn parity(text: &str) -> usize {
     let model = Model::new(&c, 5, &Device::Cpu).expect("model");
     let out = run_step(&c, &model, batch()).expect("step");
     let want = reference_grads(&c, &model, batch()).expect("reference");
-    let mut checked = 0;
-    for (i, p) in model.params.params.iter().enumerate() {
-        match (&out.grads[i], &want[i]) {
-            (Some(g), Some(w)) => {
-                let diff = (g - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                let scale = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
-                assert!(diff / scale <= 1e-5, "{}: engine and reference differ by {diff} (scale {scale})", p.name);
-                checked += 1;
-            }
-            (None, None) => {}
-            (a, b) => panic!("{}: engine has a gradient: {}, reference has one: {}", p.name, a.is_some(), b.is_some()),
-        }
-    }
+    let checked = common::assert_grads_match(&model, &out.grads, &want, 1e-5);
     assert!(out.losses.iter().all(|(_, v)| v.is_finite()), "{:?}", out.losses);
     checked
 }

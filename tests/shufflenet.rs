@@ -160,19 +160,7 @@ fn loco_on_a_narrow_shufflenet_matches_the_reference() {
     let x = Tensor::from_vec(v, (8, 1, 32, 32), &Device::Cpu).expect("batch");
     let out = run_step(&c, &model, &x).expect("step");
     let want = reference_grads(&c, &model, &x).expect("reference");
-    let mut checked = 0;
-    for (i, p) in model.params.params.iter().enumerate() {
-        match (&out.grads[i], &want[i]) {
-            (Some(g), Some(w)) => {
-                let diff = (g - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                let scale = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
-                assert!(diff / scale <= 1e-4, "{}: engine and reference differ by {diff} (scale {scale})", p.name);
-                checked += 1;
-            }
-            (None, None) => {}
-            (a, b) => panic!("{}: engine has a gradient: {}, reference has one: {}", p.name, a.is_some(), b.is_some()),
-        }
-    }
+    let checked = common::assert_grads_match(&model, &out.grads, &want, 1e-4);
     // Every parameter is reached (all 123: every unit's branches, the final conv, the stem).
     assert_eq!(checked, model.params.params.len());
     assert_eq!(checked, 123);

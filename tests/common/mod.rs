@@ -80,3 +80,28 @@ pub fn compiled(text: &str) -> (Loaded, Plan) {
     };
     (l, c)
 }
+
+/// Compares the engine's gradients with the reference's, parameter by parameter: both must
+/// have one or neither, and where both do their largest difference relative to the reference's
+/// largest magnitude is at most `tol`. Returns how many gradients were compared.
+pub fn assert_grads_match(
+    model: &locograph::exec::Model,
+    engine: &[Option<candle_core::Tensor>],
+    reference: &[Option<candle_core::Tensor>],
+    tol: f32,
+) -> usize {
+    let mut checked = 0;
+    for (i, p) in model.params.params.iter().enumerate() {
+        match (&engine[i], &reference[i]) {
+            (Some(g), Some(w)) => {
+                let diff = (g - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+                assert!(diff / scale <= tol, "{}: engine and reference differ by {diff} (scale {scale})", p.name);
+                checked += 1;
+            }
+            (None, None) => {}
+            (a, b) => panic!("{}: engine has a gradient: {}, reference has one: {}", p.name, a.is_some(), b.is_some()),
+        }
+    }
+    checked
+}
