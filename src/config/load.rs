@@ -279,6 +279,77 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, ConfigErrors> {
     parse_with(text, file, &[])
 }
 
+/// What the checks of an experiment file's top-level sections keep for the steps after them:
+/// the file's own nodes, its encoder file and how many edges it lists.
+#[derive(Default)]
+struct Sections {
+    own_nodes: IndexMap<String, NodeConfig>,
+    encoder: Option<PathBuf>,
+    edge_count: usize,
+}
+
+impl Sections {
+    /// Checks one top-level section against its schema, errors into `c`.
+    fn check(&mut self, key: &str, v: &Value, c: &mut Collector) {
+        match key {
+            "version" => check_version(v, c),
+            "nodes" => self.own_nodes = check_nodes(v, c),
+            "edges" => match v.as_sequence() {
+                Some(seq) => {
+                    self.edge_count = seq.len();
+                    for (i, e) in seq.iter().enumerate() {
+                        c.check::<EdgeConfig>(&format!("edges[{i}]"), e);
+                    }
+                }
+                None => c.push("edges", "expected a list of edges like `- {from: res2, to: res3}`"),
+            },
+            "encoder" => self.encoder = c.check::<PathBuf>(key, v),
+            "name" | "description" => {
+                c.check::<String>(key, v);
+            }
+            "seed" => {
+                c.check::<u64>(key, v);
+            }
+            "device" => {
+                c.check::<super::DeviceKind>(key, v);
+            }
+            "precision" => {
+                c.check::<super::Precision>(key, v);
+            }
+            "input" => {
+                c.check::<super::InputConfig>(key, v);
+            }
+            "data" => {
+                c.check::<crate::data::DataConfig>(key, v);
+            }
+            "optimizer" => {
+                // LARS's key was renamed to SGD's and AdamW's; files and run directories written
+                // before still load, and say so.
+                if v.get("exclude_bias_and_norm").is_some() {
+                    tracing::warn!(
+                        "{}: `optimizer.exclude_bias_and_norm` is deprecated: it is now `exclude_bias_and_norm_from_weight_decay` (the same meaning, the key SGD and AdamW use)",
+                        c.index.locate("optimizer.exclude_bias_and_norm")
+                    );
+                }
+                c.check::<crate::optim::OptimizerConfig>(key, v);
+            }
+            "schedule" => {
+                c.check::<crate::optim::ScheduleConfig>(key, v);
+            }
+            "train" => {
+                c.check::<super::TrainConfig>(key, v);
+            }
+            "placement" => {
+                c.check::<super::placement::PlacementConfig>(key, v);
+            }
+            "monitor" => {
+                c.check::<super::MonitorConfig>(key, v);
+            }
+            other => c.push(other, format!("key `{other}` has no checker (internal error)")),
+        }
+    }
+}
+
 /// [`parse_str`] with `overrides` applied first. An override of a node the experiment takes
 /// from its `encoder:` file changes that file's node. Overrides change what exists and add
 /// keys; they do not add nodes (a node id that exists nowhere is reported as a typo).
@@ -295,65 +366,9 @@ pub fn parse_with(text: &str, file: &Path, overrides: &[Override]) -> Result<Loa
     let (mine, for_encoder): (Vec<usize>, Vec<usize>) =
         (0..applied.len()).partition(|&i| applied[i].node().is_none_or(|id| own.iter().any(|n| n == id)));
     apply_all(&mut map, &mut applied, &mine, &mut c);
-    let mut own_nodes = IndexMap::new();
-    let mut encoder: Option<PathBuf> = None;
-    let mut edge_count = 0;
-    check_sections::<Experiment>(&map, &mut c, &mut |key, v, c| match key {
-        "version" => check_version(v, c),
-        "nodes" => own_nodes = check_nodes(v, c),
-        "edges" => match v.as_sequence() {
-            Some(seq) => {
-                edge_count = seq.len();
-                for (i, e) in seq.iter().enumerate() {
-                    c.check::<EdgeConfig>(&format!("edges[{i}]"), e);
-                }
-            }
-            None => c.push("edges", "expected a list of edges like `- {from: res2, to: res3}`"),
-        },
-        "encoder" => encoder = c.check::<PathBuf>(key, v),
-        "name" | "description" => {
-            c.check::<String>(key, v);
-        }
-        "seed" => {
-            c.check::<u64>(key, v);
-        }
-        "device" => {
-            c.check::<super::DeviceKind>(key, v);
-        }
-        "precision" => {
-            c.check::<super::Precision>(key, v);
-        }
-        "input" => {
-            c.check::<super::InputConfig>(key, v);
-        }
-        "data" => {
-            c.check::<crate::data::DataConfig>(key, v);
-        }
-        "optimizer" => {
-            // LARS's key was renamed to SGD's and AdamW's; files and run directories written
-            // before still load, and say so.
-            if v.get("exclude_bias_and_norm").is_some() {
-                tracing::warn!(
-                    "{}: `optimizer.exclude_bias_and_norm` is deprecated: it is now `exclude_bias_and_norm_from_weight_decay` (the same meaning, the key SGD and AdamW use)",
-                    c.index.locate("optimizer.exclude_bias_and_norm")
-                );
-            }
-            c.check::<crate::optim::OptimizerConfig>(key, v);
-        }
-        "schedule" => {
-            c.check::<crate::optim::ScheduleConfig>(key, v);
-        }
-        "train" => {
-            c.check::<super::TrainConfig>(key, v);
-        }
-        "placement" => {
-            c.check::<super::placement::PlacementConfig>(key, v);
-        }
-        "monitor" => {
-            c.check::<super::MonitorConfig>(key, v);
-        }
-        other => c.push(other, format!("key `{other}` has no checker (internal error)")),
-    });
+    let mut sections = Sections::default();
+    check_sections::<Experiment>(&map, &mut c, &mut |key, v, c| sections.check(key, v, c));
+    let Sections { own_nodes, encoder, edge_count } = sections;
 
     let mut locations = Locations { file: file.to_path_buf(), index: index.clone(), ..Default::default() };
     let mut nodes = IndexMap::new();

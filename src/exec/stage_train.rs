@@ -16,20 +16,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
+use petgraph::graph::NodeIndex;
 use tracing::info;
 
 use super::ema;
 use super::metrics::{Metrics, Row};
 use super::model::Model;
 use super::run_dir;
-use super::stage::{StageError, StageRank};
+use super::stage::{RankStep, StageError, StageRank};
 use super::step::{GradsFinal, StepInput};
 use super::train::{update_when_final, TrainOptions, TrainSummary};
 use super::{error::TrainError, setup};
 use crate::config::{Loaded, PlacementConfig};
-use crate::data::{self, PairLoader, Shard};
+use crate::data::{self, Batch, DataError, Dataset, PairLoader, Shard};
 use crate::dist::postbox::{PostStats, Postbox};
 use crate::dist::Communicator;
 use crate::graph::{explain, place, Placement, Plan};
@@ -94,8 +95,7 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
     check(loaded, cfg, ranks)?;
     let exp = &loaded.experiment;
     let plan = setup::validate(loaded)?;
-    let views = 2 * exp.train.batch_size;
-    let placement = place(&plan, loaded, cfg, ranks, views)?;
+    let placement = place(&plan, loaded, cfg, ranks, 2 * exp.train.batch_size)?;
     if let Some(t) = exp.train.threads {
         // candle's CPU kernels and the gemm crate read rayon's global pool.
         let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
@@ -119,80 +119,37 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
     if rank == 0 {
         announce(loaded, cfg, &plan, &placement, ranks, total);
     }
-
     let mut post = Postbox::open(&group, &device, AHEAD)?;
     let mut sr = StageRank::new(&plan, &placement, rank, cfg.schedule)?;
-    let reads =
-        |n| plan.graph.neighbors_directed(n, petgraph::Direction::Outgoing).any(|c| placement.rank(c) == Some(rank));
-    let (images, labels) = (reads(plan.input), plan.labels().is_some_and(reads));
-    let ds2 = ds.clone();
-    let mut batches = (0u64..).flat_map(move |epoch| {
-        PairLoader::sharded(ds2.clone(), &exp.data, batch_size, exp.seed, epoch as usize, Shard { rank: 0, ranks: 1 })
-    });
+    let mut inputs = Inputs::new(loaded, &plan, &placement, rank, ds, &device)?;
     let bar =
         if opts.quiet || rank != 0 { ProgressBar::hidden() } else { crate::progress::bar(total, "steps", &exp.name) };
-    let empty = Tensor::zeros(0, candle_core::DType::F32, &device)?;
     let mut tally = Tally::new();
-    let mut first: Vec<(String, f32)> = vec![];
-    let mut last: Vec<(String, f32)> = vec![];
-    let mut window = (Instant::now(), 0usize);
-    let mut images_per_sec = 0.0;
+    let mut log = LossLog::new();
     for step in 0..total {
-        let input = if images || labels {
-            let Some(b) = batches.next() else { break };
-            let b = b?;
-            StepInput {
-                images: if images { b.to_tensor(&device)? } else { empty.clone() },
-                labels: if labels { b.row_labels(&device)? } else { None },
-            }
-        } else {
-            StepInput { images: empty.clone(), labels: None }
-        };
+        let Some(input) = inputs.next()? else { break };
         let lr = schedule.lr(step as usize);
         let out = {
             let (opt, m) = (&mut optimizer, &model);
             let mut update = |f: GradsFinal<'_>| update_when_final(opt.as_mut(), m, f, lr);
             sr.step(&model, &mut post, &input, step, Some(&mut update))?
         };
-        tally.busy += out.busy_s;
-        tally.idle += out.waiting_s;
-        if step == 0 {
-            tally.after_first = Some(Instant::now());
-        }
+        tally.add(&out, step);
         if let Some((n, v)) = out.losses.iter().find(|(_, v)| !v.is_finite()) {
             bar.abandon();
             return Err(TrainError::Diverged { loss: plan.id(*n).to_string(), value: *v, step, run_dir: dir }.into());
         }
         ema::update(&model, step, total)?;
         bar.inc(1);
-        window.1 += batch_size;
+        log.window.1 += batch_size;
         let done = step + 1;
         let logged = done.is_multiple_of(exp.train.log_every) || done == total;
         if rank == 0 && (step == 0 || logged) {
-            let all = sr.gather_losses(&mut post, step, &out.losses)?;
-            let named: Vec<(String, f32)> = all.iter().map(|&(n, v)| (plan.id(n).to_string(), v)).collect();
-            if step == 0 {
-                first = named.clone();
-            }
-            last = named;
+            log.record(&plan, step, &sr.gather_losses(&mut post, step, &out.losses)?);
         }
         if rank == 0 && logged {
-            images_per_sec = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-            window = (Instant::now(), 0);
-            if let Some(m) = metrics.as_mut() {
-                m.write(&Row {
-                    step: done,
-                    epoch: done as f64 / steps_per_epoch as f64,
-                    lr,
-                    losses: &last,
-                    monitor: None,
-                    images_per_sec,
-                    elapsed_s: tally.clock.elapsed().as_secs_f64(),
-                })?;
-            }
-            let msg: Vec<String> = last.iter().map(|(id, v)| format!("{id} {v:.4}")).collect();
-            info!(step = done, lr, images_per_sec, losses = %msg.join(" "), "train");
-            bar.set_message(format!("{}  {images_per_sec:.1} img/s", msg.join("  ")));
+            let epoch = done as f64 / steps_per_epoch as f64;
+            log.write(metrics.as_mut(), &bar, done, epoch, lr, tally.clock.elapsed().as_secs_f64())?;
         }
     }
     bar.finish();
@@ -214,14 +171,110 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
     Ok(TrainSummary {
         run_dir: dir,
         steps: total,
-        final_losses: last,
-        first_losses: first,
-        images_per_sec,
+        final_losses: log.last,
+        first_losses: log.first,
+        images_per_sec: log.images_per_sec,
         seconds,
         interrupted: false,
         communication: None,
         monitor: None,
     })
+}
+
+/// One rank's step inputs: the batches of the seeded loader where the rank runs a reader of
+/// the images or the labels, empty tensors where it runs neither (every reading rank reads the
+/// same batches, so no data travels between ranks).
+struct Inputs {
+    batches: Box<dyn Iterator<Item = std::result::Result<Batch, DataError>>>,
+    images: bool,
+    labels: bool,
+    empty: Tensor,
+    device: Device,
+}
+
+impl Inputs {
+    fn new(
+        loaded: &Loaded,
+        plan: &Plan,
+        placement: &Placement,
+        rank: usize,
+        ds: Arc<dyn Dataset>,
+        device: &Device,
+    ) -> Result<Self> {
+        let reads = |n| {
+            plan.graph.neighbors_directed(n, petgraph::Direction::Outgoing).any(|c| placement.rank(c) == Some(rank))
+        };
+        let (exp, one) = (&loaded.experiment, Shard { rank: 0, ranks: 1 });
+        let (data, batch_size, seed) = (exp.data.clone(), exp.train.batch_size, exp.seed);
+        let batches = (0u64..)
+            .flat_map(move |epoch| PairLoader::sharded(ds.clone(), &data, batch_size, seed, epoch as usize, one));
+        Ok(Inputs {
+            batches: Box::new(batches),
+            images: reads(plan.input),
+            labels: plan.labels().is_some_and(reads),
+            empty: Tensor::zeros(0, candle_core::DType::F32, device)?,
+            device: device.clone(),
+        })
+    }
+
+    /// The next step's input; `None` when the loader ends.
+    fn next(&mut self) -> Result<Option<StepInput>> {
+        if !(self.images || self.labels) {
+            return Ok(Some(StepInput { images: self.empty.clone(), labels: None }));
+        }
+        let Some(b) = self.batches.next() else { return Ok(None) };
+        let b = b?;
+        Ok(Some(StepInput {
+            images: if self.images { b.to_tensor(&self.device)? } else { self.empty.clone() },
+            labels: if self.labels { b.row_labels(&self.device)? } else { None },
+        }))
+    }
+}
+
+/// Rank 0's record of the losses: the first step's, the last logged step's, and the throughput
+/// over the window since the previous logged step.
+struct LossLog {
+    first: Vec<(String, f32)>,
+    last: Vec<(String, f32)>,
+    window: (Instant, usize),
+    images_per_sec: f64,
+}
+
+impl LossLog {
+    fn new() -> Self {
+        LossLog { first: vec![], last: vec![], window: (Instant::now(), 0), images_per_sec: 0.0 }
+    }
+
+    /// Every rank's losses of `step`, named by their node ids.
+    fn record(&mut self, plan: &Plan, step: u64, all: &[(NodeIndex, f32)]) {
+        let named: Vec<(String, f32)> = all.iter().map(|&(n, v)| (plan.id(n).to_string(), v)).collect();
+        if step == 0 {
+            self.first = named.clone();
+        }
+        self.last = named;
+    }
+
+    /// A `metrics.csv` row, a log line and the bar's message for the `done`th step.
+    fn write(
+        &mut self,
+        metrics: Option<&mut Metrics>,
+        bar: &ProgressBar,
+        done: u64,
+        epoch: f64,
+        lr: f64,
+        elapsed_s: f64,
+    ) -> Result<()> {
+        self.images_per_sec = self.window.1 as f64 / self.window.0.elapsed().as_secs_f64().max(1e-9);
+        self.window = (Instant::now(), 0);
+        let images_per_sec = self.images_per_sec;
+        if let Some(m) = metrics {
+            m.write(&Row { step: done, epoch, lr, losses: &self.last, monitor: None, images_per_sec, elapsed_s })?;
+        }
+        let msg: Vec<String> = self.last.iter().map(|(id, v)| format!("{id} {v:.4}")).collect();
+        info!(step = done, lr, images_per_sec, losses = %msg.join(" "), "train");
+        bar.set_message(format!("{}  {images_per_sec:.1} img/s", msg.join("  ")));
+        Ok(())
+    }
 }
 
 /// The run directory, named by rank 0's clock and broadcast to every rank; rank 0 alone creates
@@ -281,6 +334,14 @@ struct Tally {
 impl Tally {
     fn new() -> Self {
         Tally { clock: Instant::now(), busy: 0.0, idle: 0.0, after_first: None }
+    }
+
+    fn add(&mut self, out: &RankStep, step: u64) {
+        self.busy += out.busy_s;
+        self.idle += out.waiting_s;
+        if step == 0 {
+            self.after_first = Some(Instant::now());
+        }
     }
 
     /// This rank's report after `total` steps of `batch_size` images, the last ending at `ended`.
