@@ -242,7 +242,6 @@ pub fn resume_with(
     check_monitor(loaded, &monitor)?;
     let ckpt = checkpoint::latest(run)?;
     let st = &ckpt.state;
-    let exp = &loaded.experiment;
     let total = opts.steps.unwrap_or(st.total_steps);
     if st.ranks != group.size() {
         return Err(CheckpointError::RanksChanged { dir: ckpt.dir.clone(), was: st.ranks, now: group.size() }.into());
@@ -264,6 +263,40 @@ pub fn resume_with(
         });
     }
     let mut s = Setup::new_in(loaded, Some(total), Some(st.threads), group)?;
+    restore(loaded, run, &ckpt, &mut s, lead)?;
+    let metrics = if lead {
+        Some(Metrics::resume(&run.join(run_dir::METRICS), &s.plan, monitor.as_ref().map(|m| m.column()), st.step)?)
+    } else {
+        None
+    };
+    if lead {
+        eprintln!(
+            "resuming {} from step {} of {} (epoch {}, batch {}), checkpoint {}",
+            run.display(),
+            st.step,
+            total,
+            st.epoch,
+            st.batch_in_epoch,
+            ckpt.dir.display()
+        );
+    }
+    s.total = total;
+    let start = Start {
+        step: st.step,
+        epoch: st.epoch,
+        batch_in_epoch: st.batch_in_epoch,
+        elapsed_s: st.elapsed_s,
+        first_losses: st.first_losses.clone(),
+    };
+    Trainer::new(loaded, s, run, opts, Watchers { metrics, meter, monitor }, &start)?.run(start)
+}
+
+/// Puts the checkpoint `ckpt` of `run` into `s` (weights, batch norm statistics, optimizer
+/// state), refusing a checkpoint of another graph or seed, and warns where the run can go on
+/// but will not match an uninterrupted one (another config outside the graph, another thread
+/// count).
+fn restore(loaded: &Loaded, run: &Path, ckpt: &checkpoint::Checkpoint, s: &mut Setup, lead: bool) -> Result<()> {
+    let (st, exp) = (&ckpt.state, &loaded.experiment);
     // The weights are applied before the hash is judged, so that a changed graph is reported
     // with the keys that no longer fit (when some do not).
     let hash = checkpoint::graph_hash(exp);
@@ -298,31 +331,7 @@ pub fn resume_with(
             s.threads, st.threads
         );
     }
-    let metrics = if lead {
-        Some(Metrics::resume(&run.join(run_dir::METRICS), &s.plan, monitor.as_ref().map(|m| m.column()), st.step)?)
-    } else {
-        None
-    };
-    if lead {
-        eprintln!(
-            "resuming {} from step {} of {} (epoch {}, batch {}), checkpoint {}",
-            run.display(),
-            st.step,
-            total,
-            st.epoch,
-            st.batch_in_epoch,
-            ckpt.dir.display()
-        );
-    }
-    s.total = total;
-    let start = Start {
-        step: st.step,
-        epoch: st.epoch,
-        batch_in_epoch: st.batch_in_epoch,
-        elapsed_s: st.elapsed_s,
-        first_losses: st.first_losses.clone(),
-    };
-    Trainer::new(loaded, s, run, opts, Watchers { metrics, meter, monitor }, &start)?.run(start)
+    Ok(())
 }
 
 /// Applies `optimizer` to one node's parameters as soon as their gradients are final
@@ -469,7 +478,7 @@ impl<'a, 'm> Trainer<'a, 'm> {
     /// The steps from `start` to the run's end, logging, checkpointing and stopping on request.
     fn run(mut self, start: Start) -> Result<TrainSummary> {
         let exp = &self.loaded.experiment;
-        let (total, per_epoch) = (self.s.total, self.s.steps_per_epoch.max(1));
+        let total = self.s.total;
         let (mut step, mut epoch, mut skip) = (start.step, start.epoch, start.batch_in_epoch);
         let mut interrupted = false;
         'epochs: while step < total {
@@ -493,17 +502,7 @@ impl<'a, 'm> Trainer<'a, 'm> {
                 self.step_seconds += t.elapsed().as_secs_f64();
                 step += 1;
                 batch_in_epoch += 1;
-                self.bar.inc(1);
-                self.measure(step, total)?;
-                if step.is_multiple_of(exp.train.log_every) || step == total {
-                    self.log(step)?;
-                }
-                let stop = self.stop_requested()?;
-                let due = exp.train.checkpoint_every.is_some_and(|k| step.is_multiple_of(k));
-                if step < total && (due || stop) {
-                    self.save(step, epoch, batch_in_epoch)?;
-                }
-                if stop && step < total {
+                if self.after_step(step, epoch, batch_in_epoch)? {
                     interrupted = true;
                     break 'epochs;
                 }
@@ -511,6 +510,32 @@ impl<'a, 'm> Trainer<'a, 'm> {
             epoch += 1;
             skip = 0;
         }
+        self.close(step, interrupted)?;
+        Ok(self.summary(step, step - start.step, interrupted))
+    }
+
+    /// What follows step `step` (`batch_in_epoch` batches into epoch `epoch`): the bar, the
+    /// monitor, the log line, a due or requested checkpoint. Whether to stop here: a stop was
+    /// requested before the last step.
+    fn after_step(&mut self, step: u64, epoch: u64, batch_in_epoch: u64) -> Result<bool> {
+        let (train, total) = (&self.loaded.experiment.train, self.s.total);
+        self.bar.inc(1);
+        self.measure(step, total)?;
+        if step.is_multiple_of(train.log_every) || step == total {
+            self.log(step)?;
+        }
+        let stop = self.stop_requested()?;
+        let due = train.checkpoint_every.is_some_and(|k| step.is_multiple_of(k));
+        if step < total && (due || stop) {
+            self.save(step, epoch, batch_in_epoch)?;
+        }
+        Ok(stop && step < total)
+    }
+
+    /// The closing lines after `step` steps and, for a run that reached its end, its last
+    /// checkpoint.
+    fn close(&mut self, step: u64, interrupted: bool) -> Result<()> {
+        let (total, per_epoch) = (self.s.total, self.s.steps_per_epoch.max(1));
         if interrupted {
             self.bar.abandon();
             if self.lead() {
@@ -533,13 +558,17 @@ impl<'a, 'm> Trainer<'a, 'm> {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// The run's summary after `step` steps, `trained` of them in this process.
+    fn summary(mut self, step: u64, trained: u64, interrupted: bool) -> TrainSummary {
         let communication = self.meter.as_ref().map(|m| Communication {
             ranks: self.s.group.size(),
             steps: self.steps_here,
             gradients: self.reducer.as_ref().map(GradReducer::stats).unwrap_or_default(),
             step_collectives: m.traffic(),
         });
-        let trained = step - start.step;
         self.cost.step_seconds = self.step_seconds / trained.max(1) as f64;
         let monitor = self.monitored.1.map(|v| (v, self.cost.clone()));
         if let Some((v, c)) = &monitor {
@@ -552,7 +581,7 @@ impl<'a, 'm> Trainer<'a, 'm> {
                 self.monitor.as_ref().map_or("", |m| m.column()),
             );
         }
-        Ok(TrainSummary {
+        TrainSummary {
             run_dir: self.dir.to_path_buf(),
             steps: step,
             seconds: self.elapsed(),
@@ -562,7 +591,7 @@ impl<'a, 'm> Trainer<'a, 'm> {
             interrupted,
             communication,
             monitor,
-        })
+        }
     }
 
     /// The monitor's measurement after `step` steps, when one is due (every `every` steps and

@@ -36,6 +36,15 @@ fn pad(rows: &[Vec<String>]) -> String {
 
 /// The full table printed by `locograph explain` and saved as `explain.txt` in a run.
 pub fn table(c: &Plan) -> String {
+    let mut out = reachability(c);
+    out.push_str(&frozen_and_averages(c));
+    out.push_str(&backward_passes(c));
+    out.push_str(&execution_order(c));
+    out
+}
+
+/// Which loss updates which trainable node, and why the others do not.
+fn reachability(c: &Plan) -> String {
     let losses: Vec<&str> = c.reach.losses.iter().map(|&l| c.id(l)).collect();
     let mut out = String::new();
     let _ = writeln!(
@@ -64,7 +73,12 @@ pub fn table(c: &Plan) -> String {
         rows.push(vec![node.id.clone(), op.into(), by.join(" + "), not.join(", ")]);
     }
     out.push_str(&pad(&rows));
+    out
+}
 
+/// The frozen nodes and the moving averages (EMA targets), where there are any.
+fn frozen_and_averages(c: &Plan) -> String {
+    let mut out = String::new();
     let frozen: Vec<&str> = c
         .graph
         .node_weights()
@@ -88,7 +102,12 @@ pub fn table(c: &Plan) -> String {
             averages.join(", ")
         );
     }
+    out
+}
 
+/// Each node's backward passes per step: which losses each carries and where its gradient goes.
+fn backward_passes(c: &Plan) -> String {
+    let mut out = String::new();
     let _ = writeln!(out, "\nBackward passes per training step (the forward runs once):");
     let mut rows = vec![];
     for n in c.order.forward_order() {
@@ -120,7 +139,11 @@ pub fn table(c: &Plan) -> String {
         ]);
     }
     out.push_str(&pad(&rows));
+    out
+}
 
+/// The plan's actions in the order one step runs them (`F:` forward, `B:node{losses}` backward).
+fn execution_order(c: &Plan) -> String {
     let steps: Vec<String> = c
         .order
         .actions
@@ -134,8 +157,7 @@ pub fn table(c: &Plan) -> String {
             }
         })
         .collect();
-    let _ = writeln!(out, "\nExecution order: {}", steps.join(" "));
-    out
+    format!("\nExecution order: {}\n", steps.join(" "))
 }
 
 /// Graphviz: solid edges carry every gradient, dashed red ones stop some (label: which).
