@@ -73,21 +73,59 @@ fn per_rank_costs_add_up_and_traffic_balances() {
 #[test]
 fn bad_placements_are_located_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let src = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/gim_resnet18narrow_fmnist.yaml"),
-    )
-    .expect("read");
-    let text = format!("{src}\nplacement:\n  nodes: {{stem: 0, res2: 0, res3: 1, res4: 3, resX: 1}}\n")
-        .replace("encoder: ../graphs/", &format!("encoder: {}/graphs/", env!("CARGO_MANIFEST_DIR")));
-    let file = dir.path().join("bad.yaml");
-    std::fs::write(&file, &text).expect("write");
-    let loaded = load(&file).expect("load");
-    let plan = compile(&loaded).expect("compile");
+    let (loaded, plan) =
+        with_placement(dir.path(), "gim_resnet18narrow_fmnist.yaml", "{stem: 0, res2: 0, res3: 1, res4: 3, resX: 1}");
     let e = place(&plan, &loaded, loaded.experiment.placement.as_ref().expect("placement"), 2, 8)
         .expect_err("bad")
         .to_string();
     assert!(e.contains("`res4` is placed on rank 3, but the job has 2 ranks"), "{e}");
     assert!(e.contains("no node `resX`"), "{e}");
     assert!(e.contains("`res5` has no rank"), "{e}");
-    assert!(e.contains("bad.yaml:"), "{e}");
+    assert!(e.contains("gim_resnet18narrow_fmnist.yaml:"), "{e}");
+}
+
+/// `file`'s text with `placement` appended, loaded and compiled from a temporary directory.
+fn with_placement(dir: &Path, file: &str, placement: &str) -> (locograph::config::Loaded, Plan) {
+    let src =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments").join(file)).expect("read");
+    let text = format!("{src}\nplacement:\n  nodes: {placement}\n")
+        .replace("encoder: ../graphs/", &format!("encoder: {}/graphs/", env!("CARGO_MANIFEST_DIR")));
+    let path = dir.join(file);
+    std::fs::write(&path, &text).expect("write");
+    let loaded = load(&path).expect("load");
+    let plan = compile(&loaded).expect("compile");
+    (loaded, plan)
+}
+
+#[test]
+fn a_moving_average_runs_with_what_it_averages_and_every_rank_runs_a_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // BYOL's target res4_t averages res4 (rank 1): placing it on rank 0 is refused, located.
+    let (loaded, plan) = with_placement(
+        dir.path(),
+        "byol_resnet18narrow_fmnist.yaml",
+        "{stem: 0, res2: 0, res3: 0, res4: 1, res5: 1, res4_t: 0}",
+    );
+    let e = place(&plan, &loaded, loaded.experiment.placement.as_ref().expect("placement"), 2, 8)
+        .expect_err("ema on another rank")
+        .to_string();
+    assert!(e.contains("`res4_t` averages `res4`, so it must run on `res4`'s rank"), "{e}");
+    assert!(e.contains("byol_resnet18narrow_fmnist.yaml:"), "{e}");
+    // Placed with it, it is accepted, and the unplaced targets follow their online nodes.
+    let (loaded, plan) = with_placement(
+        dir.path(),
+        "byol_resnet18narrow_fmnist.yaml",
+        "{stem: 0, res2: 0, res3: 0, res4: 1, res5: 1, res4_t: 1}",
+    );
+    let p = place(&plan, &loaded, loaded.experiment.placement.as_ref().expect("placement"), 2, 8).expect("placement");
+    for (t, of) in [("res4_t", "res4"), ("res2_t", "res2"), ("proj_t", "proj")] {
+        assert_eq!(p.rank(plan.ids[t]), p.rank(plan.ids[of]), "{t} runs with {of}");
+    }
+    // Three ranks, all nodes on 0 and 2: rank 1 would idle.
+    let (loaded, plan) =
+        with_placement(dir.path(), "gim_resnet18narrow_fmnist.yaml", "{stem: 0, res2: 0, res3: 2, res4: 2, res5: 2}");
+    let e = place(&plan, &loaded, loaded.experiment.placement.as_ref().expect("placement"), 3, 8)
+        .expect_err("idle rank")
+        .to_string();
+    assert!(e.contains("rank 1 runs no node"), "{e}");
 }

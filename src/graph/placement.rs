@@ -166,63 +166,96 @@ pub fn place(
     ranks: usize,
     views: usize,
 ) -> Result<Placement, GraphErrors> {
-    let at = |id: &str| loaded.locations.path(&format!("placement.nodes.{id}"));
-    let err = |location, message| GraphErrors(vec![GraphError { location, message }]);
+    let err = |message| GraphErrors(vec![GraphError { location: loaded.locations.path("placement"), message }]);
     if ranks == 0 {
-        return Err(err(loaded.locations.path("placement"), "a placement needs at least one rank".into()));
+        return Err(err("a placement needs at least one rank".into()));
     }
     let encoder: Vec<NodeIndex> = plan.order.forward_order().into_iter().filter(|&n| is_encoder(plan, n)).collect();
-    let mut rank: Vec<Option<usize>> = vec![None; plan.graph.node_count()];
-    if cfg.nodes.is_empty() {
+    let mut rank = if cfg.nodes.is_empty() {
         if encoder.len() < ranks {
-            return Err(err(
-                loaded.locations.path("placement"),
-                format!(
-                    "{ranks} ranks but the encoder has {} stem and stage nodes: at most one rank per node",
-                    encoder.len()
-                ),
-            ));
+            return Err(err(format!(
+                "{ranks} ranks but the encoder has {} stem and stage nodes: at most one rank per node",
+                encoder.len()
+            )));
         }
-        // Each encoder node with what hangs from it.
-        let mut load = vec![0.0; encoder.len()];
-        for n in plan.graph.node_indices() {
-            let Some(a) = anchor(plan, n) else { continue };
-            let Some(i) = encoder.iter().position(|&x| x == a) else { continue };
-            let c = plan.cost(n);
-            load[i] += match cfg.by {
-                Balance::Compute => node_macs(plan, n, views),
-                Balance::Memory => (c.saved_bytes(views, 4) as f64) + c.params as f64 * 4.0 * 4.0,
-                Balance::Count => f64::from(u8::from(is_encoder(plan, n))),
-            };
-        }
-        for (i, r) in split(&load, ranks).into_iter().enumerate() {
-            rank[encoder[i].index()] = Some(r);
-        }
+        place_auto(plan, &encoder, cfg.by, ranks, views)
     } else {
-        let mut problems = vec![];
-        for (id, &r) in &cfg.nodes {
-            match plan.ids.get(id) {
-                None => problems.push(GraphError { location: at(id), message: format!("no node `{id}` in the graph") }),
-                Some(_) if r >= ranks => problems.push(GraphError {
-                    location: at(id),
-                    message: format!("`{id}` is placed on rank {r}, but the job has {ranks} ranks (0..{})", ranks - 1),
-                }),
-                Some(&n) => rank[n.index()] = Some(r),
-            }
-        }
-        for &n in &encoder {
-            if rank[n.index()].is_none() {
-                problems.push(GraphError {
-                    location: loaded.locations.path("placement.nodes"),
-                    message: format!("`{}` has no rank: give every stem and stage one", plan.id(n)),
-                });
-            }
-        }
-        if !problems.is_empty() {
-            return Err(GraphErrors(problems));
+        place_given(plan, loaded, cfg, &encoder, ranks)?
+    };
+    place_rest(plan, loaded, &mut rank)?;
+    for r in 0..ranks {
+        if !rank.contains(&Some(r)) {
+            return Err(err(format!("rank {r} runs no node")));
         }
     }
-    // Everything else runs where the encoder node it hangs from runs.
+    // A batch node runs wherever it is read.
+    for n in [Some(plan.input), plan.labels()].into_iter().flatten() {
+        rank[n.index()] = None;
+    }
+    Ok(Placement { ranks, rank })
+}
+
+/// Each encoder node's rank when the file names none: contiguous runs of the encoder, each
+/// node weighed with what hangs from it, balanced by `by`.
+fn place_auto(plan: &Plan, encoder: &[NodeIndex], by: Balance, ranks: usize, views: usize) -> Vec<Option<usize>> {
+    let mut rank: Vec<Option<usize>> = vec![None; plan.graph.node_count()];
+    let mut load = vec![0.0; encoder.len()];
+    for n in plan.graph.node_indices() {
+        let Some(a) = anchor(plan, n) else { continue };
+        let Some(i) = encoder.iter().position(|&x| x == a) else { continue };
+        let c = plan.cost(n);
+        load[i] += match by {
+            Balance::Compute => node_macs(plan, n, views),
+            Balance::Memory => (c.saved_bytes(views, 4) as f64) + c.params as f64 * 4.0 * 4.0,
+            Balance::Count => f64::from(u8::from(is_encoder(plan, n))),
+        };
+    }
+    for (i, r) in split(&load, ranks).into_iter().enumerate() {
+        rank[encoder[i].index()] = Some(r);
+    }
+    rank
+}
+
+/// The ranks the file gives (`placement.nodes`), every problem located: an unknown node, a
+/// rank beyond the job's, an encoder node left without one.
+fn place_given(
+    plan: &Plan,
+    loaded: &Loaded,
+    cfg: &PlacementConfig,
+    encoder: &[NodeIndex],
+    ranks: usize,
+) -> Result<Vec<Option<usize>>, GraphErrors> {
+    let at = |id: &str| loaded.locations.path(&format!("placement.nodes.{id}"));
+    let mut rank: Vec<Option<usize>> = vec![None; plan.graph.node_count()];
+    let mut problems = vec![];
+    for (id, &r) in &cfg.nodes {
+        match plan.ids.get(id) {
+            None => problems.push(GraphError { location: at(id), message: format!("no node `{id}` in the graph") }),
+            Some(_) if r >= ranks => problems.push(GraphError {
+                location: at(id),
+                message: format!("`{id}` is placed on rank {r}, but the job has {ranks} ranks (0..{})", ranks - 1),
+            }),
+            Some(&n) => rank[n.index()] = Some(r),
+        }
+    }
+    for &n in encoder {
+        if rank[n.index()].is_none() {
+            problems.push(GraphError {
+                location: loaded.locations.path("placement.nodes"),
+                message: format!("`{}` has no rank: give every stem and stage one", plan.id(n)),
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(rank)
+    } else {
+        Err(GraphErrors(problems))
+    }
+}
+
+/// Everything else runs where the encoder node it hangs from runs; a moving average placed by
+/// the file must be on the rank of the node it averages.
+fn place_rest(plan: &Plan, loaded: &Loaded, rank: &mut [Option<usize>]) -> Result<(), GraphErrors> {
     let mut problems = vec![];
     for n in plan.graph.node_indices() {
         if plan.graph[n].config.is_none() || rank[n.index()].is_some() && plan.graph[n].ema.is_none() {
@@ -232,26 +265,18 @@ pub fn place(
         let want = rank[a.index()];
         match (rank[n.index()], plan.graph[n].ema.as_ref()) {
             (Some(r), Some(e)) if Some(r) != want => problems.push(GraphError {
-                location: at(plan.id(n)),
+                location: loaded.locations.path(&format!("placement.nodes.{}", plan.id(n))),
                 message: format!("`{}` averages `{}`, so it must run on `{}`'s rank", plan.id(n), e.of, e.of),
             }),
             (Some(_), _) => {}
             (None, _) => rank[n.index()] = want,
         }
     }
-    if !problems.is_empty() {
-        return Err(GraphErrors(problems));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(GraphErrors(problems))
     }
-    for r in 0..ranks {
-        if !rank.contains(&Some(r)) {
-            return Err(err(loaded.locations.path("placement"), format!("rank {r} runs no node")));
-        }
-    }
-    // A batch node runs wherever it is read.
-    for n in [Some(plan.input), plan.labels()].into_iter().flatten() {
-        rank[n.index()] = None;
-    }
-    Ok(Placement { ranks, rank })
 }
 
 /// Cuts `load` (in order) into `parts` contiguous runs minimising the largest run's sum; the
