@@ -20,7 +20,7 @@ use crate::data::{self, DataConfig, DataFormat, PairLoader, Shard};
 use crate::dist::reducer::GradReducer;
 use crate::dist::{Communicator, DistError};
 use crate::loss::{nt_xent, nt_xent_in, Negatives};
-use crate::nn::batch_norm::batch_norm2d;
+use crate::nn::batch_norm::{batch_norm2d, BatchNorm2d};
 use crate::nn::stem::{stem, StemConfig, StemKind};
 use crate::nn::{Layer, ParamBuilder};
 
@@ -201,114 +201,136 @@ pub fn nt_xent_parity(g: &Arc<dyn Communicator>, negatives: Negatives, images: u
 /// one process's rows, the ranks' parameter gradients sum to one process's, the running
 /// statistics are equal.
 pub fn batch_norm_parity(g: &Arc<dyn Communicator>, images: usize) -> Result<Passed> {
-    const C: &str = "batch_norm";
     let (c, h, w) = (3, 4, 5);
-    let x = randn(&[images, c, h, w], 21)?.affine(2.0, 1.5)?;
-    let proj = randn(&[images, c, h, w], 22)?;
-    let mine = share(g, images)?;
-    let (xr, pr) = (x.narrow(0, mine.start, mine.len())?, proj.narrow(0, mine.start, mine.len())?);
-    let mut worst: f64 = 0.0;
-    let rows = |t: &Tensor| t.narrow(0, mine.start, mine.len());
-    let summed = |t: &Tensor| -> Result<Tensor> {
-        let mut v = t.flatten_all()?.to_vec1::<f64>()?;
-        g.all_reduce_sum(&mut v)?;
-        Ok(Tensor::from_vec(v, t.shape(), &Device::Cpu)?)
+    let case = BnCase {
+        g,
+        mine: share(g, images)?,
+        x: randn(&[images, c, h, w], 21)?.affine(2.0, 1.5)?,
+        proj: randn(&[images, c, h, w], 22)?,
     };
+    let mut worst: f64 = 0.0;
+    bn_variants(&case, &mut worst)?;
+    bn_tail(&case, &mut worst)?;
+    bn_stem(&case, &mut worst)?;
+    Ok(Passed { check: BN, max_rel_err: worst })
+}
 
-    for (variant, relu, composed) in [("fused", false, false), ("fused+relu", true, false), ("composed", false, true)] {
-        let one = ParamBuilder::new(3, &Device::Cpu, DType::F64);
-        let many = ParamBuilder::new(3, &Device::Cpu, DType::F64).sync_batch_norm(g.clone());
-        let (bn1, bnr) = (batch_norm2d(c, false, &one)?, batch_norm2d(c, false, &many)?);
-        // The same non-trivial γ, β for both.
-        for store in [one.store(), many.store()] {
-            for p in store.params {
-                let seed = if p.name.ends_with("weight") { 23 } else { 24 };
-                p.var.set(&randn(&[c], seed)?)?;
+const BN: &str = "batch_norm";
+
+/// What every batch norm check shares: the whole batch `x` (3 channels) and the projection
+/// that makes a scalar of the output, this rank's rows of them, and the sum over the ranks
+/// that turns this rank's parameter gradients into the whole batch's.
+struct BnCase<'g> {
+    g: &'g Arc<dyn Communicator>,
+    mine: std::ops::Range<usize>,
+    x: Tensor,
+    proj: Tensor,
+}
+
+impl BnCase<'_> {
+    fn rows(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.narrow(0, self.mine.start, self.mine.len())?)
+    }
+
+    fn summed(&self, t: &Tensor) -> Result<Tensor> {
+        let mut v = t.flatten_all()?.to_vec1::<f64>()?;
+        self.g.all_reduce_sum(&mut v)?;
+        Ok(Tensor::from_vec(v, t.shape(), &Device::Cpu)?)
+    }
+
+    /// A batch norm over the whole batch on one process and a synchronised one over the ranks
+    /// (parameters seeded from `seed`), with the same non-trivial γ, β when `affine`.
+    fn pair(&self, seed: u64, affine: bool) -> Result<(BatchNorm2d, BatchNorm2d)> {
+        let c = self.x.dims()[1];
+        let one = ParamBuilder::new(seed, &Device::Cpu, DType::F64);
+        let many = ParamBuilder::new(seed, &Device::Cpu, DType::F64).sync_batch_norm(self.g.clone());
+        let pair = (batch_norm2d(c, false, &one)?, batch_norm2d(c, false, &many)?);
+        if affine {
+            for store in [one.store(), many.store()] {
+                for p in store.params {
+                    let seed = if p.name.ends_with("weight") { 23 } else { 24 };
+                    p.var.set(&randn(&[c], seed)?)?;
+                }
             }
         }
-        let (x1, x2) = (Var::from_tensor(&x)?, Var::from_tensor(&xr)?);
-        let f = |bn: &crate::nn::batch_norm::BatchNorm2d, x: &Tensor| match (composed, relu) {
+        Ok(pair)
+    }
+}
+
+fn gradient(gs: &candle_core::backprop::GradStore, t: &Tensor, what: &str) -> Result<Tensor> {
+    gs.get(t).cloned().ok_or_else(|| fail(BN, format!("no gradient for {what}")))
+}
+
+/// The fused batch norm (with and without its ReLU) and the composed one: output, input
+/// gradient, γ and β gradients and running statistics agree between one process and the ranks.
+fn bn_variants(case: &BnCase, worst: &mut f64) -> Result<()> {
+    let (xr, pr) = (case.rows(&case.x)?, case.rows(&case.proj)?);
+    for (variant, relu, composed) in [("fused", false, false), ("fused+relu", true, false), ("composed", false, true)] {
+        let (bn1, bnr) = case.pair(3, true)?;
+        let (x1, x2) = (Var::from_tensor(&case.x)?, Var::from_tensor(&xr)?);
+        let f = |bn: &BatchNorm2d, x: &Tensor| match (composed, relu) {
             (true, _) => bn.train_composed(x),
             (false, true) => bn.forward_relu_t(x, true),
             (false, false) => bn.forward_t(x, true),
         };
         let (y1, y2) = (f(&bn1, x1.as_tensor())?, f(&bnr, x2.as_tensor())?);
-        let g1 = y1.mul(&proj)?.sum_all()?.backward()?;
+        let g1 = y1.mul(&case.proj)?.sum_all()?.backward()?;
         let g2 = y2.mul(&pr)?.sum_all()?.backward()?;
-        let grad = |gs: &candle_core::backprop::GradStore, t: &Tensor, what: &str| {
-            gs.get(t).cloned().ok_or_else(|| fail(C, format!("{variant}: no gradient for {what}")))
-        };
-        within(C, &format!("{variant} y"), rel(&y2, &rows(&y1)?)?, 1e-10, &mut worst)?;
-        within(
-            C,
-            &format!("{variant} dx"),
-            rel(&grad(&g2, x2.as_tensor(), "x")?, &rows(&grad(&g1, x1.as_tensor(), "x")?)?)?,
-            1e-10,
-            &mut worst,
-        )?;
-        within(
-            C,
-            &format!("{variant} dγ"),
-            rel(&summed(&grad(&g2, bnr.weight(), "γ")?)?, &grad(&g1, bn1.weight(), "γ")?)?,
-            1e-10,
-            &mut worst,
-        )?;
-        within(
-            C,
-            &format!("{variant} dβ"),
-            rel(&summed(&grad(&g2, bnr.bias(), "β")?)?, &grad(&g1, bn1.bias(), "β")?)?,
-            1e-10,
-            &mut worst,
-        )?;
-        within(C, &format!("{variant} running mean"), rel(bnr.running_mean(), bn1.running_mean())?, 1e-10, &mut worst)?;
-        within(C, &format!("{variant} running var"), rel(bnr.running_var(), bn1.running_var())?, 1e-10, &mut worst)?;
-    }
-
-    // The block tail's backward (TailSeed): the cotangent of bn(z) placed in its slot.
-    {
-        use crate::nn::batch_norm_op::TailSeed;
-        let one = ParamBuilder::new(4, &Device::Cpu, DType::F64);
-        let many = ParamBuilder::new(4, &Device::Cpu, DType::F64).sync_batch_norm(g.clone());
-        let (bn1, bnr) = (batch_norm2d(c, false, &one)?, batch_norm2d(c, false, &many)?);
-        let (z1, z2) = (Var::from_tensor(&x)?, Var::from_tensor(&xr)?);
-        let seeded = |bn: &crate::nn::batch_norm::BatchNorm2d, z: &Tensor, cot: &Tensor| -> Result<_> {
-            let op = bn.fused_train_op(z)?.ok_or_else(|| fail(C, "no fused op on CPU f64".into()))?;
-            let slot = Arc::new(std::sync::Mutex::new(Some(cot.clone())));
-            Ok(z.apply_op3(bn.weight(), bn.bias(), TailSeed { op, slot })?.backward()?)
-        };
-        let (g1, g2) = (seeded(&bn1, z1.as_tensor(), &proj)?, seeded(&bnr, z2.as_tensor(), &pr)?);
-        let get = |gs: &candle_core::backprop::GradStore, t: &Tensor| {
-            gs.get(t).cloned().ok_or_else(|| fail(C, "tail: no gradient".into()))
-        };
-        within(C, "tail dz", rel(&get(&g2, z2.as_tensor())?, &rows(&get(&g1, z1.as_tensor())?)?)?, 1e-10, &mut worst)?;
-        within(C, "tail dγ", rel(&summed(&get(&g2, bnr.weight())?)?, &get(&g1, bn1.weight())?)?, 1e-10, &mut worst)?;
-        within(C, "tail dβ", rel(&summed(&get(&g2, bnr.bias())?)?, &get(&g1, bn1.bias())?)?, 1e-10, &mut worst)?;
-    }
-
-    // The ImageNet stem: conv, then batch norm + ReLU + max pool as one op.
-    {
-        let cfg = StemConfig { kind: StemKind::Imagenet, channels: 4, frozen: false };
-        let img = randn(&[images, 2, 9, 9], 25)?;
-        let one = ParamBuilder::new(5, &Device::Cpu, DType::F64);
-        let many = ParamBuilder::new(5, &Device::Cpu, DType::F64).sync_batch_norm(g.clone());
-        let (s1, sr) = (stem(&cfg, 2, &one)?, stem(&cfg, 2, &many)?);
-        let y1 = s1.forward_t(&img, true)?;
-        let y2 = sr.forward_t(&rows(&img)?, true)?;
-        let p = randn(y1.dims(), 26)?;
-        let g1 = y1.mul(&p)?.sum_all()?.backward()?;
-        let g2 = y2.mul(&rows(&p)?)?.sum_all()?.backward()?;
-        within(C, "stem y", rel(&y2, &rows(&y1)?)?, 1e-10, &mut worst)?;
-        let (p1, pr) = (one.store().params, many.store().params);
-        for (a, b) in p1.iter().zip(&pr) {
-            let (ga, gb) = (
-                g1.get(a.var.as_tensor()).ok_or_else(|| fail(C, format!("stem: no gradient for {}", a.name)))?,
-                g2.get(b.var.as_tensor()).ok_or_else(|| fail(C, format!("stem: no gradient for {}", b.name)))?,
-            );
-            within(C, &format!("stem d{}", a.name), rel(&summed(gb)?, ga)?, 1e-10, &mut worst)?;
+        let at = |what: &str| format!("{variant} {what}");
+        within(BN, &at("y"), rel(&y2, &case.rows(&y1)?)?, 1e-10, worst)?;
+        let (dx1, dx2) = (gradient(&g1, x1.as_tensor(), &at("x"))?, gradient(&g2, x2.as_tensor(), &at("x"))?);
+        within(BN, &at("dx"), rel(&dx2, &case.rows(&dx1)?)?, 1e-10, worst)?;
+        for (what, t1, t2) in [("γ", bn1.weight(), bnr.weight()), ("β", bn1.bias(), bnr.bias())] {
+            let (d1, d2) = (gradient(&g1, t1, &at(what))?, gradient(&g2, t2, &at(what))?);
+            within(BN, &at(&format!("d{what}")), rel(&case.summed(&d2)?, &d1)?, 1e-10, worst)?;
         }
-        within(C, "stem running var", rel(sr.bn().running_var(), s1.bn().running_var())?, 1e-10, &mut worst)?;
+        within(BN, &at("running mean"), rel(bnr.running_mean(), bn1.running_mean())?, 1e-10, worst)?;
+        within(BN, &at("running var"), rel(bnr.running_var(), bn1.running_var())?, 1e-10, worst)?;
     }
-    Ok(Passed { check: C, max_rel_err: worst })
+    Ok(())
+}
+
+/// The block tail's backward (`TailSeed`): the cotangent of bn(z) placed in its slot.
+fn bn_tail(case: &BnCase, worst: &mut f64) -> Result<()> {
+    use crate::nn::batch_norm_op::TailSeed;
+    let (bn1, bnr) = case.pair(4, false)?;
+    let (z1, z2) = (Var::from_tensor(&case.x)?, Var::from_tensor(&case.rows(&case.x)?)?);
+    let seeded = |bn: &BatchNorm2d, z: &Tensor, cot: &Tensor| -> Result<_> {
+        let op = bn.fused_train_op(z)?.ok_or_else(|| fail(BN, "no fused op on CPU f64".into()))?;
+        let slot = Arc::new(std::sync::Mutex::new(Some(cot.clone())));
+        Ok(z.apply_op3(bn.weight(), bn.bias(), TailSeed { op, slot })?.backward()?)
+    };
+    let g1 = seeded(&bn1, z1.as_tensor(), &case.proj)?;
+    let g2 = seeded(&bnr, z2.as_tensor(), &case.rows(&case.proj)?)?;
+    let (dz1, dz2) = (gradient(&g1, z1.as_tensor(), "tail z")?, gradient(&g2, z2.as_tensor(), "tail z")?);
+    within(BN, "tail dz", rel(&dz2, &case.rows(&dz1)?)?, 1e-10, worst)?;
+    for (what, t1, t2) in [("γ", bn1.weight(), bnr.weight()), ("β", bn1.bias(), bnr.bias())] {
+        let (d1, d2) = (gradient(&g1, t1, what)?, gradient(&g2, t2, what)?);
+        within(BN, &format!("tail d{what}"), rel(&case.summed(&d2)?, &d1)?, 1e-10, worst)?;
+    }
+    Ok(())
+}
+
+/// The ImageNet stem: conv, then batch norm + ReLU + max pool as one op.
+fn bn_stem(case: &BnCase, worst: &mut f64) -> Result<()> {
+    let cfg = StemConfig { kind: StemKind::Imagenet, channels: 4, frozen: false };
+    let img = randn(&[case.x.dims()[0], 2, 9, 9], 25)?;
+    let one = ParamBuilder::new(5, &Device::Cpu, DType::F64);
+    let many = ParamBuilder::new(5, &Device::Cpu, DType::F64).sync_batch_norm(case.g.clone());
+    let (s1, sr) = (stem(&cfg, 2, &one)?, stem(&cfg, 2, &many)?);
+    let y1 = s1.forward_t(&img, true)?;
+    let y2 = sr.forward_t(&case.rows(&img)?, true)?;
+    let p = randn(y1.dims(), 26)?;
+    let g1 = y1.mul(&p)?.sum_all()?.backward()?;
+    let g2 = y2.mul(&case.rows(&p)?)?.sum_all()?.backward()?;
+    within(BN, "stem y", rel(&y2, &case.rows(&y1)?)?, 1e-10, worst)?;
+    for (a, b) in one.store().params.iter().zip(&many.store().params) {
+        let what = format!("stem {}", a.name);
+        let (ga, gb) = (gradient(&g1, a.var.as_tensor(), &what)?, gradient(&g2, b.var.as_tensor(), &what)?);
+        within(BN, &format!("stem d{}", a.name), rel(&case.summed(&gb)?, &ga)?, 1e-10, worst)?;
+    }
+    within(BN, "stem running var", rel(sr.bn().running_var(), s1.bn().running_var())?, 1e-10, worst)?;
+    Ok(())
 }
 
 /// The gradient reducer's result is the exact mean of the ranks' gradients (integer-valued f32,
