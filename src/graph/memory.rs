@@ -64,93 +64,16 @@ impl Plan {
     /// holds them: its nodes' activations and outputs, a copy of every value it receives from
     /// another rank while its consumer needs it, and the cotangents sent to its nodes.
     pub fn held_bytes_on(&self, views: usize, elem_bytes: usize, mine: &dyn Fn(NodeIndex) -> bool) -> HeldBytes {
-        let g = &self.graph;
-        let nn = g.node_count();
-        let out: Vec<usize> = g.node_indices().map(|n| self.cost(n).output_bytes(views, elem_bytes)).collect();
-        let kept: Vec<usize> = g
-            .node_indices()
-            .map(|n| if g[n].config.is_some() { self.cost(n).saved_bytes(views, elem_bytes) } else { 0 })
+        let mut step = Simulated::new(self, views, elem_bytes);
+        let actions = self
+            .order
+            .actions
+            .iter()
+            .map(|&action| {
+                step.apply(action);
+                (action, step.held(mine))
+            })
             .collect();
-        let mut groups_left: Vec<usize> = g.node_indices().map(|n| self.reach.groups(n).len()).collect();
-        // An output that is a leaf already is read as a leaf without a copy (a chained node's,
-        // when a backward will run through it).
-        let is_leaf: Vec<bool> =
-            g.node_indices().map(|n| self.cost(n).output_is_leaf && groups_left[n.index()] > 0).collect();
-        let mut consumers_left: Vec<usize> =
-            g.node_indices().map(|n| g.neighbors_directed(n, Direction::Outgoing).count()).collect();
-        let (mut value, mut graph) = (vec![false; nn], vec![false; nn]);
-        let mut leaf = vec![false; g.edge_count()];
-        // (node, the first loss of the group whose backward sends it, bytes)
-        let mut cots: Vec<(usize, NodeIndex, usize)> = vec![];
-
-        let release = |n: usize, value: &mut [bool], graph: &mut [bool], consumers_left: &[usize], left: &[usize]| {
-            if left[n] == 0 {
-                graph[n] = false;
-                if consumers_left[n] == 0 {
-                    value[n] = false;
-                }
-            }
-        };
-
-        let mut actions = vec![];
-        for &action in &self.order.actions {
-            match action {
-                Action::Forward(n) => {
-                    graph[n.index()] = g[n].config.is_some();
-                    for (e, p) in self.inputs(n) {
-                        leaf[e.index()] = self.reach.any_flows(e);
-                        consumers_left[p.index()] -= 1;
-                        release(p.index(), &mut value, &mut graph, &consumers_left, &groups_left);
-                    }
-                    value[n.index()] = true;
-                }
-                Action::Backward { node: m, group } => {
-                    let grp = &self.reach.groups(m)[group];
-                    cots.retain(|&(at, first, _)| !(at == m.index() && grp.losses.contains(&first)));
-                    for &e in &grp.input_edges {
-                        let (p, _) = g.edge_endpoints(e).expect("edge exists");
-                        cots.push((p.index(), grp.losses[0], out[p.index()]));
-                    }
-                    groups_left[m.index()] -= 1;
-                    if groups_left[m.index()] == 0 {
-                        for e in g.edges_directed(m, Direction::Incoming) {
-                            leaf[e.id().index()] = false;
-                        }
-                    }
-                    release(m.index(), &mut value, &mut graph, &consumers_left, &groups_left);
-                }
-            }
-            // A leaf that is its producer's own output keeps that storage, counted once; a value
-            // from another rank is a copy.
-            let mut storage_alive: Vec<bool> = value.clone();
-            let mut copies = 0;
-            for e in g.edge_references() {
-                let p = e.source().index();
-                if leaf[e.id().index()] && mine(e.target()) {
-                    if is_leaf[p] && mine(e.source()) {
-                        storage_alive[p] = true;
-                    } else {
-                        copies = usize::saturating_add(copies, out[p]);
-                    }
-                } else if mine(e.target()) && !mine(e.source()) && graph[e.target().index()] {
-                    // Received from another rank, read (detached) by a graph still alive here.
-                    copies = usize::saturating_add(copies, out[p]);
-                }
-            }
-            let nodes = g.node_indices().filter(|&n| mine(n)).map(|n| {
-                let n = n.index();
-                if graph[n] {
-                    kept[n].max(out[n])
-                } else if storage_alive[n] {
-                    out[n]
-                } else {
-                    0
-                }
-            });
-            let cots_here = cots.iter().filter(|c| mine(NodeIndex::new(c.0))).map(|c| c.2);
-            let held = nodes.chain(cots_here).fold(copies, usize::saturating_add);
-            actions.push((action, held));
-        }
         HeldBytes { actions }
     }
 
@@ -183,5 +106,123 @@ impl Plan {
             self.action_name(&action),
             all as f64 / 1e6,
         )
+    }
+}
+
+/// One step as the engine runs it, node by node: what each node holds (its output, its saved
+/// activations) and what is alive after each action.
+struct Simulated<'p> {
+    plan: &'p Plan,
+    /// Per node: output bytes, saved bytes, whether its output is a leaf already (a chained
+    /// node's, when a backward will run through it).
+    out: Vec<usize>,
+    kept: Vec<usize>,
+    is_leaf: Vec<bool>,
+    /// Per node: backward groups and consumers still to run.
+    groups_left: Vec<usize>,
+    consumers_left: Vec<usize>,
+    /// Per node: its value is alive; its graph (saved activations) is alive.
+    value: Vec<bool>,
+    graph: Vec<bool>,
+    /// Per edge: its consumer reads a leaf.
+    leaf: Vec<bool>,
+    /// (node, the first loss of the group whose backward sends it, bytes)
+    cots: Vec<(usize, NodeIndex, usize)>,
+}
+
+impl<'p> Simulated<'p> {
+    fn new(plan: &'p Plan, views: usize, elem_bytes: usize) -> Self {
+        let g = &plan.graph;
+        let nn = g.node_count();
+        let groups_left: Vec<usize> = g.node_indices().map(|n| plan.reach.groups(n).len()).collect();
+        Simulated {
+            plan,
+            out: g.node_indices().map(|n| plan.cost(n).output_bytes(views, elem_bytes)).collect(),
+            kept: g
+                .node_indices()
+                .map(|n| if g[n].config.is_some() { plan.cost(n).saved_bytes(views, elem_bytes) } else { 0 })
+                .collect(),
+            is_leaf: g.node_indices().map(|n| plan.cost(n).output_is_leaf && groups_left[n.index()] > 0).collect(),
+            groups_left,
+            consumers_left: g.node_indices().map(|n| g.neighbors_directed(n, Direction::Outgoing).count()).collect(),
+            value: vec![false; nn],
+            graph: vec![false; nn],
+            leaf: vec![false; g.edge_count()],
+            cots: vec![],
+        }
+    }
+
+    /// A node's graph goes after its last backward, its value once its consumers have read it too.
+    fn release(&mut self, n: usize) {
+        if self.groups_left[n] == 0 {
+            self.graph[n] = false;
+            if self.consumers_left[n] == 0 {
+                self.value[n] = false;
+            }
+        }
+    }
+
+    fn apply(&mut self, action: Action) {
+        let (plan, g) = (self.plan, &self.plan.graph);
+        match action {
+            Action::Forward(n) => {
+                self.graph[n.index()] = g[n].config.is_some();
+                for (e, p) in plan.inputs(n) {
+                    self.leaf[e.index()] = plan.reach.any_flows(e);
+                    self.consumers_left[p.index()] -= 1;
+                    self.release(p.index());
+                }
+                self.value[n.index()] = true;
+            }
+            Action::Backward { node: m, group } => {
+                let grp = &plan.reach.groups(m)[group];
+                self.cots.retain(|&(at, first, _)| !(at == m.index() && grp.losses.contains(&first)));
+                for &e in &grp.input_edges {
+                    let (p, _) = g.edge_endpoints(e).expect("edge exists");
+                    self.cots.push((p.index(), grp.losses[0], self.out[p.index()]));
+                }
+                self.groups_left[m.index()] -= 1;
+                if self.groups_left[m.index()] == 0 {
+                    for e in g.edges_directed(m, Direction::Incoming) {
+                        self.leaf[e.id().index()] = false;
+                    }
+                }
+                self.release(m.index());
+            }
+        }
+    }
+
+    /// Bytes alive on the nodes `mine` selects.
+    fn held(&self, mine: &dyn Fn(NodeIndex) -> bool) -> usize {
+        let g = &self.plan.graph;
+        // A leaf that is its producer's own output keeps that storage, counted once; a value
+        // from another rank is a copy.
+        let mut storage_alive: Vec<bool> = self.value.clone();
+        let mut copies = 0;
+        for e in g.edge_references() {
+            let p = e.source().index();
+            if self.leaf[e.id().index()] && mine(e.target()) {
+                if self.is_leaf[p] && mine(e.source()) {
+                    storage_alive[p] = true;
+                } else {
+                    copies = usize::saturating_add(copies, self.out[p]);
+                }
+            } else if mine(e.target()) && !mine(e.source()) && self.graph[e.target().index()] {
+                // Received from another rank, read (detached) by a graph still alive here.
+                copies = usize::saturating_add(copies, self.out[p]);
+            }
+        }
+        let nodes = g.node_indices().filter(|&n| mine(n)).map(|n| {
+            let n = n.index();
+            if self.graph[n] {
+                self.kept[n].max(self.out[n])
+            } else if storage_alive[n] {
+                self.out[n]
+            } else {
+                0
+            }
+        });
+        let cots_here = self.cots.iter().filter(|c| mine(NodeIndex::new(c.0))).map(|c| c.2);
+        nodes.chain(cots_here).fold(copies, usize::saturating_add)
     }
 }
