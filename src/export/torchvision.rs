@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Tensor;
+use petgraph::graph::NodeIndex;
 
 use super::{encoder_nodes, ExportError, Result};
 use crate::exec::run_dir::OpenRun;
@@ -34,6 +35,38 @@ use crate::nn::stem::StemKind;
 pub fn torchvision_state_dict(run: &OpenRun) -> Result<Vec<(String, Tensor)>> {
     let (c, m) = (&run.plan, &run.model);
     let enc = encoder_nodes(c, m);
+    let why = not_torchvision(run, &enc);
+    if !why.is_empty() {
+        return Err(ExportError::NotResnet(why));
+    }
+    let stages = &enc[1..];
+    let tensors: HashMap<String, Tensor> = m.params.named_tensors().into_iter().collect();
+    let step = run.meta.get("step").and_then(|v| v.as_i64()).unwrap_or(0);
+    let mut sd = StateDict { tensors: &tensors, out: vec![], counter: Tensor::new(step, &candle_core::Device::Cpu)? };
+    let stem = c.id(enc[0]);
+    sd.take(&format!("{stem}.conv.weight"), "conv1.weight")?;
+    sd.bn(&format!("{stem}.bn"), "bn1")?;
+    for (li, &n) in stages.iter().enumerate() {
+        let Some(NodeModule::Stage(s)) = m.module(n) else { continue };
+        let id = c.id(n);
+        for (bi, blk) in s.blocks().iter().enumerate() {
+            let (ours, theirs) = (format!("{id}.block{bi}"), format!("layer{}.{bi}", li + 1));
+            for j in 1..=blk.convs().len() {
+                sd.take(&format!("{ours}.conv{j}.weight"), &format!("{theirs}.conv{j}.weight"))?;
+                sd.bn(&format!("{ours}.bn{j}"), &format!("{theirs}.bn{j}"))?;
+            }
+            if blk.projection().is_some() {
+                sd.take(&format!("{ours}.downsample.conv.weight"), &format!("{theirs}.downsample.0.weight"))?;
+                sd.bn(&format!("{ours}.downsample.bn"), &format!("{theirs}.downsample.1"))?;
+            }
+        }
+    }
+    Ok(sd.out)
+}
+
+/// Every way the encoder `enc` (stem first) differs from a torchvision ResNet; empty if none.
+fn not_torchvision(run: &OpenRun, enc: &[NodeIndex]) -> Vec<String> {
+    let (c, m) = (&run.plan, &run.model);
     let mut why = vec![];
     match enc.first().and_then(|&n| m.module(n)) {
         Some(NodeModule::Stem(s)) => {
@@ -95,32 +128,7 @@ pub fn torchvision_state_dict(run: &OpenRun) -> Result<Vec<(String, Tensor)>> {
             Some(_) => {}
         }
     }
-    if !why.is_empty() {
-        return Err(ExportError::NotResnet(why));
-    }
-
-    let tensors: HashMap<String, Tensor> = m.params.named_tensors().into_iter().collect();
-    let step = run.meta.get("step").and_then(|v| v.as_i64()).unwrap_or(0);
-    let mut sd = StateDict { tensors: &tensors, out: vec![], counter: Tensor::new(step, &candle_core::Device::Cpu)? };
-    let stem = c.id(enc[0]);
-    sd.take(&format!("{stem}.conv.weight"), "conv1.weight")?;
-    sd.bn(&format!("{stem}.bn"), "bn1")?;
-    for (li, &n) in stages.iter().enumerate() {
-        let Some(NodeModule::Stage(s)) = m.module(n) else { continue };
-        let id = c.id(n);
-        for (bi, blk) in s.blocks().iter().enumerate() {
-            let (ours, theirs) = (format!("{id}.block{bi}"), format!("layer{}.{bi}", li + 1));
-            for j in 1..=blk.convs().len() {
-                sd.take(&format!("{ours}.conv{j}.weight"), &format!("{theirs}.conv{j}.weight"))?;
-                sd.bn(&format!("{ours}.bn{j}"), &format!("{theirs}.bn{j}"))?;
-            }
-            if blk.projection().is_some() {
-                sd.take(&format!("{ours}.downsample.conv.weight"), &format!("{theirs}.downsample.0.weight"))?;
-                sd.bn(&format!("{ours}.downsample.bn"), &format!("{theirs}.downsample.1"))?;
-            }
-        }
-    }
-    Ok(sd.out)
+    why
 }
 
 /// Collects renamed tensors.
