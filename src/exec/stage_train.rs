@@ -12,7 +12,7 @@
 //! rank's optimizer state and a pipelined rank's held-over links would have to travel too, and
 //! `locograph resume` refuses the directory (it has no checkpoint).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -84,7 +84,7 @@ fn check(loaded: &Loaded, cfg: &PlacementConfig, ranks: usize) -> std::result::R
     Ok(())
 }
 
-fn write(path: &std::path::Path, text: &str) -> Result<()> {
+fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
@@ -96,18 +96,8 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
     let exp = &loaded.experiment;
     let plan = setup::validate(loaded)?;
     let placement = place(&plan, loaded, cfg, ranks, 2 * exp.train.batch_size)?;
-    if let Some(t) = exp.train.threads {
-        // candle's CPU kernels and the gemm crate read rayon's global pool.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
-    }
-    let device = setup::device(exp.device)?;
-    let ds = data::open(&exp.data, &loaded.base_dir, None)?;
-    setup::check_input(loaded, ds.as_ref())?;
-    setup::check_labels(&plan, ds.as_ref())?;
+    let (device, ds) = device_and_data(loaded, &plan)?;
     let batch_size = exp.train.batch_size;
-    if ds.len() < batch_size {
-        return Err(TrainError::DatasetTooSmall { dataset: ds.name(), images: ds.len(), batch_size }.into());
-    }
     let steps_per_epoch = (ds.len() / batch_size).max(1) as u64;
     let total = opts.steps.or(exp.train.steps).unwrap_or_else(|| exp.train.epochs.unwrap_or(1) * steps_per_epoch);
     let schedule = exp.schedule.build(batch_size, total as usize, steps_per_epoch as usize);
@@ -162,9 +152,7 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
     let gathered = gather_weights(&group, &plan, &placement, &model, exp.seed, &device)?;
     if let (Some(m), Some(full)) = (metrics.as_ref(), gathered) {
         m.sync()?;
-        let json = serde_json::to_string_pretty(&reports).unwrap_or_default();
-        write(&dir.join(RANKS), &json)?;
-        run_dir::save(&dir, loaded, &plan, &full, total)?;
+        save(&dir, loaded, &plan, &full, &reports, total)?;
         eprintln!("done: {total} steps in {seconds:.1} s; weights in {}", dir.join(run_dir::WEIGHTS).display());
         print_reports(&reports);
     }
@@ -179,6 +167,33 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
         communication: None,
         monitor: None,
     })
+}
+
+/// The device and the dataset of a stage-parallel run, checked as a single-process run's
+/// (`train.threads` applied first: candle's CPU kernels and the gemm crate read rayon's global
+/// pool).
+fn device_and_data(loaded: &Loaded, plan: &Plan) -> Result<(Device, Arc<dyn Dataset>)> {
+    let exp = &loaded.experiment;
+    if let Some(t) = exp.train.threads {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
+    }
+    let device = setup::device(exp.device)?;
+    let ds = data::open(&exp.data, &loaded.base_dir, None)?;
+    setup::check_input(loaded, ds.as_ref())?;
+    setup::check_labels(plan, ds.as_ref())?;
+    let batch_size = exp.train.batch_size;
+    if ds.len() < batch_size {
+        return Err(TrainError::DatasetTooSmall { dataset: ds.name(), images: ds.len(), batch_size }.into());
+    }
+    Ok((device, ds))
+}
+
+/// Rank 0's last files: every rank's report (`ranks.json`) and the gathered weights with the
+/// run's metadata, as a single-process run leaves them.
+fn save(dir: &Path, loaded: &Loaded, plan: &Plan, full: &Model, reports: &[RankReport], total: u64) -> Result<()> {
+    let json = serde_json::to_string_pretty(reports).unwrap_or_default();
+    write(&dir.join(RANKS), &json)?;
+    run_dir::save(dir, loaded, plan, full, total)
 }
 
 /// One rank's step inputs: the batches of the seeded loader where the rank runs a reader of
