@@ -139,25 +139,7 @@ pub fn build_model(run: &OpenRun, outputs: &[String]) -> Result<ModelProto> {
     let last = embedding_node(c, m).ok_or(ExportError::NoEncoder)?;
     let wanted: Vec<String> = if outputs.is_empty() { default_outputs(run) } else { outputs.to_vec() };
 
-    // Which encoder nodes each output needs: its chain back to the input.
-    let mut needed: HashSet<NodeIndex> = HashSet::new();
-    let mut unknown = vec![];
-    for name in &wanted {
-        let node = if name == EMBEDDING { Some(last) } else { c.ids.get(name.as_str()).copied() };
-        match node.filter(|n| enc.contains(n)) {
-            Some(mut n) => {
-                while n != c.input && needed.insert(n) {
-                    n = c.producer(n).map(|(_, p)| p).unwrap_or(c.input);
-                }
-            }
-            None => unknown.push(name.clone()),
-        }
-    }
-    if !unknown.is_empty() {
-        let mut available: Vec<&str> = enc.iter().map(|&n| c.id(n)).collect();
-        available.push(EMBEDDING);
-        return Err(ExportError::UnknownOutput { name: unknown.join("`, `"), available: available.join(", ") });
-    }
+    let needed = needed_nodes(run, &enc, last, &wanted)?;
 
     let tensors: HashMap<String, Tensor> = m.params.named_tensors().into_iter().collect();
     let mut b = Builder { tensors: &tensors, nodes: vec![], inits: vec![], seen: HashSet::new(), counter: 0 };
@@ -201,6 +183,45 @@ pub fn build_model(run: &OpenRun, outputs: &[String]) -> Result<ModelProto> {
         ),
         ..Default::default()
     };
+    Ok(ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET, ..Default::default() }],
+        producer_name: "locograph".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(graph).into(),
+        metadata_props: metadata(run, last),
+        ..Default::default()
+    })
+}
+
+/// The encoder nodes the outputs `wanted` need (each one's chain back to the input); an
+/// unknown output is an error that lists the available ones.
+fn needed_nodes(run: &OpenRun, enc: &[NodeIndex], last: NodeIndex, wanted: &[String]) -> Result<HashSet<NodeIndex>> {
+    let c = &run.plan;
+    let mut needed: HashSet<NodeIndex> = HashSet::new();
+    let mut unknown = vec![];
+    for name in wanted {
+        let node = if name == EMBEDDING { Some(last) } else { c.ids.get(name.as_str()).copied() };
+        match node.filter(|n| enc.contains(n)) {
+            Some(mut n) => {
+                while n != c.input && needed.insert(n) {
+                    n = c.producer(n).map(|(_, p)| p).unwrap_or(c.input);
+                }
+            }
+            None => unknown.push(name.clone()),
+        }
+    }
+    if !unknown.is_empty() {
+        let mut available: Vec<&str> = enc.iter().map(|&n| c.id(n)).collect();
+        available.push(EMBEDDING);
+        return Err(ExportError::UnknownOutput { name: unknown.join("`, `"), available: available.join(", ") });
+    }
+    Ok(needed)
+}
+
+/// The model's metadata: the experiment, method, training step, embedding node and version.
+fn metadata(run: &OpenRun, last: NodeIndex) -> Vec<StringStringEntryProto> {
+    let c = &run.plan;
     let method = run.meta.get("method").and_then(|v| v.as_str()).unwrap_or(method_name(c)).to_string();
     let step = run.meta.get("step").and_then(|v| v.as_u64()).map(|s| s.to_string()).unwrap_or_else(|| "unknown".into());
     let props = [
@@ -210,18 +231,7 @@ pub fn build_model(run: &OpenRun, outputs: &[String]) -> Result<ModelProto> {
         ("embedding_of", c.id(last).to_string()),
         ("locograph", env!("CARGO_PKG_VERSION").to_string()),
     ];
-    Ok(ModelProto {
-        ir_version: IR_VERSION,
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET, ..Default::default() }],
-        producer_name: "locograph".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        graph: Some(graph).into(),
-        metadata_props: props
-            .into_iter()
-            .map(|(k, v)| StringStringEntryProto { key: k.into(), value: v, ..Default::default() })
-            .collect(),
-        ..Default::default()
-    })
+    props.into_iter().map(|(k, v)| StringStringEntryProto { key: k.into(), value: v, ..Default::default() }).collect()
 }
 
 /// Accumulates nodes and initializers.
