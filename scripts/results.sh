@@ -135,14 +135,16 @@ for p in pairs:
     ev, end = s["eval"], s["at_end"]
     lin = next((v for k, v in ev.items() if k.startswith("linear ")), None)
     knn = next((v for k, v in ev.items() if k.startswith("knn ")), None)
-    losses = [k for k in end if k not in ("knn_top1",)]
-    top = sorted(losses)[-1] if losses else None
-    secs, steps = [], None
+    secs, steps, top = [], None, None
     for r in s["runs"]:
         m = (pathlib.Path(group) / r / "metrics.csv").read_text().strip().splitlines()
-        row = dict(zip(m[0].split(","), m[-1].split(",")))
+        header = m[0].split(",")
+        row = dict(zip(header, m[-1].split(",")))
         secs.append(float(row["elapsed_s"]))
         steps = int(row["step"])
+        # metrics.csv has one column per loss in graph order: the last is the top decoder's.
+        losses = [k for k in header if k in end and k != "knn_top1"]
+        top = losses[-1] if losses else None
     rows.append(f'| {label} | {len(s["runs"])} | {steps} | {pm(lin)} | {pm(knn)} | {pm(end.get("knn_top1"))} '
                 f'| {pm(end.get(top), 1.0, 3) if top else "–"} ({top}) | {sum(secs) / len(secs) / 60:.1f} min |')
 text = "\n".join(rows) + "\n"
