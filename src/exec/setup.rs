@@ -74,14 +74,7 @@ impl Setup {
         let plan = validate(loaded)?;
         memory_guard::check_fits_ranks(loaded, &plan, group.size(), crate::dist::launched_local_ranks().unwrap_or(1))?;
         let exp = &loaded.experiment;
-        if let Some(t) = exp.train.threads.or(threads) {
-            // candle's CPU kernels and the gemm crate read rayon's global pool.
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
-        }
-        let device = device(exp.device)?;
-        let ds: Arc<dyn Dataset> = data::open(&exp.data, &loaded.base_dir, None)?;
-        check_input(loaded, ds.as_ref())?;
-        check_labels(&plan, ds.as_ref())?;
+        let (device, ds) = device_and_data(loaded, &plan, exp.train.threads.or(threads))?;
         let batch_size = exp.train.batch_size;
         let shard = Shard { rank: group.rank(), ranks: group.size() };
         if batch_size < shard.ranks {
@@ -97,10 +90,6 @@ impl Setup {
             if let Some((loss, op)) = unweighted {
                 return Err(TrainError::UnevenShares { batch_size, ranks: shard.ranks, loss, op }.into());
             }
-        }
-        if ds.len() < batch_size {
-            // The loader drops the last incomplete batch, so an epoch would have no step at all.
-            return Err(TrainError::DatasetTooSmall { dataset: ds.name(), images: ds.len(), batch_size }.into());
         }
         let steps_per_epoch = (ds.len() / batch_size).max(1) as u64;
         let total = total.or(exp.train.steps).unwrap_or_else(|| exp.train.epochs.unwrap_or(1) * steps_per_epoch);
@@ -184,4 +173,28 @@ pub(crate) fn check_labels(plan: &Plan, ds: &dyn Dataset) -> std::result::Result
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// The device and the dataset a run trains on, the data checked against the graph (its shape,
+/// its labels) and the batch size. `threads` first sizes rayon's global pool, which candle's CPU kernels and the
+/// gemm crate read.
+pub(super) fn device_and_data(
+    loaded: &Loaded,
+    plan: &Plan,
+    threads: Option<usize>,
+) -> Result<(Device, Arc<dyn Dataset>)> {
+    let exp = &loaded.experiment;
+    if let Some(t) = threads {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
+    }
+    let device = device(exp.device)?;
+    let ds: Arc<dyn Dataset> = data::open(&exp.data, &loaded.base_dir, None)?;
+    check_input(loaded, ds.as_ref())?;
+    check_labels(plan, ds.as_ref())?;
+    let batch_size = exp.train.batch_size;
+    if ds.len() < batch_size {
+        // The loader drops the last incomplete batch, so an epoch would have no step at all.
+        return Err(TrainError::DatasetTooSmall { dataset: ds.name(), images: ds.len(), batch_size }.into());
+    }
+    Ok((device, ds))
 }

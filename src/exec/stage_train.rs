@@ -30,7 +30,7 @@ use super::step::{GradsFinal, StepInput};
 use super::train::{update_when_final, TrainOptions, TrainSummary};
 use super::{error::TrainError, setup};
 use crate::config::{Loaded, PlacementConfig};
-use crate::data::{self, Batch, DataError, Dataset, PairLoader, Shard};
+use crate::data::{Batch, DataError, Dataset, PairLoader, Shard};
 use crate::dist::postbox::{PostStats, Postbox};
 use crate::dist::Communicator;
 use crate::graph::{explain, place, Placement, Plan};
@@ -96,7 +96,7 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
     let exp = &loaded.experiment;
     let plan = setup::validate(loaded)?;
     let placement = place(&plan, loaded, cfg, ranks, 2 * exp.train.batch_size)?;
-    let (device, ds) = device_and_data(loaded, &plan)?;
+    let (device, ds) = setup::device_and_data(loaded, &plan, exp.train.threads)?;
     let batch_size = exp.train.batch_size;
     let steps_per_epoch = (ds.len() / batch_size).max(1) as u64;
     let total = opts.steps.or(exp.train.steps).unwrap_or_else(|| exp.train.epochs.unwrap_or(1) * steps_per_epoch);
@@ -167,25 +167,6 @@ pub fn train(loaded: &Loaded, cfg: &PlacementConfig, opts: &TrainOptions) -> Res
         communication: None,
         monitor: None,
     })
-}
-
-/// The device and the dataset of a stage-parallel run, checked as a single-process run's
-/// (`train.threads` applied first: candle's CPU kernels and the gemm crate read rayon's global
-/// pool).
-fn device_and_data(loaded: &Loaded, plan: &Plan) -> Result<(Device, Arc<dyn Dataset>)> {
-    let exp = &loaded.experiment;
-    if let Some(t) = exp.train.threads {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
-    }
-    let device = setup::device(exp.device)?;
-    let ds = data::open(&exp.data, &loaded.base_dir, None)?;
-    setup::check_input(loaded, ds.as_ref())?;
-    setup::check_labels(plan, ds.as_ref())?;
-    let batch_size = exp.train.batch_size;
-    if ds.len() < batch_size {
-        return Err(TrainError::DatasetTooSmall { dataset: ds.name(), images: ds.len(), batch_size }.into());
-    }
-    Ok((device, ds))
 }
 
 /// Rank 0's last files: every rank's report (`ranks.json`) and the gathered weights with the
