@@ -182,12 +182,7 @@ pub fn monitor_curves(runs: &[(String, PathBuf)], outs: &[PathBuf]) -> Result<()
         let name = if n > 1 { format!("{label} (mean of {n} seeds)") } else { label.clone() };
         series.push(Series { name, color: i, points });
     }
-    let panel = LinePanel {
-        title: "online kNN of the live encoder".into(),
-        x_label: "step".into(),
-        y_label: "kNN top-1 (%)".into(),
-        series,
-    };
+    let panel = LinePanel { title: String::new(), x_label: "step".into(), y_label: "kNN top-1 (%)".into(), series };
     for out in outs {
         let bytes = plot::line_figure(
             "Online kNN accuracy during pre-training",

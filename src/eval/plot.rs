@@ -188,12 +188,27 @@ fn draw_line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &LinePa
     let finite = || p.series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
     let (x0, x1) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
     let (y0, y1) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (_, y)| (a.min(*y), b.max(*y)));
-    let mut chart = ChartBuilder::on(area)
-        .caption(&p.title, ("sans-serif", 22))
+    let (xr, mut yr) = (padded(x0, x1, 0.0), padded(y0, y1, 0.05));
+    // The plot's size in pixels: the area less the margins, label areas and caption set below.
+    let (aw, ah) = area.dim_in_pixel();
+    let caption = if p.title.is_empty() { 0 } else { 34 };
+    let legend = legend_fraction(&p.series, (aw.saturating_sub(24 + 58), ah.saturating_sub(24 + 42 + caption)));
+    let (mut corner, hidden) = legend_corner(&p.series, xr.clone(), yr.clone(), legend);
+    // Every corner hides some curve: room above them all for the legend instead.
+    if hidden > 0 && legend.1 < 0.5 {
+        yr.end += (yr.end - yr.start) * legend.1 / (1.0 - legend.1);
+        corner = SeriesLabelPosition::UpperRight;
+    }
+    let mut builder = ChartBuilder::on(area);
+    // A figure with one panel says it all in the figure's title: no caption repeating it.
+    if !p.title.is_empty() {
+        builder.caption(&p.title, ("sans-serif", 22));
+    }
+    let mut chart = builder
         .margin(12)
         .x_label_area_size(42)
         .y_label_area_size(58)
-        .build_cartesian_2d(padded(x0, x1, 0.0), padded(y0, y1, 0.05))
+        .build_cartesian_2d(xr.clone(), yr.clone())
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -219,7 +234,7 @@ fn draw_line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &LinePa
     if !p.series.is_empty() {
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(corner)
             .label_font(("sans-serif", 14))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
@@ -227,6 +242,56 @@ fn draw_line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &LinePa
             .map_err(err)?;
     }
     Ok(())
+}
+
+/// The legend box as a fraction `(width, height)` of a `plot` of that many pixels: plotters'
+/// layout at 14-px labels (a 20-px line sample, ~7.5 px per character, ~20 px per row).
+fn legend_fraction(series: &[Series], plot: (u32, u32)) -> (f64, f64) {
+    let chars = series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0) as f64;
+    let (w, h) = (plot.0.max(1) as f64, plot.1.max(1) as f64);
+    (((chars * 7.5 + 45.0) / w).min(1.0), ((series.len() as f64 * 20.0 + 14.0) / h).min(1.0))
+}
+
+/// The corner where a legend box of `size` (fractions of the plot) hides the least of the
+/// curves, each sampled densely along its segments, and how many samples it hides; ties go to
+/// the upper right, then upper left, lower right, lower left. A fixed corner hid the curves that
+/// end high (accuracy curves) or low (loss curves) on one figure or the other.
+fn legend_corner(
+    series: &[Series],
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    size: (f64, f64),
+) -> (SeriesLabelPosition, usize) {
+    const SAMPLES: usize = 32;
+    let (sx, sy) = ((x.end - x.start).max(f64::MIN_POSITIVE), (y.end - y.start).max(f64::MIN_POSITIVE));
+    let mut samples = vec![];
+    for s in series {
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .filter(|(a, b)| a.is_finite() && b.is_finite())
+            .map(|(a, b)| ((a - x.start) / sx, (b - y.start) / sy))
+            .collect();
+        samples.extend(pts.first().copied());
+        for w in pts.windows(2) {
+            samples.extend((1..=SAMPLES).map(|k| {
+                let t = k as f64 / SAMPLES as f64;
+                (w[0].0 + t * (w[1].0 - w[0].0), w[0].1 + t * (w[1].1 - w[0].1))
+            }));
+        }
+    }
+    let (fw, fh) = size;
+    let corners = [
+        (SeriesLabelPosition::UpperRight, 1.0 - fw..=1.0, 1.0 - fh..=1.0),
+        (SeriesLabelPosition::UpperLeft, 0.0..=fw, 1.0 - fh..=1.0),
+        (SeriesLabelPosition::LowerRight, 1.0 - fw..=1.0, 0.0..=fh),
+        (SeriesLabelPosition::LowerLeft, 0.0..=fw, 0.0..=fh),
+    ];
+    let hidden = |c: &(SeriesLabelPosition, std::ops::RangeInclusive<f64>, std::ops::RangeInclusive<f64>)| {
+        samples.iter().filter(|(a, b)| c.1.contains(a) && c.2.contains(b)).count()
+    };
+    // `min_by_key` keeps the first of equal counts: the order above is the preference.
+    corners.iter().map(|c| (c.0.clone(), hidden(c))).min_by_key(|c| c.1).unwrap_or((SeriesLabelPosition::UpperRight, 0))
 }
 
 struct Lines<'a> {
@@ -340,4 +405,44 @@ pub fn save(path: &Path, bytes: &[u8]) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(points: &[(f64, f64)]) -> Series {
+        Series { name: "run".into(), color: 0, points: points.to_vec() }
+    }
+
+    fn corner(series: &[Series]) -> String {
+        format!("{:?}", legend_corner(series, 0.0..10.0, 0.0..10.0, (0.4, 0.3)).0)
+    }
+
+    #[test]
+    fn the_legend_goes_where_it_hides_no_curve() {
+        // Rising curves (accuracy) end in the upper right; falling ones (loss) in the lower right.
+        assert_eq!(corner(&[line(&[(0.0, 0.0), (10.0, 10.0)])]), "UpperLeft");
+        assert_eq!(corner(&[line(&[(0.0, 10.0), (10.0, 0.0)])]), "UpperRight");
+        // Along the top edge: the lower corners are free, the right one first.
+        assert_eq!(corner(&[line(&[(0.0, 9.5), (10.0, 9.5)])]), "LowerRight");
+        // Nothing anywhere free: the fewest samples hidden, here the lower left's.
+        let busy =
+            [line(&[(0.0, 0.5), (10.0, 9.5)]), line(&[(0.0, 9.5), (10.0, 9.5)]), line(&[(8.0, 0.0), (10.0, 0.5)])];
+        assert_eq!(corner(&busy), "LowerLeft");
+        assert!(legend_corner(&busy, 0.0..10.0, 0.0..10.0, (0.4, 0.3)).1 > 0);
+        assert_eq!(legend_corner(&[line(&[(0.0, 0.0), (10.0, 10.0)])], 0.0..10.0, 0.0..10.0, (0.4, 0.3)).1, 0);
+        // No points at all: the usual corner.
+        assert_eq!(corner(&[]), "UpperRight");
+    }
+
+    #[test]
+    fn the_legend_box_grows_with_names_and_rows() {
+        let one = legend_fraction(&[line(&[])], (500, 300));
+        let named = legend_fraction(&[Series { name: "a much longer name".into(), ..line(&[]) }], (500, 300));
+        let three = legend_fraction(&[line(&[]), line(&[]), line(&[])], (500, 300));
+        assert!(named.0 > one.0 && named.1 == one.1);
+        assert!(three.1 > one.1 && three.0 == one.0);
+        assert!(legend_fraction(&vec![line(&[]); 100], (500, 300)).1 <= 1.0);
+    }
 }
