@@ -67,6 +67,11 @@ enum Command {
         /// One run per seed, comma-separated (`--seeds 0,1,2`), then their mean ± std.
         #[arg(long, value_delimiter = ',')]
         seeds: Vec<u64>,
+        /// Add the `--seeds` runs to this existing seed group instead of a new one (more seeds
+        /// for a comparison already made). Refused unless they would repeat its runs: the same
+        /// experiment and overrides but the seed, the same length, seeds it does not hold.
+        #[arg(long, requires = "seeds", value_name = "GROUP")]
+        into: Option<PathBuf>,
         #[command(flatten)]
         set: SetArgs,
     },
@@ -101,6 +106,13 @@ enum Command {
     },
     /// Evaluate a run's frozen encoder: linear probe and/or weighted kNN on pooled features.
     Eval(EvalArgs),
+    /// Mean ± std of seed groups (`run --seeds`) from what their runs hold now, written to
+    /// each group's `summary.json`: after `run --into` added seeds, or after evaluating runs
+    /// one by one. Several groups: also their mean ± std over all their runs.
+    Summary {
+        #[arg(required = true)]
+        groups: Vec<PathBuf>,
+    },
     /// Figures from run directories, given as LABEL=RUN_DIR.
     Plot {
         #[command(subcommand)]
@@ -439,7 +451,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Validate { file, ranks, set } => validate(&file, &ranks, &set.overrides),
         Command::Explain { file, dot, set } => explain_cmd(&file, dot, &set.overrides),
-        Command::Run { file, steps, runs_dir, device, precision, seeds, set } => {
+        Command::Run { file, steps, runs_dir, device, precision, seeds, into, set } => {
             let mut overrides = set.overrides;
             // `--device`/`--precision` are overrides like any other (recorded in derived.json).
             if let Some(d) = device {
@@ -453,7 +465,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let group = Some(world()?);
             let opts = TrainOptions { steps, runs_dir, run_dir: None, quiet, stop: Some(stop_flag()), group };
-            run_cmd(&file, &overrides, &seeds, &opts)
+            run_cmd(&file, &overrides, &seeds, into.as_deref(), &opts)
         }
         Command::Resume { run, steps } => {
             let group = Some(world()?);
@@ -468,6 +480,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Profile { file, input, ranks, set } => profile(&file, input as usize, &ranks, &set.overrides),
         Command::Eval(args) => eval(args),
+        Command::Summary { groups } => summary(&groups),
         Command::Plot { command } => plot(command),
         Command::Schema => {
             let schema = schemars::schema_for!(Experiment);
@@ -517,7 +530,13 @@ fn explain_cmd(file: &Path, dot: bool, overrides: &[Override]) -> anyhow::Result
 
 /// One run, or one per seed and their summary. Overrides land in the experiment itself, so
 /// each run's config.yaml records what they produced.
-fn run_cmd(file: &Path, overrides: &[Override], seeds: &[u64], opts: &TrainOptions) -> anyhow::Result<()> {
+fn run_cmd(
+    file: &Path,
+    overrides: &[Override],
+    seeds: &[u64],
+    into: Option<&Path>,
+    opts: &TrainOptions,
+) -> anyhow::Result<()> {
     use locograph::eval::{monitor, repeats};
     let context = || format!("training {}", file.display());
     if seeds.is_empty() {
@@ -532,10 +551,11 @@ fn run_cmd(file: &Path, overrides: &[Override], seeds: &[u64], opts: &TrainOptio
         o.extend(format!("seed={seed}").parse::<Override>().ok());
         Ok(config::load_with(file, &o)?)
     };
-    let (group, runs) = repeats::train_seeds(&load_seed, seeds, opts, &monitor::train).with_context(context)?;
+    let (group, runs) = repeats::train_seeds(&load_seed, seeds, into, opts, &monitor::train).with_context(context)?;
     runs.iter().for_each(report);
     let summary = repeats::write_summary(&group)?;
-    println!("{}: {} of {} seeds finished", group.display(), summary.runs.len(), seeds.len());
+    let all = repeats::read_group(&group)?.seeds.len();
+    println!("{}: {} of {all} seeds finished", group.display(), summary.runs.len());
     repeats::lines(&summary).iter().for_each(|l| println!("  {l}"));
     Ok(())
 }
@@ -630,6 +650,30 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         let s = repeats::summarize(&all)?;
         println!("over {} runs:", all.len());
         s.eval.iter().for_each(|(k, st)| println!("  {k}: top-1 {}", repeats::percent(st)));
+    }
+    Ok(())
+}
+
+fn summary(groups: &[PathBuf]) -> anyhow::Result<()> {
+    use locograph::eval::repeats;
+    let mut all = vec![];
+    for g in groups {
+        if !repeats::is_group(g) {
+            anyhow::bail!(
+                "{} is not a seed group (no {} in it): `locograph run --seeds` makes one",
+                g.display(),
+                repeats::GROUP
+            );
+        }
+        let s = repeats::write_summary(g)?;
+        println!("{}:", g.join(repeats::SUMMARY).display());
+        repeats::lines(&s).iter().for_each(|l| println!("  {l}"));
+        all.extend(repeats::group_runs(g)?);
+    }
+    if groups.len() > 1 {
+        let s = repeats::summarize(&all)?;
+        println!("over {} runs:", all.len());
+        repeats::lines(&s).iter().for_each(|l| println!("  {l}"));
     }
     Ok(())
 }

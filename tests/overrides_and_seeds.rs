@@ -216,3 +216,73 @@ fn seeds_write_one_run_each_and_a_summary_that_eval_completes() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("linear") && text(&o).contains("knn"), "{}", text(&o));
 }
+
+#[test]
+fn into_adds_seeds_to_a_group_only_when_they_repeat_its_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = tiny_run_file(dir.path());
+    let runs = dir.path().join("runs");
+    let runs_dir = runs.to_str().expect("utf-8");
+    let o = locograph(&["run", "--quiet", "--seeds", "0", "--runs-dir", runs_dir], &[&file]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let group = std::fs::read_dir(&runs).expect("runs").next().expect("a group").expect("entry").path();
+    let g = group.to_str().expect("utf-8");
+    let o = locograph(&["eval", "--protocol", "knn", "--k", "5"], &[&group]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    // A held seed, another override and another length: refused, every problem named at once,
+    // and the group untouched.
+    let before = std::fs::read_to_string(group.join("seeds.json")).expect("seeds.json");
+    let o = locograph(
+        &["run", "--quiet", "--seeds", "0,1", "--steps", "6", "--set", "schedule.lr=0.1", "--into", g],
+        &[&file],
+    );
+    let out = text(&o);
+    assert_ne!(o.status.code(), Some(0), "{out}");
+    for needle in ["--into", "already holds seed(s) [0]", "schedule.lr=0.1", "trained 4 steps, these would train 6"] {
+        assert!(out.contains(needle), "{needle} missing in:\n{out}");
+    }
+    assert_eq!(std::fs::read_to_string(group.join("seeds.json")).expect("seeds.json"), before);
+    assert!(!group.join("seed-1").exists());
+    // The file edited since (same name): refused, pointing at the run's config.yaml.
+    let edited = dir.path().join("edited").join("loco_tiny.yaml");
+    std::fs::create_dir_all(edited.parent().expect("parent")).expect("mkdir");
+    let text_before = std::fs::read_to_string(&file).expect("file");
+    std::fs::write(&edited, text_before.replace("log_every: 2", "log_every: 1")).expect("write");
+    let o = locograph(&["run", "--quiet", "--seeds", "1", "--into", g], &[&edited]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(text(&o).contains("the experiment differs") && text(&o).contains("config.yaml"), "{}", text(&o));
+
+    // Two more seeds: the group holds three runs; the summary's losses cover all three, its
+    // evaluation only once every run has one (`summary` rewrites it after evaluating seed 1 and 2).
+    let o = locograph(&["run", "--quiet", "--seeds", "1,2", "--into", g], &[&file]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("3 of 3 seeds finished"), "{out}");
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(group.join(name)).expect(name)).expect("json")
+    };
+    assert_eq!(read("seeds.json")["seeds"], serde_json::json!([0, 1, 2]));
+    assert_eq!(read("summary.json")["runs"], serde_json::json!(["seed-0", "seed-1", "seed-2"]));
+    assert_eq!(read("summary.json")["at_end"]["L3"]["values"].as_array().expect("L3").len(), 3);
+    assert!(read("summary.json")["eval"].get("knn res5").is_none(), "{}", read("summary.json"));
+    for seed in ["seed-1", "seed-2"] {
+        let o = locograph(&["eval", "--protocol", "knn", "--k", "5"], &[&group.join(seed)]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    let o = locograph(&["summary"], &[&group]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("knn res5: top-1") && text(&o).contains("(n = 3)"), "{}", text(&o));
+    assert_eq!(read("summary.json")["eval"]["knn res5"]["values"].as_array().expect("knn").len(), 3);
+    // The same seed trained alone in its own group is the same run as in the extended one.
+    let alone = dir.path().join("alone");
+    let o = locograph(&["run", "--quiet", "--seeds", "2", "--runs-dir", alone.to_str().expect("utf-8")], &[&file]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let other = std::fs::read_dir(&alone).expect("alone").next().expect("a group").expect("entry").path();
+    let weights = |g: &Path| std::fs::read(g.join("seed-2").join("weights.safetensors")).expect("weights");
+    assert!(weights(&other) == weights(&group), "seed 2 differs between the groups");
+    // Not a group.
+    let o = locograph(&["summary"], &[&group.join("seed-0")]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(text(&o).contains("not a seed group"), "{}", text(&o));
+}

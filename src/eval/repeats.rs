@@ -2,7 +2,9 @@
 //! the folder's `summary.json` holds the mean ± sample standard deviation (n − 1) of what the
 //! runs measured: each `metrics.csv` column at the end (every loss, the online kNN accuracy of
 //! `monitor:`), and each evaluation report found in the runs. `locograph eval GROUP` evaluates
-//! every run of the group and writes the summary again, with the evaluations in it.
+//! every run of the group and writes the summary again, with the evaluations in it;
+//! `run --seeds 3,4 --into GROUP` adds runs that repeat the group's with other seeds, and
+//! `locograph summary GROUP` writes the summary from what the runs hold now.
 //!
 //! ```text
 //! runs/<name>-seeds-<timestamp>/
@@ -108,12 +110,79 @@ fn finished(run: &Path) -> bool {
     run.join(run_dir::WEIGHTS).is_file() && step.is_some() && step == total
 }
 
-/// Trains one run per seed into a new group folder under the runs root; `load(seed)` gives
-/// the experiment with that seed. Stops after a run that was interrupted. `train_one` is
-/// the training of one run (`eval::monitor::train`: with the `monitor:` section measured).
+/// The run folder of `seed` in a group.
+fn run_name(seed: &u64) -> String {
+    format!("seed-{seed}")
+}
+
+/// The group in `dir` with `seeds` added, if the new runs would be repeats of its runs: the
+/// same experiment name, the same `--set` overrides, the same resolved experiment but for the
+/// seed (an edited file is refused too), the same length, and seeds it does not hold yet.
+/// Every problem is listed at once.
+fn extended(dir: &Path, loaded: &Loaded, seeds: &[u64], overrides: &[String], steps: Option<u64>) -> Result<Group> {
+    let mut g = read_group(dir)?;
+    let exp = &loaded.experiment;
+    let mut problems = vec![];
+    if g.name != exp.name {
+        problems.push(format!("the group holds runs of `{}`, this is `{}`", g.name, exp.name));
+    }
+    if g.overrides != overrides {
+        problems.push(format!(
+            "the group's runs were trained with --set {:?}, these would be with {:?}",
+            g.overrides, overrides
+        ));
+    }
+    let held: Vec<u64> =
+        seeds.iter().copied().filter(|s| g.seeds.contains(s) || dir.join(run_name(s)).exists()).collect();
+    if !held.is_empty() {
+        problems.push(format!("the group already holds seed(s) {held:?}"));
+    }
+    // The first finished run stands for the group: its resolved experiment with our seed in it.
+    if let Some(run) = group_runs(dir)?.first() {
+        let path = run.join(run_dir::CONFIG);
+        let theirs = crate::bounded::read_to_string(&path, crate::bounded::SMALL).map_err(|e| Error::io(&path, e))?;
+        let theirs: crate::config::Experiment =
+            serde_yaml::from_str(&theirs).map_err(|e| EvalError::Metrics { path: path.clone(), why: e.to_string() })?;
+        let ours = crate::config::Experiment { seed: theirs.seed, ..exp.clone() };
+        if run_dir::resolved_yaml(&ours)? != run_dir::resolved_yaml(&theirs)? {
+            problems.push(format!(
+                "the experiment differs from the one {} was trained with (besides the seed): compare with its {}",
+                run.display(),
+                run_dir::CONFIG
+            ));
+        }
+        let derived = |key: &str| -> Option<u64> {
+            let text = crate::bounded::read_to_string(&run.join(run_dir::DERIVED), crate::bounded::SMALL).ok()?;
+            serde_json::from_str::<serde_json::Value>(&text).ok()?[key].as_u64()
+        };
+        let total = derived("total_steps");
+        let ours =
+            steps.or(exp.train.steps).or_else(|| Some(exp.train.epochs.unwrap_or(1) * derived("steps_per_epoch")?));
+        if total.is_some() && ours != total {
+            problems.push(format!(
+                "the group's runs trained {} steps, these would train {}",
+                total.unwrap_or_default(),
+                ours.map_or("an unknown number of".into(), |n| n.to_string())
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(EvalError::Settings { what: "--into", problems }.into());
+    }
+    g.seeds.extend(seeds);
+    g.runs.extend(seeds.iter().map(run_name));
+    Ok(g)
+}
+
+/// Trains one run per seed into a new group folder under the runs root, or, with `into`, adds
+/// them to that existing group (`run --seeds 3,4 --into GROUP`: more seeds for a comparison
+/// already made). `load(seed)` gives the experiment with that seed. Stops after a run that was
+/// interrupted. `train_one` is the training of one run (`eval::monitor::train`: with the
+/// `monitor:` section measured).
 pub fn train_seeds(
     load: &dyn Fn(u64) -> Result<Loaded>,
     seeds: &[u64],
+    into: Option<&Path>,
     opts: &TrainOptions,
     train_one: &dyn Fn(&Loaded, &TrainOptions) -> Result<TrainSummary>,
 ) -> Result<(PathBuf, Vec<TrainSummary>)> {
@@ -132,23 +201,25 @@ pub fn train_seeds(
     }
     let loaded = load(first)?;
     let exp = &loaded.experiment;
-    let root = run_dir::root(&loaded, opts.runs_dir.as_deref());
-    let dir = run_dir::new_dir(&root, &format!("{}-seeds", exp.name));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let group = Group {
-        name: exp.name.clone(),
-        seeds: seeds.to_vec(),
-        runs: seeds.iter().map(|s| format!("seed-{s}")).collect(),
-        overrides: loaded.overrides.iter().filter(|o| o.path != "seed").map(|o| o.text.clone()).collect(),
+    let overrides: Vec<String> = loaded.overrides.iter().filter(|o| o.path != "seed").map(|o| o.text.clone()).collect();
+    let (dir, group) = match into {
+        Some(dir) => (dir.to_path_buf(), extended(dir, &loaded, seeds, &overrides, opts.steps)?),
+        None => {
+            let root = run_dir::root(&loaded, opts.runs_dir.as_deref());
+            let dir = run_dir::new_dir(&root, &format!("{}-seeds", exp.name));
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            let runs = seeds.iter().map(run_name).collect();
+            (dir, Group { name: exp.name.clone(), seeds: seeds.to_vec(), runs, overrides })
+        }
     };
     let text = serde_json::to_string_pretty(&group).map_err(|e| EvalError::Serialise(e.to_string()))?;
     let index = dir.join(GROUP);
     std::fs::write(&index, text + "\n").map_err(|e| Error::io(&index, e))?;
     let mut out = vec![];
-    for (&seed, run) in seeds.iter().zip(&group.runs) {
-        let loaded = load(seed)?;
-        eprintln!("seed {seed}: {}", dir.join(run).display());
-        let o = TrainOptions { run_dir: Some(dir.join(run)), ..opts.clone() };
+    for seed in seeds {
+        let (loaded, run) = (load(*seed)?, dir.join(run_name(seed)));
+        eprintln!("seed {seed}: {}", run.display());
+        let o = TrainOptions { run_dir: Some(run), ..opts.clone() };
         let s = train_one(&loaded, &o)?;
         let stop = s.interrupted;
         out.push(s);
