@@ -70,7 +70,7 @@ enum Command {
         /// Add the `--seeds` runs to this existing seed group instead of a new one (more seeds
         /// for a comparison already made). Refused unless they would repeat its runs: the same
         /// experiment and overrides but the seed, the same length, seeds it does not hold.
-        #[arg(long, requires = "seeds", value_name = "GROUP")]
+        #[arg(long, requires = "seeds", conflicts_with = "runs_dir", value_name = "GROUP")]
         into: Option<PathBuf>,
         #[command(flatten)]
         set: SetArgs,

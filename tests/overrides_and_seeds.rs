@@ -281,6 +281,11 @@ fn into_adds_seeds_to_a_group_only_when_they_repeat_its_runs() {
     let other = std::fs::read_dir(&alone).expect("alone").next().expect("a group").expect("entry").path();
     let weights = |g: &Path| std::fs::read(g.join("seed-2").join("weights.safetensors")).expect("weights");
     assert!(weights(&other) == weights(&group), "seed 2 differs between the groups");
+    // `--into` says where the runs go: not with `--runs-dir`, and only for `--seeds`.
+    let o = locograph(&["run", "--quiet", "--seeds", "3", "--into", g, "--runs-dir", runs_dir], &[&file]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let o = locograph(&["run", "--quiet", "--into", g], &[&file]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     // Not a group.
     let o = locograph(&["summary"], &[&group.join("seed-0")]);
     assert_ne!(o.status.code(), Some(0));
