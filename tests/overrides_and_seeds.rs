@@ -286,6 +286,11 @@ fn into_adds_seeds_to_a_group_only_when_they_repeat_its_runs() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let o = locograph(&["run", "--quiet", "--into", g], &[&file]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // A held seed whose run did not finish: the refusal says how to finish it.
+    std::fs::remove_file(group.join("seed-1").join("weights.safetensors")).expect("rm");
+    let o = locograph(&["run", "--quiet", "--seeds", "1", "--into", g], &[&file]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(text(&o).contains("to finish: `locograph resume") && text(&o).contains("seed-1`"), "{}", text(&o));
     // Not a group.
     let o = locograph(&["summary"], &[&group.join("seed-0")]);
     assert_ne!(o.status.code(), Some(0));

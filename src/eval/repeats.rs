@@ -135,7 +135,15 @@ fn extended(dir: &Path, loaded: &Loaded, seeds: &[u64], overrides: &[String], st
     let held: Vec<u64> =
         seeds.iter().copied().filter(|s| g.seeds.contains(s) || dir.join(run_name(s)).exists()).collect();
     if !held.is_empty() {
-        problems.push(format!("the group already holds seed(s) {held:?}"));
+        let unfinished: Vec<String> = held
+            .iter()
+            .map(|s| dir.join(run_name(s)))
+            .filter(|r| r.exists() && !finished(r))
+            .map(|r| format!("`locograph resume {}`", r.display()))
+            .collect();
+        let hint =
+            if unfinished.is_empty() { String::new() } else { format!("; to finish: {}", unfinished.join(", ")) };
+        problems.push(format!("the group already holds seed(s) {held:?}{hint}"));
     }
     // The first finished run stands for the group: its resolved experiment with our seed in it.
     if let Some(run) = group_runs(dir)?.first() {
