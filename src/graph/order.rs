@@ -14,7 +14,7 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 
 use super::node::{GEdge, GNode};
-use super::reach::Reachability;
+use super::reach::{BackwardGroup, Reachability};
 
 /// One action of a step's execution order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,27 +37,7 @@ impl Order {
     pub fn new(graph: &DiGraph<GNode, GEdge>, input: NodeIndex, reach: &Reachability) -> Self {
         let order = toposort(graph, None).expect("acyclic");
         let nn = graph.node_count();
-        // Depth of each node (longest path from input), to rank losses by where they sit.
-        let mut depth = vec![0usize; nn];
-        for &n in &order {
-            for p in graph.neighbors_directed(n, Direction::Incoming) {
-                depth[n.index()] = depth[n.index()].max(depth[p.index()] + 1);
-            }
-        }
-        let mut losses: Vec<NodeIndex> = reach.losses.clone();
-        losses.sort_by_key(|l| (depth[l.index()], l.index()));
-        // Priority of a node: rank of the earliest loss computed from it.
-        let mut prio = vec![usize::MAX; nn];
-        for (rank, &l) in losses.iter().enumerate() {
-            let mut stack = vec![l];
-            while let Some(m) = stack.pop() {
-                if prio[m.index()] > rank {
-                    prio[m.index()] = rank;
-                    stack.extend(graph.neighbors_directed(m, Direction::Incoming));
-                }
-            }
-        }
-
+        let prio = priorities(graph, &order, reach);
         let mut actions = vec![];
         let mut forwarded = vec![false; nn];
         let mut done: HashSet<(NodeIndex, usize)> = HashSet::new();
@@ -81,28 +61,9 @@ impl Order {
             // Run every backward group that has become ready, until none is.
             loop {
                 let mut progressed = false;
-                for &m in order.iter().rev() {
-                    if !forwarded[m.index()] {
-                        continue;
-                    }
+                for &m in order.iter().rev().filter(|m| forwarded[m.index()]) {
                     for (gi, g) in reach.groups(m).iter().enumerate() {
-                        if done.contains(&(m, gi)) {
-                            continue;
-                        }
-                        let ok = g.losses.iter().all(|&l| {
-                            if l == m {
-                                return true;
-                            }
-                            graph.edges_directed(m, Direction::Outgoing).filter(|e| reach.flows(l, e.id())).all(|e| {
-                                let c = e.target();
-                                reach
-                                    .groups(c)
-                                    .iter()
-                                    .position(|cg| cg.losses.contains(&l))
-                                    .is_some_and(|cgi| done.contains(&(c, cgi)))
-                            })
-                        });
-                        if ok {
+                        if !done.contains(&(m, gi)) && can_run(graph, reach, &done, m, g) {
                             done.insert((m, gi));
                             actions.push(Action::Backward { node: m, group: gi });
                             progressed = true;
@@ -126,4 +87,48 @@ impl Order {
             })
             .collect()
     }
+}
+
+/// Priority of each node: the rank of the earliest loss computed from it, losses ranked by
+/// depth (the longest path from the input), so the forward finishes the lowest unit first.
+fn priorities(graph: &DiGraph<GNode, GEdge>, order: &[NodeIndex], reach: &Reachability) -> Vec<usize> {
+    let nn = graph.node_count();
+    let mut depth = vec![0usize; nn];
+    for &n in order {
+        for p in graph.neighbors_directed(n, Direction::Incoming) {
+            depth[n.index()] = depth[n.index()].max(depth[p.index()] + 1);
+        }
+    }
+    let mut losses: Vec<NodeIndex> = reach.losses.clone();
+    losses.sort_by_key(|l| (depth[l.index()], l.index()));
+    let mut prio = vec![usize::MAX; nn];
+    for (rank, &l) in losses.iter().enumerate() {
+        let mut stack = vec![l];
+        while let Some(m) = stack.pop() {
+            if prio[m.index()] > rank {
+                prio[m.index()] = rank;
+                stack.extend(graph.neighbors_directed(m, Direction::Incoming));
+            }
+        }
+    }
+    prio
+}
+
+/// Whether backward group `g` of `m` has all its cotangents: for each of its losses (but `m`
+/// itself, a loss node), every out-edge of `m` that loss flows along leads to a node whose
+/// group for that loss has run.
+fn can_run(
+    graph: &DiGraph<GNode, GEdge>,
+    reach: &Reachability,
+    done: &HashSet<(NodeIndex, usize)>,
+    m: NodeIndex,
+    g: &BackwardGroup,
+) -> bool {
+    g.losses.iter().all(|&l| {
+        l == m
+            || graph.edges_directed(m, Direction::Outgoing).filter(|e| reach.flows(l, e.id())).all(|e| {
+                let c = e.target();
+                reach.groups(c).iter().position(|cg| cg.losses.contains(&l)).is_some_and(|cgi| done.contains(&(c, cgi)))
+            })
+    })
 }
