@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::error::EvalError;
-use crate::config::Loaded;
+use crate::config::{Experiment, Loaded};
 use crate::exec::run_dir;
 use crate::exec::train::{TrainOptions, TrainSummary};
 use crate::{Error, Result};
@@ -145,34 +145,9 @@ fn extended(dir: &Path, loaded: &Loaded, seeds: &[u64], overrides: &[String], st
             if unfinished.is_empty() { String::new() } else { format!("; to finish: {}", unfinished.join(", ")) };
         problems.push(format!("the group already holds seed(s) {held:?}{hint}"));
     }
-    // The first finished run stands for the group: its resolved experiment with our seed in it.
+    // The first finished run stands for the group.
     if let Some(run) = group_runs(dir)?.first() {
-        let path = run.join(run_dir::CONFIG);
-        let theirs = crate::bounded::read_to_string(&path, crate::bounded::SMALL).map_err(|e| Error::io(&path, e))?;
-        let theirs: crate::config::Experiment =
-            serde_yaml::from_str(&theirs).map_err(|e| EvalError::Metrics { path: path.clone(), why: e.to_string() })?;
-        let ours = crate::config::Experiment { seed: theirs.seed, ..exp.clone() };
-        if run_dir::resolved_yaml(&ours)? != run_dir::resolved_yaml(&theirs)? {
-            problems.push(format!(
-                "the experiment differs from the one {} was trained with (besides the seed): compare with its {}",
-                run.display(),
-                run_dir::CONFIG
-            ));
-        }
-        let derived = |key: &str| -> Option<u64> {
-            let text = crate::bounded::read_to_string(&run.join(run_dir::DERIVED), crate::bounded::SMALL).ok()?;
-            serde_json::from_str::<serde_json::Value>(&text).ok()?[key].as_u64()
-        };
-        let total = derived("total_steps");
-        let ours =
-            steps.or(exp.train.steps).or_else(|| Some(exp.train.epochs.unwrap_or(1) * derived("steps_per_epoch")?));
-        if total.is_some() && ours != total {
-            problems.push(format!(
-                "the group's runs trained {} steps, these would train {}",
-                total.unwrap_or_default(),
-                ours.map_or("an unknown number of".into(), |n| n.to_string())
-            ));
-        }
+        problems.extend(differences(run, exp, steps)?);
     }
     if !problems.is_empty() {
         return Err(EvalError::Settings { what: "--into", problems }.into());
@@ -180,6 +155,38 @@ fn extended(dir: &Path, loaded: &Loaded, seeds: &[u64], overrides: &[String], st
     g.seeds.extend(seeds);
     g.runs.extend(seeds.iter().map(run_name));
     Ok(g)
+}
+
+/// How training `exp` (for `steps`, when given) would differ from the finished `run` besides
+/// the seed: its resolved experiment with the run's seed in it, and its length.
+fn differences(run: &Path, exp: &Experiment, steps: Option<u64>) -> Result<Vec<String>> {
+    let mut problems = vec![];
+    let path = run.join(run_dir::CONFIG);
+    let theirs = crate::bounded::read_to_string(&path, crate::bounded::SMALL).map_err(|e| Error::io(&path, e))?;
+    let theirs: Experiment =
+        serde_yaml::from_str(&theirs).map_err(|e| EvalError::Metrics { path: path.clone(), why: e.to_string() })?;
+    let ours = Experiment { seed: theirs.seed, ..exp.clone() };
+    if run_dir::resolved_yaml(&ours)? != run_dir::resolved_yaml(&theirs)? {
+        problems.push(format!(
+            "the experiment differs from the one {} was trained with (besides the seed): compare with its {}",
+            run.display(),
+            run_dir::CONFIG
+        ));
+    }
+    let derived = |key: &str| -> Option<u64> {
+        let text = crate::bounded::read_to_string(&run.join(run_dir::DERIVED), crate::bounded::SMALL).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?[key].as_u64()
+    };
+    let total = derived("total_steps");
+    let ours = steps.or(exp.train.steps).or_else(|| Some(exp.train.epochs.unwrap_or(1) * derived("steps_per_epoch")?));
+    if total.is_some() && ours != total {
+        problems.push(format!(
+            "the group's runs trained {} steps, these would train {}",
+            total.unwrap_or_default(),
+            ours.map_or("an unknown number of".into(), |n| n.to_string())
+        ));
+    }
+    Ok(problems)
 }
 
 /// Trains one run per seed into a new group folder under the runs root, or, with `into`, adds
