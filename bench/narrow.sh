@@ -23,13 +23,8 @@ cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}; STEPS=${2:-20}; THREADS=${3:-2}; WARMUP=${WARMUP:-2}
 METHODS=${METHODS:-simclr loco}
 
-VENV=${TORCH_VENV:-bench/.venv}
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    python3 -m venv bench/.venv
-    bench/.venv/bin/pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu \
-        || bench/.venv/bin/pip install --quiet torch
-    VENV=bench/.venv
-fi
+# PyTorch: TORCH_VENV=/path or bench/.venv.
+source bench/torch_venv.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 if [[ -z ${LOCOGRAPH:-} ]]; then
     cargo build --release --quiet

@@ -17,15 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-resnet18}; BATCH=${2:-256}; ROUNDS=${3:-3}; STEPS=${4:-2}; THREADS=${5:-2}
 
-# PyTorch CPU wheels in bench/.venv (gitignored). Reuse an existing venv with torch when given
-# (TORCH_VENV=/path), which saves a ~200 MB download.
-VENV=${TORCH_VENV:-bench/.venv}
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    python3 -m venv bench/.venv
-    bench/.venv/bin/pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu \
-        || bench/.venv/bin/pip install --quiet torch
-    VENV=bench/.venv
-fi
+# PyTorch: TORCH_VENV=/path or bench/.venv.
+source bench/torch_venv.sh
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 cargo bench --bench train_step --no-run --quiet 2>/dev/null || cargo bench --bench train_step --no-run

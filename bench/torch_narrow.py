@@ -39,19 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def conv_bn(cin, cout, k, s):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout))
-
-
-class Basic(nn.Module):
-    def __init__(self, cin, cout, s):
-        super().__init__()
-        self.c1, self.c2 = conv_bn(cin, cout, 3, s), conv_bn(cout, cout, 3, 1)
-        self.down = conv_bn(cin, cout, 1, s) if (s != 1 or cin != cout) else nn.Identity()
-
-    def forward(self, x):
-        return F.relu(self.c2(F.relu(self.c1(x))) + self.down(x))
+from torch_step import Basic, conv_bn  # the same blocks as bench/torch_step.py
 
 
 def stage(cin, cout, s):
