@@ -640,9 +640,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
             }
         }
         if group {
-            let s = repeats::write_summary(given)?;
-            println!("{}:", given.join(repeats::SUMMARY).display());
-            repeats::lines(&s).iter().for_each(|l| println!("  {l}"));
+            print_group_summary(given)?;
         }
         all.extend(dirs);
     }
@@ -651,6 +649,15 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         println!("over {} runs:", all.len());
         s.eval.iter().for_each(|(k, st)| println!("  {k}: top-1 {}", repeats::percent(st)));
     }
+    Ok(())
+}
+
+/// Writes seed group `g`'s `summary.json` and prints it.
+fn print_group_summary(g: &Path) -> anyhow::Result<()> {
+    use locograph::eval::repeats;
+    let s = repeats::write_summary(g)?;
+    println!("{}:", g.join(repeats::SUMMARY).display());
+    repeats::lines(&s).iter().for_each(|l| println!("  {l}"));
     Ok(())
 }
 
@@ -665,9 +672,7 @@ fn summary(groups: &[PathBuf]) -> anyhow::Result<()> {
                 repeats::GROUP
             );
         }
-        let s = repeats::write_summary(g)?;
-        println!("{}:", g.join(repeats::SUMMARY).display());
-        repeats::lines(&s).iter().for_each(|l| println!("  {l}"));
+        print_group_summary(g)?;
         all.extend(repeats::group_runs(g)?);
     }
     if groups.len() > 1 {
