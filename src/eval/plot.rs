@@ -184,6 +184,13 @@ fn padded(lo: f64, hi: f64, frac: f64) -> std::ops::Range<f64> {
     (lo - frac * span)..(hi + frac * span)
 }
 
+/// A line panel's layout in pixels: margin on every side, the x axis' and y axis' label areas,
+/// and the height a 22-px caption takes.
+const MARGIN: u32 = 12;
+const X_LABELS: u32 = 42;
+const Y_LABELS: u32 = 58;
+const CAPTION_HEIGHT: u32 = 34;
+
 fn draw_line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &LinePanel) -> Result<()> {
     let finite = || p.series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
     let (x0, x1) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
@@ -191,8 +198,9 @@ fn draw_line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &LinePa
     let (xr, mut yr) = (padded(x0, x1, 0.0), padded(y0, y1, 0.05));
     // The plot's size in pixels: the area less the margins, label areas and caption set below.
     let (aw, ah) = area.dim_in_pixel();
-    let caption = if p.title.is_empty() { 0 } else { 34 };
-    let legend = legend_fraction(&p.series, (aw.saturating_sub(24 + 58), ah.saturating_sub(24 + 42 + caption)));
+    let caption = if p.title.is_empty() { 0 } else { CAPTION_HEIGHT };
+    let plot = (aw.saturating_sub(2 * MARGIN + Y_LABELS), ah.saturating_sub(2 * MARGIN + X_LABELS + caption));
+    let legend = legend_fraction(&p.series, plot);
     let (mut corner, hidden) = legend_corner(&p.series, xr.clone(), yr.clone(), legend);
     // Every corner hides some curve: room above them all for the legend instead.
     if hidden > 0 && legend.1 < 0.5 {
@@ -205,9 +213,9 @@ fn draw_line_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &LinePa
         builder.caption(&p.title, ("sans-serif", 22));
     }
     let mut chart = builder
-        .margin(12)
-        .x_label_area_size(42)
-        .y_label_area_size(58)
+        .margin(MARGIN)
+        .x_label_area_size(X_LABELS)
+        .y_label_area_size(Y_LABELS)
         .build_cartesian_2d(xr.clone(), yr.clone())
         .map_err(err)?;
     chart
