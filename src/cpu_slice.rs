@@ -24,6 +24,7 @@ pub fn storage_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<
     let mut dst = match s {
         CpuStorage::F32(_) => CpuStorage::F32(vec![0.; l.shape().elem_count()]),
         CpuStorage::F64(_) => CpuStorage::F64(vec![0.; l.shape().elem_count()]),
+        CpuStorage::BF16(_) => CpuStorage::BF16(vec![half::bf16::ZERO; l.shape().elem_count()]),
         _ => candle_core::bail!("unsupported dtype {:?}", s.dtype()),
     };
     s.copy_strided_src(&mut dst, 0, l)?;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod cpu_slice;
 pub mod data;
 pub mod dist;
+pub mod dnnl;
 pub mod error;
 pub mod eval;
 pub mod exec;

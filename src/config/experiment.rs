@@ -28,8 +28,8 @@ pub enum DeviceKind {
 pub enum Precision {
     #[default]
     F32,
-    /// bfloat16 (f32's range, 8-bit mantissa): the GPU setting. candle 0.11.1's CPU matmul has no
-    /// bf16, so this needs `device: cuda`.
+    /// bfloat16 (f32's range, 8-bit mantissa): on CUDA, and on CPU where locograph is built with
+    /// oneDNN (its bf16 convolutions use AVX512-BF16 or AMX where the CPU has them).
     Bf16,
     /// IEEE half (5-bit exponent): runs on CPU too, which is how the mixed-precision path is tested.
     F16,

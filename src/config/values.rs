@@ -46,10 +46,12 @@ pub fn check_values(loaded: &Loaded) -> Result<(), ConfigErrors> {
         errors
             .push(at("device", "`device: cuda` needs a build with `--features cuda` (this binary is CPU-only)".into()));
     }
-    if e.precision == Precision::Bf16 && e.device == DeviceKind::Cpu {
+    if e.precision == Precision::Bf16 && e.device == DeviceKind::Cpu && !crate::dnnl::built() {
         errors.push(at(
             "precision",
-            "`precision: bf16` needs `device: cuda` (candle 0.11.1's CPU matmul has no bf16; `f16` runs on CPU)".into(),
+            "`precision: bf16` on CPU needs a build with oneDNN (`apt-get install libdnnl-dev`, then rebuild), \
+             or `device: cuda`; `f16` runs on CPU without it"
+                .into(),
         ));
     }
     if e.input.channels == 0 || e.input.size == 0 {

@@ -9,8 +9,11 @@
 //! [`conv2d`] is one `CustomOp2` whose forward and backward are [`super::im2col`]: im2col + gemm
 //! for the forward and the kernel gradient, gemm + col2im for the input gradient, all groups in
 //! one op, chunked over images so that both cores run large single-threaded gemms. The input
-//! gradient is not computed when the input needs none (the stem's input is data). Other devices
-//! and dtypes (CUDA, f16/bf16) fall back to candle's conv2d and its backward.
+//! gradient is not computed when the input needs none (the stem's input is data).
+//!
+//! Where locograph is built with oneDNN ([`crate::dnnl`]), the same op runs oneDNN's kernels
+//! instead, in f32 and in bf16 (`precision: bf16` on CPU). Other devices and dtypes (CUDA, f16,
+//! bf16 without oneDNN) fall back to candle's conv2d and its backward.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -19,6 +22,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 
 use super::im2col::{self, Geometry};
 use crate::cpu_slice::{storage_slice, with_slice};
+use crate::dnnl::{self, ConvGeometry};
 
 /// When set, [`conv2d`] is candle's own `conv2d` (for before/after benchmarks).
 static CANDLE_REFERENCE: AtomicBool = AtomicBool::new(false);
@@ -59,7 +63,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize, groups: usi
     if CANDLE_REFERENCE.load(Ordering::Relaxed)
         || !x.device().is_cpu()
         || x.dtype() != w.dtype()
-        || !matches!(x.dtype(), DType::F32 | DType::F64)
+        || !(matches!(x.dtype(), DType::F32 | DType::F64) || x.dtype() == DType::BF16 && dnnl::enabled())
     {
         return x.conv2d(w, padding, stride, 1, groups);
     }
@@ -76,6 +80,45 @@ impl ConvOp {
     fn forward<T: WithDType>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<Vec<T>> {
         let g = self.geometry(l1.shape(), l2.shape())?;
         Ok(im2col::forward(&storage_slice::<T>(s1, l1)?, &storage_slice::<T>(s2, l2)?, &g))
+    }
+
+    fn forward_dnnl<T: WithDType + dnnl::Element>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<Vec<T>> {
+        let g = dnnl_geometry(&self.geometry(l1.shape(), l2.shape())?);
+        dnnl::conv_forward(&g, &storage_slice::<T>(s1, l1)?, &storage_slice::<T>(s2, l2)?)
+            .map_err(candle_core::Error::wrap)
+    }
+
+    fn backward_dnnl<T: WithDType + dnnl::Element>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        need: (bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = dnnl_geometry(&self.geometry(x.shape(), w.shape())?);
+        let wrap = candle_core::Error::wrap;
+        let dx = need
+            .0
+            .then(|| {
+                let v = with_slice(w, |ws: &[T]| with_slice(dy, |dys: &[T]| dnnl::conv_backward_data(&g, dys, ws)))??;
+                Tensor::from_vec(v.map_err(wrap)?, x.shape(), x.device())
+            })
+            .transpose()?;
+        let dw = need
+            .1
+            .then(|| {
+                let v =
+                    with_slice(x, |xs: &[T]| with_slice(dy, |dys: &[T]| dnnl::conv_backward_weights(&g, xs, dys)))??;
+                Tensor::from_vec(v.map_err(wrap)?, w.shape(), w.device())
+            })
+            .transpose()?;
+        Ok((dx, dw))
     }
 
     fn backward<T: WithDType>(
@@ -95,6 +138,11 @@ impl ConvOp {
     }
 }
 
+fn dnnl_geometry(g: &Geometry) -> ConvGeometry {
+    let Geometry { n, c, h, w, o, kh, kw, stride, padding, groups } = *g;
+    ConvGeometry { n, c, h, w, o, kh, kw, stride, padding, groups }
+}
+
 impl CustomOp2 for ConvOp {
     fn name(&self) -> &'static str {
         "conv2d-im2col"
@@ -105,6 +153,8 @@ impl CustomOp2 for ConvOp {
         let g = self.geometry(l1.shape(), l2.shape())?;
         let shape = Shape::from((n, g.o, g.out_h(), g.out_w()));
         let y = match s1 {
+            CpuStorage::F32(_) if dnnl::enabled() => CpuStorage::F32(self.forward_dnnl::<f32>(s1, l1, s2, l2)?),
+            CpuStorage::BF16(_) => CpuStorage::BF16(self.forward_dnnl::<half::bf16>(s1, l1, s2, l2)?),
             CpuStorage::F32(_) => CpuStorage::F32(self.forward::<f32>(s1, l1, s2, l2)?),
             CpuStorage::F64(_) => CpuStorage::F64(self.forward::<f64>(s1, l1, s2, l2)?),
             s => candle_core::bail!("conv2d: unsupported dtype {:?}", s.dtype()),
@@ -117,6 +167,8 @@ impl CustomOp2 for ConvOp {
         // are fresh tensors without a graph.
         let need = (x.track_op(), w.track_op());
         match x.dtype() {
+            DType::F32 if dnnl::enabled() => self.backward_dnnl::<f32>(x, w, g, need),
+            DType::BF16 => self.backward_dnnl::<half::bf16>(x, w, g, need),
             DType::F32 => self.backward::<f32>(x, w, g, need),
             DType::F64 => self.backward::<f64>(x, w, g, need),
             d => candle_core::bail!("conv2d: unsupported dtype {d:?}"),
@@ -233,6 +285,87 @@ mod tests {
             assert!(r.max_rel_err < 1e-5, "case {i} {:?} input: {r}", CASES[i]);
             let r = gradcheck(|wt| conv2d(&x, wt, p, s, g), &wt, 1e-3, 8)?;
             assert!(r.max_rel_err < 1e-5, "case {i} {:?} kernel: {r}", CASES[i]);
+        }
+        Ok(())
+    }
+
+    /// oneDNN's three passes against im2col in f64 on the same inputs (for bf16: the inputs
+    /// rounded to bf16 first, so that only oneDNN's arithmetic differs), every case above plus the
+    /// stem and a 3×3 conv wide enough for oneDNN's blocked kernels.
+    fn dnnl_against_f64<T: WithDType + dnnl::Element>(tol: f64) -> Result<()> {
+        let mut cases = CASES.to_vec();
+        cases.extend([(3, 16, 7, 2, 3, 1, 33, 31), (32, 48, 3, 1, 1, 1, 9, 9), (64, 32, 1, 2, 0, 1, 8, 8)]);
+        for (i, &(c, o, k, s, p, groups, h, w)) in cases.iter().enumerate() {
+            let g = Geometry { n: 3, c, h, w, o, kh: k, kw: k, stride: s, padding: p, groups };
+            let inputs = [[3, c, h, w], [o, c / groups, k, k], [3, o, g.out_h(), g.out_w()]];
+            let [x, wt, dy] = [0, 1, 2].map(|j| randn(&inputs[j], 10 * i as u64 + j as u64, T::DTYPE));
+            let (x, wt, dy) = (x?, wt?, dy?);
+            let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
+            let vec64 = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+            let dg = dnnl_geometry(&g);
+            let ours = [
+                dnnl::conv_forward(&dg, &vec(&x)?, &vec(&wt)?),
+                dnnl::conv_backward_data(&dg, &vec(&dy)?, &vec(&wt)?),
+                dnnl::conv_backward_weights(&dg, &vec(&x)?, &vec(&dy)?),
+            ]
+            .map(|r| r.map(|v| v.iter().map(|e| e.to_f64()).collect::<Vec<f64>>()));
+            let y = im2col::forward(&vec64(&x)?, &vec64(&wt)?, &g);
+            let (dx, dw) = im2col::backward(&vec64(&x)?, &vec64(&wt)?, &vec64(&dy)?, &g, true, true);
+            let reference = [Some(y), dx, dw];
+            for (pass, (ours, reference)) in ours.into_iter().zip(reference).enumerate() {
+                let (ours, reference) = (ours.map_err(candle_core::Error::wrap)?, reference.expect("both gradients"));
+                let size = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+                let err = ours.iter().zip(&reference).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / size;
+                assert!(err <= tol, "{:?} case {i} {:?} pass {pass}: rel err {err:e}", T::DTYPE, cases[i]);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    #[cfg_attr(not(dnnl), ignore = "built without oneDNN")]
+    fn dnnl_matches_f64_in_f32() -> Result<()> {
+        dnnl_against_f64::<f32>(1e-5)
+    }
+
+    #[test]
+    #[cfg_attr(not(dnnl), ignore = "built without oneDNN")]
+    /// bf16 results are rounded to 8 significant bits (relative step 2⁻⁸ ≈ 0.4 %): 1 % of the
+    /// largest element allows that and oneDNN's f32 accumulation, not a wrong tap.
+    fn dnnl_matches_f64_in_bf16() -> Result<()> {
+        dnnl_against_f64::<half::bf16>(1e-2)
+    }
+
+    #[test]
+    #[cfg_attr(not(dnnl), ignore = "built without oneDNN")]
+    /// A bf16 convolution through the op, forward and both gradients, against the f32 op on the
+    /// same (bf16-rounded) values.
+    fn bf16_op_tracks_f32() -> Result<()> {
+        let x = Var::from_tensor(&randn(&[4, 16, 12, 12], 1, DType::BF16)?)?;
+        let w = Var::from_tensor(&randn(&[24, 16, 3, 3], 2, DType::BF16)?)?;
+        let proj = randn(&[4, 24, 6, 6], 3, DType::F32)?;
+        let loss = |x: &Tensor, w: &Tensor| conv2d(x, w, 1, 2, 1)?.to_dtype(DType::F32)?.mul(&proj)?.sum_all();
+        let g16 = loss(x.as_tensor(), w.as_tensor())?.backward()?;
+        let (x32, w32) = (Var::from_tensor(&x.to_dtype(DType::F32)?)?, Var::from_tensor(&w.to_dtype(DType::F32)?)?);
+        let g32 = loss(x32.as_tensor(), w32.as_tensor())?.backward()?;
+        for (a, b) in [(g16.get(&x), g32.get(&x32)), (g16.get(&w), g32.get(&w32))] {
+            let (a, b) = (a.expect("bf16 gradient"), b.expect("f32 gradient"));
+            assert_eq!(a.dtype(), DType::BF16);
+            assert!(rel(&a.to_dtype(DType::F32)?, b)? < 1e-2);
+        }
+        Ok(())
+    }
+
+    #[test]
+    #[cfg_attr(not(dnnl), ignore = "built without oneDNN")]
+    fn dnnl_names_its_kernels_and_workspace() -> Result<()> {
+        let g = ConvGeometry { n: 8, c: 64, h: 16, w: 16, o: 64, kh: 3, kw: 3, stride: 1, padding: 1, groups: 1 };
+        for pass in [dnnl::Pass::Forward, dnnl::Pass::BackwardData, dnnl::Pass::BackwardWeights] {
+            let kernel = dnnl::conv_kernel::<f32>(&g, pass).map_err(candle_core::Error::wrap)?;
+            assert!(!kernel.is_empty() && kernel.contains(':'), "{pass:?}: {kernel}");
+            // 8·64·16·16 f32 activations are 512 KiB: a blocked copy of one is at least that.
+            let bytes = dnnl::conv_workspace_bytes::<f32>(&g, pass).map_err(candle_core::Error::wrap)?;
+            assert!(bytes < 64 << 20, "{pass:?}: {bytes} bytes");
         }
         Ok(())
     }

@@ -1,0 +1,270 @@
+//! oneDNN's convolutions (forward, backward data, backward weights) in f32 and bf16: the
+//! kernels PyTorch itself runs on CPU, JIT-compiled for the machine's ISA (AVX-512, AVX512-BF16,
+//! AMX where present). A small C++ shim (`shim.cpp`, built by build.rs where oneDNN's headers are
+//! installed) owns oneDNN's objects and caches one set of primitives per geometry; this module is
+//! its safe face. Buffers cross the boundary as plain NCHW activations and `[O, C/g, kh, kw]`
+//! kernels; inside, oneDNN reorders them to the blocked layouts its kernels want.
+//!
+//! Where locograph was built without oneDNN, or `LOCOGRAPH_DNNL=0` is set, [`enabled`] is false
+//! and `nn::conv_op` uses its own im2col kernels (f32) or candle's conv (bf16).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// One convolution's geometry (dilation 1), as `nn::conv_op` sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvGeometry {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub groups: usize,
+}
+
+impl ConvGeometry {
+    pub fn out_h(&self) -> usize {
+        (self.h + 2 * self.padding - self.kh) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.w + 2 * self.padding - self.kw) / self.stride + 1
+    }
+    fn x_len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    fn w_len(&self) -> usize {
+        self.o * (self.c / self.groups) * self.kh * self.kw
+    }
+    fn y_len(&self) -> usize {
+        self.n * self.o * self.out_h() * self.out_w()
+    }
+    #[cfg_attr(not(dnnl), allow(dead_code))]
+    fn raw(&self) -> [i64; 10] {
+        [self.n, self.c, self.h, self.w, self.o, self.kh, self.kw, self.stride, self.padding, self.groups]
+            .map(|v| v as i64)
+    }
+}
+
+/// The three passes of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward = 0,
+    BackwardData = 1,
+    BackwardWeights = 2,
+}
+
+/// What can go wrong in a oneDNN call.
+#[derive(Debug, thiserror::Error)]
+pub enum DnnlError {
+    #[error("locograph was built without oneDNN (install libdnnl-dev and rebuild)")]
+    NotBuilt,
+    #[error("oneDNN {pass:?} for {geometry:?}: {message}")]
+    Failed { pass: Pass, geometry: ConvGeometry, message: String },
+}
+
+/// An element type oneDNN computes in here: f32, or bf16 (f32 accumulation inside oneDNN).
+pub trait Element: Copy + Default + 'static {
+    /// The shim's code for the type.
+    const CODE: i32;
+}
+impl Element for f32 {
+    const CODE: i32 = 0;
+}
+impl Element for half::bf16 {
+    const CODE: i32 = 1;
+}
+
+/// 0: not decided yet, 1: on, 2: off.
+static STATE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether convolutions run on oneDNN: built with it and not switched off, by [`set_enabled`] or
+/// `LOCOGRAPH_DNNL=0` in the environment.
+pub fn enabled() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = built() && std::env::var("LOCOGRAPH_DNNL").map_or(true, |v| v != "0");
+            STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Switches oneDNN on or off for the whole process (on only where it was built). For tests and
+/// benchmarks that compare both paths in one process.
+pub fn set_enabled(on: bool) {
+    STATE.store(if on && built() { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether this build has oneDNN.
+pub const fn built() -> bool {
+    cfg!(dnnl)
+}
+
+/// oneDNN's version `(major, minor, patch)`, where it was built in.
+pub fn version() -> Option<(u32, u32, u32)> {
+    #[cfg(dnnl)]
+    {
+        // SAFETY: no arguments; returns a plain integer.
+        let v = unsafe { ffi::lg_dnnl_version() } as u32;
+        Some((v / 10000, v / 100 % 100, v % 100))
+    }
+    #[cfg(not(dnnl))]
+    None
+}
+
+/// `y = x ⋆ w`: `x` NCHW (`[n, c, h, w]`), `w` `[o, c/groups, kh, kw]`, `y` NCHW.
+pub fn conv_forward<T: Element>(g: &ConvGeometry, x: &[T], w: &[T]) -> Result<Vec<T>, DnnlError> {
+    check(g, x.len() == g.x_len() && w.len() == g.w_len());
+    let mut y = vec![T::default(); g.y_len()];
+    call(Pass::Forward, g, T::CODE, x.as_ptr().cast(), w.as_ptr().cast(), y.as_mut_ptr().cast())?;
+    Ok(y)
+}
+
+/// The input gradient from the output gradient `dy` and the kernel `w`.
+pub fn conv_backward_data<T: Element>(g: &ConvGeometry, dy: &[T], w: &[T]) -> Result<Vec<T>, DnnlError> {
+    check(g, dy.len() == g.y_len() && w.len() == g.w_len());
+    let mut dx = vec![T::default(); g.x_len()];
+    call(Pass::BackwardData, g, T::CODE, dy.as_ptr().cast(), w.as_ptr().cast(), dx.as_mut_ptr().cast())?;
+    Ok(dx)
+}
+
+/// The kernel gradient from the input `x` and the output gradient `dy`.
+pub fn conv_backward_weights<T: Element>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Result<Vec<T>, DnnlError> {
+    check(g, x.len() == g.x_len() && dy.len() == g.y_len());
+    let mut dw = vec![T::default(); g.w_len()];
+    call(Pass::BackwardWeights, g, T::CODE, x.as_ptr().cast(), dy.as_ptr().cast(), dw.as_mut_ptr().cast())?;
+    Ok(dw)
+}
+
+/// The kernel oneDNN runs for one pass of `g` in `T`, e.g. `jit:avx512_core` or
+/// `brgconv:avx512_core_amx_bf16`: the ISA is in its name.
+pub fn conv_kernel<T: Element>(g: &ConvGeometry, pass: Pass) -> Result<String, DnnlError> {
+    #[cfg(dnnl)]
+    {
+        let mut buf = [0u8; 256];
+        // SAFETY: `raw` is 10 i64s as the shim reads; `buf` is writable for its length and the
+        // shim NUL-terminates within it.
+        let rc = unsafe {
+            ffi::lg_dnnl_conv_impl(g.raw().as_ptr(), T::CODE, pass as i32, buf.as_mut_ptr().cast(), buf.len())
+        };
+        if rc != 0 {
+            return Err(failed(pass, g));
+        }
+        Ok(c_string(&buf))
+    }
+    #[cfg(not(dnnl))]
+    {
+        let _ = (g, pass);
+        Err(DnnlError::NotBuilt)
+    }
+}
+
+/// Bytes one pass allocates beside its inputs and result: oneDNN's scratchpad and the blocked
+/// copies of buffers whose layout differs from oneDNN's choice (for the memory guard).
+pub fn conv_workspace_bytes<T: Element>(g: &ConvGeometry, pass: Pass) -> Result<usize, DnnlError> {
+    #[cfg(dnnl)]
+    {
+        let mut bytes = 0usize;
+        // SAFETY: as in `conv_kernel`; `bytes` is a valid out-pointer.
+        let rc = unsafe { ffi::lg_dnnl_conv_scratch(g.raw().as_ptr(), T::CODE, pass as i32, &mut bytes) };
+        if rc != 0 {
+            return Err(failed(pass, g));
+        }
+        Ok(bytes)
+    }
+    #[cfg(not(dnnl))]
+    {
+        let _ = (g, pass);
+        Err(DnnlError::NotBuilt)
+    }
+}
+
+fn check(g: &ConvGeometry, lengths_match: bool) {
+    // The callers (nn::conv_op) size the buffers from the same geometry: a mismatch is a bug,
+    // and oneDNN would read or write out of bounds.
+    assert!(lengths_match, "dnnl: buffer lengths do not match {g:?}");
+    assert!(g.groups > 0 && g.c % g.groups == 0 && g.o % g.groups == 0 && g.stride > 0, "dnnl: bad geometry {g:?}");
+}
+
+fn call(pass: Pass, g: &ConvGeometry, code: i32, a: *const (), b: *const (), out: *mut ()) -> Result<(), DnnlError> {
+    #[cfg(dnnl)]
+    {
+        let raw = g.raw();
+        // oneDNN threads with OpenMP: as many threads as rayon's pool, which sizes everything else.
+        // SAFETY: `raw` is the geometry the buffer lengths were checked against (`check`): the
+        // shim reads exactly those lengths from `a` and `b` and writes that many to `out`.
+        let rc = unsafe {
+            ffi::lg_dnnl_set_threads(rayon::current_num_threads() as i32);
+            match pass {
+                Pass::Forward => ffi::lg_dnnl_conv_forward(raw.as_ptr(), code, a.cast(), b.cast(), out.cast()),
+                Pass::BackwardData => {
+                    ffi::lg_dnnl_conv_backward_data(raw.as_ptr(), code, a.cast(), b.cast(), out.cast())
+                }
+                Pass::BackwardWeights => {
+                    ffi::lg_dnnl_conv_backward_weights(raw.as_ptr(), code, a.cast(), b.cast(), out.cast())
+                }
+            }
+        };
+        if rc != 0 {
+            return Err(failed(pass, g));
+        }
+        Ok(())
+    }
+    #[cfg(not(dnnl))]
+    {
+        let _ = (pass, g, code, a, b, out);
+        Err(DnnlError::NotBuilt)
+    }
+}
+
+#[cfg(dnnl)]
+fn failed(pass: Pass, g: &ConvGeometry) -> DnnlError {
+    let mut buf = [0u8; 512];
+    // SAFETY: `buf` is writable for its length; the shim NUL-terminates within it.
+    unsafe { ffi::lg_dnnl_last_error(buf.as_mut_ptr().cast(), buf.len()) };
+    DnnlError::Failed { pass, geometry: *g, message: c_string(&buf) }
+}
+
+#[cfg(dnnl)]
+fn c_string(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[cfg(dnnl)]
+mod ffi {
+    use std::ffi::{c_char, c_int, c_void};
+    extern "C" {
+        pub fn lg_dnnl_last_error(buf: *mut c_char, len: usize);
+        pub fn lg_dnnl_version() -> c_int;
+        pub fn lg_dnnl_set_threads(n: c_int);
+        pub fn lg_dnnl_conv_impl(geom: *const i64, dtype: c_int, pass: c_int, buf: *mut c_char, len: usize) -> c_int;
+        pub fn lg_dnnl_conv_scratch(geom: *const i64, dtype: c_int, pass: c_int, bytes: *mut usize) -> c_int;
+        pub fn lg_dnnl_conv_forward(
+            geom: *const i64,
+            dtype: c_int,
+            x: *const c_void,
+            w: *const c_void,
+            y: *mut c_void,
+        ) -> c_int;
+        pub fn lg_dnnl_conv_backward_data(
+            geom: *const i64,
+            dtype: c_int,
+            dy: *const c_void,
+            w: *const c_void,
+            dx: *mut c_void,
+        ) -> c_int;
+        pub fn lg_dnnl_conv_backward_weights(
+            geom: *const i64,
+            dtype: c_int,
+            x: *const c_void,
+            dy: *const c_void,
+            dw: *mut c_void,
+        ) -> c_int;
+    }
+}

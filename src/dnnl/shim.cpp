@@ -1,0 +1,220 @@
+// The part of oneDNN (2.x C++ API, dnnl.hpp) that locograph calls, behind a C ABI that Rust
+// binds without knowing oneDNN's structs. Each convolution geometry gets its primitives built
+// once (forward, backward data, backward weights) and cached; every call wraps the caller's
+// plain NCHW / OIHW buffers, reorders them to the layouts oneDNN picked when those differ, and
+// runs with a scratchpad the caller-visible size of which is known (`lg_dnnl_conv_scratch`).
+#include <dnnl.hpp>
+
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <omp.h>
+
+using namespace dnnl;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+namespace {
+
+engine& eng() {
+  static engine e(engine::kind::cpu, 0);
+  return e;
+}
+
+thread_local std::string last_error;
+
+// n, c, h, w, o, kh, kw, stride, padding, groups, dtype (0 f32, 1 bf16)
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>;
+
+struct Conv {
+  memory::desc x, w, y;  // the caller's layouts
+  convolution_forward::primitive_desc fwd;
+  convolution_backward_data::primitive_desc bwd_data;
+  convolution_backward_weights::primitive_desc bwd_weights;
+  convolution_forward fwd_p;
+  convolution_backward_data bwd_data_p;
+  convolution_backward_weights bwd_weights_p;
+};
+
+Conv build(const Key& k) {
+  auto [n, c, h, w, o, kh, kw, s, p, g, d] = k;
+  dt type = d == 1 ? dt::bf16 : dt::f32;
+  int64_t oh = (h + 2 * p - kh) / s + 1, ow = (w + 2 * p - kw) / s + 1;
+  memory::dims xd{n, c, h, w}, yd{n, o, oh, ow}, st{s, s}, pad{p, p};
+  memory::dims wd = g == 1 ? memory::dims{o, c, kh, kw} : memory::dims{g, o / g, c / g, kh, kw};
+  tag wtag = g == 1 ? tag::oihw : tag::goihw;
+  memory::desc ux(xd, type, tag::nchw), uw(wd, type, wtag), uy(yd, type, tag::nchw);
+  memory::desc ax(xd, type, tag::any), aw(wd, type, tag::any), ay(yd, type, tag::any);
+  primitive_attr attr;
+  attr.set_scratchpad_mode(scratchpad_mode::user);
+  auto fd = convolution_forward::desc(prop_kind::forward_training, algorithm::convolution_direct, ax, aw, ay, st, pad,
+                                      pad);
+  convolution_forward::primitive_desc fpd(fd, attr, eng());
+  auto bdd = convolution_backward_data::desc(algorithm::convolution_direct, ax, aw, ay, st, pad, pad);
+  convolution_backward_data::primitive_desc bdpd(bdd, attr, eng(), fpd);
+  auto bwd = convolution_backward_weights::desc(algorithm::convolution_direct, ax, aw, ay, st, pad, pad);
+  convolution_backward_weights::primitive_desc bwpd(bwd, attr, eng(), fpd);
+  return Conv{ux, uw, uy, fpd, bdpd, bwpd, convolution_forward(fpd), convolution_backward_data(bdpd),
+              convolution_backward_weights(bwpd)};
+}
+
+std::mutex cache_lock;
+std::map<Key, std::shared_ptr<Conv>>& cache() {
+  static std::map<Key, std::shared_ptr<Conv>> m;
+  return m;
+}
+
+std::shared_ptr<Conv> get(const int64_t* g, int d) {
+  Key k{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], d};
+  std::lock_guard<std::mutex> lock(cache_lock);
+  auto& m = cache();
+  auto it = m.find(k);
+  if (it != m.end()) return it->second;
+  auto conv = std::make_shared<Conv>(build(k));
+  m.emplace(k, conv);
+  return conv;
+}
+
+// The caller's buffer as `want`: itself when the layouts agree, else a reordered copy.
+memory as(stream& s, const memory::desc& have, const void* ptr, const memory::desc& want) {
+  memory user(have, eng(), const_cast<void*>(ptr));
+  if (have == want) return user;
+  memory m(want, eng());
+  reorder(user, m).execute(s, user, m);
+  return m;
+}
+
+// A result buffer in `want`, and the reorder into the caller's `have` after the primitive ran.
+struct Out {
+  memory user, m;
+  bool copy;
+  Out(const memory::desc& have, void* ptr, const memory::desc& want)
+      : user(have, eng(), ptr), m(have == want ? user : memory(want, eng())), copy(!(have == want)) {}
+  void finish(stream& s) {
+    if (copy) reorder(m, user).execute(s, m, user);
+  }
+};
+
+template <class F>
+int guard(F f) {
+  try {
+    f();
+    return 0;
+  } catch (const dnnl::error& e) {
+    last_error = std::string(e.what()) + " (status " + std::to_string(int(e.status)) + ")";
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  }
+  return 1;
+}
+
+void copy_str(const char* from, char* to, size_t len) {
+  if (len == 0) return;
+  std::strncpy(to, from, len - 1);
+  to[len - 1] = 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// The error text of this thread's last failed call.
+void lg_dnnl_last_error(char* buf, size_t len) { copy_str(last_error.c_str(), buf, len); }
+
+// oneDNN's version as major * 10000 + minor * 100 + patch.
+int lg_dnnl_version() {
+  auto v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
+}
+
+// OpenMP threads oneDNN runs on (Debian's oneDNN threads with OpenMP, not with rayon).
+void lg_dnnl_set_threads(int n) { omp_set_num_threads(n); }
+
+// The kernels oneDNN picked for one geometry (`pass` 0 forward, 1 backward data, 2 backward
+// weights), e.g. "brgconv:avx512_core_amx_bf16": the ISA is in the name.
+int lg_dnnl_conv_impl(const int64_t* geom, int dtype, int pass, char* buf, size_t len) {
+  return guard([&] {
+    auto c = get(geom, dtype);
+    const char* s = pass == 0 ? c->fwd.impl_info_str() : pass == 1 ? c->bwd_data.impl_info_str()
+                                                                    : c->bwd_weights.impl_info_str();
+    copy_str(s, buf, len);
+  });
+}
+
+// Bytes of scratchpad plus the blocked copies one pass allocates beside the caller's buffers.
+int lg_dnnl_conv_scratch(const int64_t* geom, int dtype, int pass, size_t* bytes) {
+  return guard([&] {
+    auto c = get(geom, dtype);
+    size_t b = 0;
+    auto extra = [&](const memory::desc& have, const memory::desc& want) {
+      if (!(have == want)) b += want.get_size();
+    };
+    if (pass == 0) {
+      b += c->fwd.scratchpad_desc().get_size();
+      extra(c->x, c->fwd.src_desc()), extra(c->w, c->fwd.weights_desc()), extra(c->y, c->fwd.dst_desc());
+    } else if (pass == 1) {
+      b += c->bwd_data.scratchpad_desc().get_size();
+      extra(c->y, c->bwd_data.diff_dst_desc()), extra(c->w, c->bwd_data.weights_desc());
+      extra(c->x, c->bwd_data.diff_src_desc());
+    } else {
+      b += c->bwd_weights.scratchpad_desc().get_size();
+      extra(c->x, c->bwd_weights.src_desc()), extra(c->y, c->bwd_weights.diff_dst_desc());
+      extra(c->w, c->bwd_weights.diff_weights_desc());
+    }
+    *bytes = b;
+  });
+}
+
+// y = x ⋆ w (NCHW, OIHW / GOIHW as [O, C/g, kh, kw]).
+int lg_dnnl_conv_forward(const int64_t* geom, int dtype, const void* x, const void* w, void* y) {
+  return guard([&] {
+    auto c = get(geom, dtype);
+    stream s(eng());
+    memory xm = as(s, c->x, x, c->fwd.src_desc()), wm = as(s, c->w, w, c->fwd.weights_desc());
+    Out ym(c->y, y, c->fwd.dst_desc());
+    memory scratch(c->fwd.scratchpad_desc(), eng());
+    c->fwd_p.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym.m}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    ym.finish(s);
+    s.wait();
+  });
+}
+
+// dx from dy and w.
+int lg_dnnl_conv_backward_data(const int64_t* geom, int dtype, const void* dy, const void* w, void* dx) {
+  return guard([&] {
+    auto c = get(geom, dtype);
+    stream s(eng());
+    auto& pd = c->bwd_data;
+    memory dym = as(s, c->y, dy, pd.diff_dst_desc()), wm = as(s, c->w, w, pd.weights_desc());
+    Out dxm(c->x, dx, pd.diff_src_desc());
+    memory scratch(pd.scratchpad_desc(), eng());
+    c->bwd_data_p.execute(
+        s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DIFF_SRC, dxm.m}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    dxm.finish(s);
+    s.wait();
+  });
+}
+
+// dw from x and dy.
+int lg_dnnl_conv_backward_weights(const int64_t* geom, int dtype, const void* x, const void* dy, void* dw) {
+  return guard([&] {
+    auto c = get(geom, dtype);
+    stream s(eng());
+    auto& pd = c->bwd_weights;
+    memory xm = as(s, c->x, x, pd.src_desc()), dym = as(s, c->y, dy, pd.diff_dst_desc());
+    Out dwm(c->w, dw, pd.diff_weights_desc());
+    memory scratch(pd.scratchpad_desc(), eng());
+    c->bwd_weights_p.execute(
+        s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_WEIGHTS, dwm.m}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    dwm.finish(s);
+    s.wait();
+  });
+}
+}
