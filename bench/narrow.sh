@@ -4,8 +4,11 @@
 # alike: experiments/{simclr,loco}_resnet18narrow_fmnist.yaml as shipped (narrow ResNet-18,
 # 28x28 Fashion-MNIST, 128 images = 256 views per step, data sampling and augmentation,
 # decoders, NT-Xent, LARS), each row a process of its own:
-#   locograph                  `locograph run` (freed memory stays in the heap)
+#   locograph                  `locograph run` (oneDNN's convolutions where built with them;
+#                              freed memory stays in the heap)
 #   locograph+system-malloc    the same with glibc's default malloc
+#   locograph-im2col           convolutions on locograph's own im2col kernels (LOCOGRAPH_DNNL=0)
+#   locograph-bf16[+system-malloc]  `--precision bf16` (bf16 compute, f32 master weights)
 #   pytorch                    PyTorch as installed, f32
 #   pytorch+heap-malloc        the same under locograph's allocator policy (GLIBC_TUNABLES)
 #   pytorch-bf16-cl[+heap-malloc]  torch.autocast("cpu", bfloat16) + channels_last
@@ -39,15 +42,15 @@ LOG=$TMP/log
 
 # One locograph row: seconds per step from metrics.csv's elapsed_s over the timed steps; peak
 # RSS from the waited-for child's ru_maxrss.
-locograph_row() {  # impl method [env...]
-    local impl=$1 method=$2; shift 2
+locograph_row() {  # impl method run-args [env...]
+    local impl=$1 method=$2 args=$3; shift 3
     local runs=$TMP/runs-$impl-$method
     local rss
     rss=$(env "$@" python3 -c 'import resource, subprocess, sys
 subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 // 1000000)' \
         "$LOCOGRAPH" run "experiments/${method}_resnet18narrow_fmnist.yaml" --quiet --steps $((WARMUP + STEPS)) \
-        --runs-dir "$runs" --set train.threads="$THREADS" --set train.log_every=1 --set train.checkpoint_every=1000000)
+        --runs-dir "$runs" --set train.threads="$THREADS" --set train.log_every=1 --set train.checkpoint_every=1000000 $args)
     python3 - "$runs" "$impl" "$method" "$WARMUP" "$STEPS" "$rss" <<'PY'
 import csv, glob, sys
 runs, impl, method, warm, steps, rss = sys.argv[1:]
@@ -70,8 +73,11 @@ echo "# $("$LOCOGRAPH" --version 2>/dev/null || echo locograph), torch $("$VENV/
 for r in $(seq "$ROUNDS"); do
     echo "# round $r/$ROUNDS ($(uptime | sed 's/.*load/load/'))"
     for m in $METHODS; do
-        locograph_row locograph "$m" | tee -a "$LOG"
-        locograph_row locograph+system-malloc "$m" LOCOGRAPH_MALLOC=system | tee -a "$LOG"
+        locograph_row locograph "$m" "" | tee -a "$LOG"
+        locograph_row locograph+system-malloc "$m" "" LOCOGRAPH_MALLOC=system | tee -a "$LOG"
+        locograph_row locograph-im2col "$m" "" LOCOGRAPH_DNNL=0 | tee -a "$LOG"
+        locograph_row locograph-bf16 "$m" "--precision bf16" | tee -a "$LOG"
+        locograph_row locograph-bf16+system-malloc "$m" "--precision bf16" LOCOGRAPH_MALLOC=system | tee -a "$LOG"
         torch_row "" "$m" | tee -a "$LOG"
         GLIBC_TUNABLES=$HEAP torch_row +heap-malloc "$m" | tee -a "$LOG"
         torch_row "" "$m" --precision bf16 --channels-last | tee -a "$LOG"

@@ -34,7 +34,7 @@ thread_local std::string last_error;
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>;
 
 struct Conv {
-  memory::desc x, w, y;  // the caller's layouts
+  memory::desc x, w, y, dw;  // the caller's layouts (`dw` f32 whatever the inputs are)
   convolution_forward::primitive_desc fwd;
   convolution_backward_data::primitive_desc bwd_data;
   convolution_backward_weights::primitive_desc bwd_weights;
@@ -50,7 +50,7 @@ Conv build(const Key& k) {
   memory::dims xd{n, c, h, w}, yd{n, o, oh, ow}, st{s, s}, pad{p, p};
   memory::dims wd = g == 1 ? memory::dims{o, c, kh, kw} : memory::dims{g, o / g, c / g, kh, kw};
   tag wtag = g == 1 ? tag::oihw : tag::goihw;
-  memory::desc ux(xd, type, tag::nchw), uw(wd, type, wtag), uy(yd, type, tag::nchw);
+  memory::desc ux(xd, type, tag::nchw), uw(wd, type, wtag), uy(yd, type, tag::nchw), udw(wd, dt::f32, wtag);
   memory::desc ax(xd, type, tag::any), aw(wd, type, tag::any), ay(yd, type, tag::any);
   primitive_attr attr;
   attr.set_scratchpad_mode(scratchpad_mode::user);
@@ -59,9 +59,11 @@ Conv build(const Key& k) {
   convolution_forward::primitive_desc fpd(fd, attr, eng());
   auto bdd = convolution_backward_data::desc(algorithm::convolution_direct, ax, aw, ay, st, pad, pad);
   convolution_backward_data::primitive_desc bdpd(bdd, attr, eng(), fpd);
-  auto bwd = convolution_backward_weights::desc(algorithm::convolution_direct, ax, aw, ay, st, pad, pad);
+  // f32 kernel gradients: oneDNN accumulates in f32; the caller sums chunks and rounds once.
+  memory::desc adw(wd, dt::f32, tag::any);
+  auto bwd = convolution_backward_weights::desc(algorithm::convolution_direct, ax, adw, ay, st, pad, pad);
   convolution_backward_weights::primitive_desc bwpd(bwd, attr, eng(), fpd);
-  return Conv{ux, uw, uy, fpd, bdpd, bwpd, convolution_forward(fpd), convolution_backward_data(bdpd),
+  return Conv{ux, uw, uy, udw, fpd, bdpd, bwpd, convolution_forward(fpd), convolution_backward_data(bdpd),
               convolution_backward_weights(bwpd)};
 }
 
@@ -166,7 +168,7 @@ int lg_dnnl_conv_scratch(const int64_t* geom, int dtype, int pass, size_t* bytes
     } else {
       b += c->bwd_weights.scratchpad_desc().get_size();
       extra(c->x, c->bwd_weights.src_desc()), extra(c->y, c->bwd_weights.diff_dst_desc());
-      extra(c->w, c->bwd_weights.diff_weights_desc());
+      extra(c->dw, c->bwd_weights.diff_weights_desc());
     }
     *bytes = b;
   });
@@ -202,14 +204,14 @@ int lg_dnnl_conv_backward_data(const int64_t* geom, int dtype, const void* dy, c
   });
 }
 
-// dw from x and dy.
+// dw (f32) from x and dy.
 int lg_dnnl_conv_backward_weights(const int64_t* geom, int dtype, const void* x, const void* dy, void* dw) {
   return guard([&] {
     auto c = get(geom, dtype);
     stream s(eng());
     auto& pd = c->bwd_weights;
     memory xm = as(s, c->x, x, pd.src_desc()), dym = as(s, c->y, dy, pd.diff_dst_desc());
-    Out dwm(c->w, dw, pd.diff_weights_desc());
+    Out dwm(c->dw, dw, pd.diff_weights_desc());
     memory scratch(pd.scratchpad_desc(), eng());
     c->bwd_weights_p.execute(
         s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_WEIGHTS, dwm.m}, {DNNL_ARG_SCRATCHPAD, scratch}});

@@ -214,6 +214,8 @@ fn derived(loaded: &Loaded, s: &Setup) -> serde_json::Value {
         "threads": s.threads,
         "ranks": s.shard.ranks,
         "sync_batch_norm": exp.train.sync_batch_norm,
+        "precision": exp.precision,
+        "convolutions": crate::nn::conv_op::backend(&s.device, exp.precision.dtype()),
         // `--set PATH=VALUE` as given; config.yaml holds the values they produced.
         "overrides": loaded.overrides.iter().map(|o| o.text.as_str()).collect::<Vec<_>>(),
     })
