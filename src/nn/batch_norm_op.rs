@@ -71,14 +71,68 @@ pub fn channel_stats_in(x: &Tensor, group: Option<&Arc<dyn Communicator>>) -> Re
 /// Per channel, `Σ x` (`centre` None) or `Σ (x − centre)²`, each channel summed by one thread
 /// in image order (the same bits for any thread count).
 fn channel_sums<T: WithDType>(x: &[T], (n, c, hw): (usize, usize, usize), centre: Option<&[f64]>) -> Vec<f64> {
-    let planes = |ch: usize| (0..n).map(move |b| &x[(b * c + ch) * hw..][..hw]);
     (0..c)
         .into_par_iter()
-        .map(|ch| match centre {
-            None => planes(ch).flat_map(|p| p.iter()).map(|v| v.to_f64()).sum::<f64>(),
-            Some(m) => planes(ch).flat_map(|p| p.iter()).map(|v| (v.to_f64() - m[ch]).powi(2)).sum::<f64>(),
+        .map(|ch| {
+            let planes = (0..n).map(|b| &x[(b * c + ch) * hw..][..hw]);
+            match centre {
+                None => planes.map(|p| lane_sum(p, |v| v)).sum::<f64>(),
+                Some(m) => planes.map(|p| lane_sum(p, |v| (v - m[ch]) * (v - m[ch]))).sum::<f64>(),
+            }
         })
         .collect()
+}
+
+/// Independent f64 partial sums per plane: a sum that is one dependency chain runs at one add per
+/// add-latency (4 cycles) and does not vectorise; `LANES` chains do both. Added in a fixed order,
+/// so the result does not depend on the thread count.
+const LANES: usize = 8;
+
+/// `Σ f(v)` over `p` in f64, in [`LANES`] partial sums.
+#[inline(always)]
+fn lane_sum<T: WithDType>(p: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = p.chunks_exact(LANES);
+    let tail: f64 = chunks.remainder().iter().map(|v| f(v.to_f64())).sum();
+    for chunk in chunks {
+        for (a, v) in acc.iter_mut().zip(chunk) {
+            *a += f(v.to_f64());
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `(Σ g, Σ g·(x − m))` over one plane, `g` the gradient reaching the normalisation: `dy`, or
+/// with `relu` (`y` the op's output) `dy` where `y > 0`; in [`LANES`] partial sums.
+#[inline(always)]
+fn plane_grad_sums<T: WithDType>(x: &[T], y: &[T], dy: &[T], m: f64, relu: bool) -> (f64, f64) {
+    let (mut a, mut b) = ([0f64; LANES], [0f64; LANES]);
+    let mut add = |lane: usize, x: T, y: T, dy: T| {
+        let g = if relu && y <= T::zero() { 0.0 } else { dy.to_f64() };
+        a[lane] += g;
+        b[lane] += g * (x.to_f64() - m);
+    };
+    let full = x.len() / LANES * LANES;
+    if relu {
+        for ((x, y), dy) in x[..full].chunks_exact(LANES).zip(y[..full].chunks_exact(LANES)).zip(dy[..full].chunks_exact(LANES)) {
+            for j in 0..LANES {
+                add(j, x[j], y[j], dy[j]);
+            }
+        }
+        for i in full..x.len() {
+            add(0, x[i], y[i], dy[i]);
+        }
+    } else {
+        for (x, dy) in x[..full].chunks_exact(LANES).zip(dy[..full].chunks_exact(LANES)) {
+            for j in 0..LANES {
+                add(j, x[j], T::one(), dy[j]);
+            }
+        }
+        for i in full..x.len() {
+            add(0, x[i], T::one(), dy[i]);
+        }
+    }
+    (a.iter().sum(), b.iter().sum())
 }
 
 /// `(dx, dγ, dβ)` of [`BatchNormTrain::backward`]; `dx` only when asked for.
@@ -162,9 +216,7 @@ impl BatchNormTrain {
         need_dx: bool,
     ) -> Result<BnGrads<T>> {
         let relu = self.relu;
-        // The gradient reaching the normalisation: dy, or dy where the ReLU passed.
-        let g = |i: usize| if relu && y[i] <= T::zero() { 0.0 } else { dy[i].to_f64() };
-        // Σ dy and Σ dy·x̂ per channel.
+        // Σ dy and Σ dy·x̂ per channel (dy masked by the ReLU where there is one).
         let (sum_dy, sum_dy_xhat): (Vec<f64>, Vec<f64>) = (0..c)
             .into_par_iter()
             .map(|ch| {
@@ -172,13 +224,12 @@ impl BatchNormTrain {
                 let (mut a, mut b) = (0.0, 0.0);
                 for img in 0..n {
                     let at = (img * c + ch) * hw;
-                    for (i, x) in (at..at + hw).zip(&x[at..at + hw]) {
-                        let dy = g(i);
-                        a += dy;
-                        b += dy * (x.to_f64() - m) * is;
-                    }
+                    let ys = if relu { &y[at..at + hw] } else { &[] };
+                    let (pa, pb) = plane_grad_sums(&x[at..at + hw], ys, &dy[at..at + hw], m, relu);
+                    a += pa;
+                    b += pb;
                 }
-                (a, b)
+                (a, b * is)
             })
             .unzip();
         let dgamma = sum_dy_xhat.iter().map(|v| T::from_f64(*v)).collect();
@@ -202,9 +253,17 @@ impl BatchNormTrain {
                 let k = gamma[ch].to_f64() * is;
                 let (mdy, mdyx) = (sum_dy[ch] / count, sum_dy_xhat[ch] / count);
                 let at = plane * hw;
-                for ((i, dx), x) in (at..at + hw).zip(dx.iter_mut()).zip(&x[at..at + hw]) {
-                    let xhat = (x.to_f64() - m) * is;
-                    *dx = T::from_f64(k * (g(i) - mdy - xhat * mdyx));
+                let (x, dy) = (&x[at..at + hw], &dy[at..at + hw]);
+                let dx_at = |x: T, g: f64| T::from_f64(k * (g - mdy - (x.to_f64() - m) * is * mdyx));
+                if relu {
+                    let y = &y[at..at + hw];
+                    for (((dx, x), y), dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+                        *dx = dx_at(*x, if *y <= T::zero() { 0.0 } else { dy.to_f64() });
+                    }
+                } else {
+                    for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
+                        *dx = dx_at(*x, dy.to_f64());
+                    }
                 }
             });
             dx
