@@ -158,10 +158,16 @@ pub fn conv_backward_weights<T: Element>(g: &ConvGeometry, x: &[T], dy: &[T]) ->
     let (xi, yi, wl) = (g.x_len() / g.n, g.y_len() / g.n, g.w_len());
     let ranges = chunks(g.n);
     let mut partial = vec![0f32; wl * ranges.len()];
-    per_range(g, &ranges, &mut partial, |_| wl, |part, first, out| {
-        let (x, dy) = (&x[first * xi..][..part.n * xi], &dy[first * yi..][..part.n * yi]);
-        call(Pass::BackwardWeights, &part, T::CODE, x.as_ptr().cast(), dy.as_ptr().cast(), out.as_mut_ptr().cast())
-    })?;
+    per_range(
+        g,
+        &ranges,
+        &mut partial,
+        |_| wl,
+        |part, first, out| {
+            let (x, dy) = (&x[first * xi..][..part.n * xi], &dy[first * yi..][..part.n * yi]);
+            call(Pass::BackwardWeights, &part, T::CODE, x.as_ptr().cast(), dy.as_ptr().cast(), out.as_mut_ptr().cast())
+        },
+    )?;
     let (sum, rest) = partial.split_at_mut(wl);
     for p in rest.chunks_exact(wl) {
         sum.iter_mut().zip(p).for_each(|(s, v)| *s += v);
@@ -176,13 +182,14 @@ pub fn conv_backward_weights<T: Element>(g: &ConvGeometry, x: &[T], dy: &[T]) ->
 fn chunks(n: usize) -> Vec<(usize, usize)> {
     let k = rayon::current_num_threads().clamp(1, n.max(1));
     let (base, extra) = (n / k, n % k);
-    (0..k).scan(0, |first, i| {
-        let count = base + usize::from(i < extra);
-        let r = (*first, count);
-        *first += count;
-        Some(r)
-    })
-    .collect()
+    (0..k)
+        .scan(0, |first, i| {
+            let count = base + usize::from(i < extra);
+            let r = (*first, count);
+            *first += count;
+            Some(r)
+        })
+        .collect()
 }
 
 /// Runs `f(part, first, out)` for each range of [`chunks`] on the rayon pool, `out` the range's

@@ -75,15 +75,18 @@ impl BatchNorm2d {
     }
 
     fn forward_act_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if train {
+            if let Some(op) = self.fused_train_op(x)? {
+                let (gamma, beta) = self.affine(x.dtype())?;
+                return x.apply_op3(&gamma, &beta, op.with_relu(relu));
+            }
+        }
         if matches!(x.dtype(), DType::F16 | DType::BF16) {
             // Mixed precision: statistics and normalisation in f32 (a half-precision variance
             // loses the small per-channel differences), the result back in the compute type.
             return self.forward_act_t(&x.to_dtype(self.weight.dtype())?, train, relu)?.to_dtype(x.dtype());
         }
         if train {
-            if let Some(op) = self.fused_train_op(x)? {
-                return x.apply_op3(&self.weight, &self.bias, op.with_relu(relu));
-            }
             let y = self.train_composed(x)?;
             return if relu { y.relu() } else { Ok(y) };
         }
@@ -110,18 +113,25 @@ impl BatchNorm2d {
 
 impl BatchNorm2d {
     /// The fused training op for `x` with the batch's statistics (and the running statistics
-    /// updated), where it applies: CPU, f32/f64 like the weights, not the composed reference.
-    /// For callers that apply the op their own way (`nn::Link::tail`, a block's tail).
+    /// updated), where it applies: CPU, f32/f64 like the weights or bf16 activations (statistics
+    /// and arithmetic in f64 all the same), not the composed reference. For callers that apply
+    /// the op their own way (`nn::Link::tail`, a block's tail), with [`Self::affine`]'s γ and β.
     pub fn fused_train_op(&self, x: &Tensor) -> Result<Option<BatchNormTrain>> {
         let fused = x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64)
-            && x.dtype() == self.weight.dtype()
+            && (matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == self.weight.dtype()
+                || x.dtype() == DType::BF16)
             && !COMPOSED.load(Ordering::Relaxed);
         if fused {
             self.batch_op(x).map(Some)
         } else {
             Ok(None)
         }
+    }
+
+    /// γ and β in the activations' type (mixed precision: the f32 parameters cast on use, so
+    /// their gradients come back to them in f32; no-op in f32).
+    pub fn affine(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        Ok((self.weight.to_dtype(dtype)?, self.bias.to_dtype(dtype)?))
     }
 
     /// Training mode as one op ([`BatchNormTrain`]), CPU f32/f64; `relu` fuses a ReLU after
@@ -137,8 +147,10 @@ impl BatchNorm2d {
         check_count(stats.count, x)?;
         let count = stats.count as f64;
         let c = stats.mean.len();
-        let mean = Tensor::from_slice(&stats.mean, c, x.device())?.to_dtype(x.dtype())?;
-        let var = Tensor::from_slice(&stats.var, c, x.device())?.to_dtype(x.dtype())?;
+        // In the running statistics' type (f32 under mixed precision), not the activations'.
+        let dt = self.running_mean.dtype();
+        let mean = Tensor::from_slice(&stats.mean, c, x.device())?.to_dtype(dt)?;
+        let var = Tensor::from_slice(&stats.var, c, x.device())?.to_dtype(dt)?;
         self.update_running(&mean, &(var * (count / (count - 1.0)))?)?;
         Ok(BatchNormTrain::new(&stats, self.eps).synced(self.group.clone()))
     }
@@ -310,6 +322,53 @@ mod tests {
                     (n, c, h, w)
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Mixed precision on CPU: bf16 activations through the fused op, f32 parameters cast on use,
+    /// against the f32 op on the same (bf16-rounded) values. The statistics are computed in f64
+    /// from the same values, so the running statistics agree to f32 rounding; outputs and
+    /// gradients to bf16's rounding (2⁻⁸ relative; 1 % of the largest element).
+    #[test]
+    fn bf16_activations_track_f32() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        for relu in [false, true] {
+            let (n, c, h, w) = (4, 3, 5, 7);
+            let v: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 37 % 101) as f32 / 13.0).sin() * 3.0 + 1.5).collect();
+            let x16 = Var::from_tensor(&Tensor::from_vec(v, (n, c, h, w), &dev)?.to_dtype(DType::BF16)?)?;
+            let x32 = Var::from_tensor(&x16.to_dtype(DType::F32)?)?;
+            let proj = Tensor::from_vec(
+                (0..n * c * h * w).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(),
+                (n, c, h, w),
+                &dev,
+            )?;
+            let pb = ParamBuilder::new(3, &dev, DType::F32);
+            let (b16, b32) = (batch_norm2d(c, false, &pb.pp("a"))?, batch_norm2d(c, false, &pb.pp("b"))?);
+            let y16 =
+                if relu { b16.forward_relu_t(x16.as_tensor(), true)? } else { b16.forward_t(x16.as_tensor(), true)? };
+            let y32 =
+                if relu { b32.forward_relu_t(x32.as_tensor(), true)? } else { b32.forward_t(x32.as_tensor(), true)? };
+            assert_eq!(y16.dtype(), DType::BF16);
+            let g16 = y16.to_dtype(DType::F32)?.mul(&proj)?.sum_all()?.backward()?;
+            let g32 = y32.mul(&proj)?.sum_all()?.backward()?;
+            let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                let a = a.to_dtype(DType::F32)?;
+                let d = a.sub(b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                Ok((d / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-30)) as f64)
+            };
+            assert!(close(b16.running_mean(), b32.running_mean())? < 1e-6, "relu {relu}: running mean");
+            assert!(close(b16.running_var(), b32.running_var())? < 1e-6, "relu {relu}: running var");
+            let errs = [
+                close(&y16, &y32)?,
+                close(g16.get(x16.as_tensor()).expect("dx"), g32.get(x32.as_tensor()).expect("dx"))?,
+                close(g16.get(&b16.weight).expect("dγ"), g32.get(&b32.weight).expect("dγ"))?,
+                close(g16.get(&b16.bias).expect("dβ"), g32.get(&b32.bias).expect("dβ"))?,
+            ];
+            assert!(errs.iter().all(|e| *e < 1e-2), "relu {relu}: y/dx/dγ/dβ {errs:?}");
+            // The parameters' gradients reach the f32 parameters in f32.
+            assert_eq!(g16.get(&b16.weight).expect("dγ").dtype(), DType::F32);
         }
         Ok(())
     }

@@ -200,7 +200,8 @@ impl Block {
         let bn = self.last_bn();
         if train {
             if let Some(op) = bn.fused_train_op(&z)? {
-                return Link::tail(input, &z, op, bn.weight(), bn.bias(), shortcut);
+                let (gamma, beta) = bn.affine(z.dtype())?;
+                return Link::tail(input, &z, op, &gamma, &beta, shortcut);
             }
         }
         Link::residual(input, bn.forward_t(&z, train)?, shortcut)

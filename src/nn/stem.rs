@@ -133,7 +133,8 @@ impl Layer for Stem {
             // f32/f64), the composed path below gives the same values.
             if let Some(op) = self.bn.fused_train_op(&z)? {
                 let op = BnReluMaxPool::new(op, &z, 3, 2, 1)?;
-                return z.apply_op3(self.bn.weight(), self.bn.bias(), op);
+                let (gamma, beta) = self.bn.affine(z.dtype())?;
+                return z.apply_op3(&gamma, &beta, op);
             }
         }
         let h = self.bn.forward_relu_t(&z, train)?;

@@ -18,7 +18,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::batch_norm_op::BatchNormTrain;
@@ -40,7 +40,7 @@ impl BnReluMaxPool {
         Ok(Self { bn: bn.with_relu(false), pool: Pool::new(z, kernel, stride, padding)?, positions: Mutex::new(None) })
     }
 
-    fn forward<T: WithDType>(&self, z: &[T], gamma: &[T], beta: &[T]) -> Result<Vec<T>> {
+    fn forward<T: super::batch_norm_op::Act>(&self, z: &[T], gamma: &[T], beta: &[T]) -> Result<Vec<T>> {
         let g = &self.pool;
         let h = self.bn.forward(z, gamma, beta, g.c, g.h * g.w);
         let positions = argmax_planes(&h, g);
@@ -60,7 +60,7 @@ impl BnReluMaxPool {
         Ok(out)
     }
 
-    fn bwd_typed<T: WithDType>(
+    fn bwd_typed<T: super::batch_norm_op::Act>(
         &self,
         z: &Tensor,
         gamma: &Tensor,
@@ -128,6 +128,11 @@ impl CustomOp3 for BnReluMaxPool {
                 &storage_slice(s2, l2)?,
                 &storage_slice(s3, l3)?,
             )?),
+            CpuStorage::BF16(_) => CpuStorage::BF16(self.forward::<half::bf16>(
+                &storage_slice(s1, l1)?,
+                &storage_slice(s2, l2)?,
+                &storage_slice(s3, l3)?,
+            )?),
             s => candle_core::bail!("stem pool: unsupported dtype {:?}", s.dtype()),
         };
         Ok((out, shape))
@@ -144,6 +149,7 @@ impl CustomOp3 for BnReluMaxPool {
         match z.dtype() {
             DType::F32 => self.bwd_typed::<f32>(z, gamma, out, dout),
             DType::F64 => self.bwd_typed::<f64>(z, gamma, out, dout),
+            DType::BF16 => self.bwd_typed::<half::bf16>(z, gamma, out, dout),
             d => candle_core::bail!("stem pool: unsupported dtype {d:?}"),
         }
     }
