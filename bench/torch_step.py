@@ -7,6 +7,10 @@ each followed by global average pooling, a 2-layer MLP (hidden = feature width, 
 NT-Xent (tau 0.5 / 0.1), trained with AdamW (lr 1e-3, weight decay 1e-6). Batch = images; each
 step sees two views of each.
 
+`--precision bf16 --channels-last`: the forward and the loss under
+torch.autocast("cpu", bfloat16) with channels_last activations and weights (PyTorch's fastest CPU
+training setting: bf16 convolutions and matmuls through oneDNN, f32 master weights).
+
 Prints one `key=value` line like the Rust bench: median step seconds, images/s and the
 process's peak RSS (ru_maxrss, which is VmHWM).
 
@@ -80,19 +84,25 @@ def main():
     p.add_argument("--batch", type=int)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="f32", choices=["f32", "bf16"])
+    p.add_argument("--channels-last", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     size, tau = (32, 0.5) if a.model == "resnet18" else (224, 0.1)
     batch = a.batch or (256 if a.model == "resnet18" else 16)
-    model = resnet(a.model).train()
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    model = resnet(a.model).train().to(memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-6)
-    x = torch.rand(2 * batch, 3, size, size) - 0.5
+    x = (torch.rand(2 * batch, 3, size, size) - 0.5).contiguous(memory_format=fmt)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.precision == "bf16" else (
+        lambda: torch.autocast("cpu", enabled=False))
     times = []
     for i in range(a.steps + 1):  # one untimed warm-up step
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = nt_xent(model(x), tau)
+        with autocast():
+            loss = nt_xent(model(x).float(), tau)
         loss.backward()
         opt.step()
         if i > 0:
@@ -100,7 +110,9 @@ def main():
     times.sort()
     med = times[len(times) // 2]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"impl=pytorch-{torch.__version__} model={a.model} batch={batch} steps={a.steps} "
+    impl = f"pytorch-{torch.__version__.split('+')[0]}" + ("-bf16" if a.precision == "bf16" else "") + (
+        "-cl" if a.channels_last else "")
+    print(f"impl={impl} model={a.model} batch={batch} steps={a.steps} "
           f"step_s={med:.3f} min_s={times[0]:.3f} images_per_s={batch / med:.2f} peak_rss_mb={rss / 1e6:.0f}")
 
 

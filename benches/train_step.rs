@@ -13,6 +13,7 @@
 //! - `--candle-bn`: training-mode batch norm composed from candle ops instead of the fused op.
 //! - `--method gim|loco`: the same encoder with GIM's or LoCo's decoders and stops (bench/gpu.sh).
 //! - `--device cuda` (a `--features cuda` build) and `--precision bf16`: the GPU benchmark.
+//! - `--peak`: instead of a step, oneDNN's convolution peak (f32 and bf16) on this machine.
 //! - `--conv`: instead of a step, time the backward of single convolutions from ResNet-18/50,
 //!   both implementations alternately.
 //!
@@ -39,6 +40,7 @@ struct Args {
     candle_conv: bool,
     candle_bn: bool,
     conv: bool,
+    peak: bool,
     method: String,
     device: String,
     precision: String,
@@ -53,6 +55,7 @@ fn parse_args() -> Result<Args, String> {
         candle_conv: false,
         candle_bn: false,
         conv: false,
+        peak: false,
         method: "simclr".into(),
         device: "cpu".into(),
         precision: "f32".into(),
@@ -73,6 +76,7 @@ fn parse_args() -> Result<Args, String> {
             "--device" => a.device = it.next().ok_or("--device needs a value")?,
             "--precision" => a.precision = it.next().ok_or("--precision needs a value")?,
             "--conv" => a.conv = true,
+            "--peak" => a.peak = true,
             // cargo bench passes --bench to every harness = false target
             "--bench" => {}
             other => return Err(format!("unknown argument {other}")),
@@ -156,6 +160,9 @@ fn train_step(a: &Args) -> Result<(), String> {
     let x = noise(&[2 * batch, 3, size, size], 0).and_then(|x| x.to_device(&device)).map_err(|e| e.to_string())?;
     // The activations the plan predicts the step holds at its peak (layer-spec costs).
     let predicted = c.held_bytes(2 * batch, exp.precision.dtype().size_in_bytes()).peak().map_or(0, |p| p.1);
+    // Model FLOPs of a step: forward and the two backward products of every layer, 2 FLOPs per
+    // multiply-accumulate, all views (the encoder; the heads are < 1 %).
+    let flops = 6.0 * locograph::eval::profile::profile(&c).macs() as f64 * (2 * batch) as f64;
     let mut times = vec![];
     // One untimed step first: thread pools, optimizer state, allocator warm-up.
     for i in 0..=a.steps {
@@ -172,12 +179,16 @@ fn train_step(a: &Args) -> Result<(), String> {
     let median = times[times.len() / 2];
     println!(
         "impl={}{} model={} method={} device={} precision={} batch={batch} steps={} step_s={median:.3} min_s={:.3} \
-         images_per_s={:.2} peak_rss_mb={:.0} predicted_activations_mb={:.0}",
+         images_per_s={:.2} peak_rss_mb={:.0} predicted_activations_mb={:.0} step_gflop={:.1}",
         match (a.candle_conv, a.candle_bn) {
-            (true, true) => "candle",
-            (true, false) => "candle-conv",
-            (false, true) => "locograph-conv",
-            (false, false) => "locograph",
+            (true, true) => "candle".to_string(),
+            (true, false) => "candle-conv".into(),
+            (false, true) => "locograph-conv".into(),
+            (false, false) => format!(
+                "locograph{}{}",
+                if locograph::dnnl::enabled() || a.device != "cpu" { "" } else { "-im2col" },
+                if a.precision == "f32" { String::new() } else { format!("-{}", a.precision) }
+            ),
         },
         if MALLOC_HEAP.load(std::sync::atomic::Ordering::Relaxed) { "" } else { "+system-malloc" },
         a.model,
@@ -188,7 +199,8 @@ fn train_step(a: &Args) -> Result<(), String> {
         times[0],
         batch as f64 / median,
         locograph::malloc::peak_rss().unwrap_or(0) as f64 / 1e6,
-        predicted as f64 / 1e6
+        predicted as f64 / 1e6,
+        flops / 1e9
     );
     Ok(())
 }
@@ -235,6 +247,47 @@ fn conv_calls(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// The machine's convolution peak: oneDNN's 3×3 convolution (batch 256, 64 → 64 channels,
+/// 32×32), forward + backward data + backward weights on buffers already in oneDNN's chosen
+/// layouts, oneDNN's own threading, f32 and bf16, the best of `steps` rounds. The MFU of
+/// bench/run.sh's rows is against these. Also: the same through `locograph::dnnl` as training
+/// calls it (NCHW buffers reordered per call, images split over rayon's threads).
+fn peak(a: &Args) -> Result<(), String> {
+    use locograph::dnnl::{self, ConvGeometry, Pass};
+    let g = ConvGeometry { n: 256, c: 64, h: 32, w: 32, o: 64, kh: 3, kw: 3, stride: 1, padding: 1, groups: 1 };
+    let flops = 3.0 * 2.0 * (g.n * g.o * g.h * g.w * g.c * 9) as f64;
+    fn as_called<T: dnnl::Element>(g: &ConvGeometry, x: &[T], w: &[T], steps: usize) -> Result<f64, dnnl::DnnlError> {
+        let mut best = f64::INFINITY;
+        for _ in 0..=steps {
+            let t = Instant::now();
+            let y = dnnl::conv_forward(g, x, w)?;
+            let dx = dnnl::conv_backward_data(g, &y, w)?;
+            let dw = dnnl::conv_backward_weights(g, x, &y)?;
+            best = best.min(t.elapsed().as_secs_f64());
+            drop((dx, dw));
+        }
+        Ok(best)
+    }
+    let e = |e: dnnl::DnnlError| e.to_string();
+    let threads = rayon::current_num_threads();
+    let x: Vec<f32> = (0..g.n * g.c * g.h * g.w).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
+    let w: Vec<f32> = (0..g.o * g.c * 9).map(|i| ((i % 31) as f32 - 15.0) / 100.0).collect();
+    let (xb, wb): (Vec<half::bf16>, Vec<half::bf16>) =
+        (x.iter().map(|&v| half::bf16::from_f32(v)).collect(), w.iter().map(|&v| half::bf16::from_f32(v)).collect());
+    let rows = [
+        ("f32", dnnl::conv_peak_seconds::<f32>(&g, threads, a.steps).map_err(e)?, as_called(&g, &x, &w, a.steps).map_err(e)?, dnnl::conv_kernel::<f32>(&g, Pass::Forward).map_err(e)?),
+        ("bf16", dnnl::conv_peak_seconds::<half::bf16>(&g, threads, a.steps).map_err(e)?, as_called(&g, &xb, &wb, a.steps).map_err(e)?, dnnl::conv_kernel::<half::bf16>(&g, Pass::Forward).map_err(e)?),
+    ];
+    for (precision, best, called, kernel) in rows {
+        println!(
+            "peak precision={precision} gflops={:.1} as_called_gflops={:.1} kernel={kernel}",
+            flops / best / 1e9,
+            flops / called / 1e9
+        );
+    }
+    Ok(())
+}
+
 /// Whether `locograph::malloc::keep_freed_memory` is in effect (as in the CLI).
 static MALLOC_HEAP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -247,7 +300,9 @@ fn main() {
         }
         conv_op::use_candle_reference(a.candle_conv);
         locograph::nn::batch_norm::use_composed_reference(a.candle_bn);
-        if a.conv {
+        if a.peak {
+            peak(&a)
+        } else if a.conv {
             conv_calls(&a)
         } else {
             train_step(&a)

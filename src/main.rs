@@ -61,7 +61,7 @@ enum Command {
         /// Override `device:` (cpu, cuda).
         #[arg(long, value_parser = parse_device)]
         device: Option<DeviceKind>,
-        /// Override `precision:` (f32; bf16 on cuda; f16).
+        /// Override `precision:` (f32; bf16 on cuda, or on CPU with oneDNN; f16).
         #[arg(long, value_parser = parse_precision)]
         precision: Option<Precision>,
         /// One run per seed, comma-separated (`--seeds 0,1,2`), then their mean ± std.

@@ -141,17 +141,29 @@ fn nan_loss_stops_the_run_naming_loss_and_step() {
 /// the f32 step's, and training still works. LoCo, so the routed backward runs in f16 too.
 #[test]
 fn half_precision_step_keeps_f32_master_weights_and_matches_f32() {
+    half_precision_step(candle_core::DType::F16);
+}
+
+/// The same in bf16, which on CPU runs oneDNN's bf16 convolutions and the fused batch norms on
+/// bf16 activations.
+#[test]
+#[cfg_attr(not(dnnl), ignore = "built without oneDNN: precision bf16 needs it on CPU")]
+fn bf16_step_keeps_f32_master_weights_and_matches_f32() {
+    half_precision_step(candle_core::DType::BF16);
+}
+
+fn half_precision_step(dtype: candle_core::DType) {
     // One block per stage: at this toy width (batch norm over 8 images of 2×2 pixels in res4)
     // f16 rounding compounds over deeper stages past what a per-tensor cosine can bound.
     let text = common::loco().replace("blocks: 2,", "blocks: 1,").replace("blocks: 3,", "blocks: 1,");
     let (_, c) = common::compiled(&text);
     let full = Model::new(&c, 0, &Device::Cpu).expect("model");
-    let half = Model::new(&c, 0, &Device::Cpu).expect("model").with_compute(candle_core::DType::F16);
+    let half = Model::new(&c, 0, &Device::Cpu).expect("model").with_compute(dtype);
     let x = fixed_batch();
     let a = run_step(&c, &full, &x).expect("f32 step");
-    let b = run_step(&c, &half, &x).expect("f16 step");
+    let b = run_step(&c, &half, &x).expect("half-precision step");
     for ((_, la), (_, lb)) in a.losses.iter().zip(&b.losses) {
-        assert!((la - lb).abs() < 1e-2 * la.abs(), "loss f32 {la} vs f16 {lb}");
+        assert!((la - lb).abs() < 1e-2 * la.abs(), "loss f32 {la} vs {dtype:?} {lb}");
     }
     let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32 gradient");
     let cosine = |a: &[f32], b: &[f32]| {
@@ -167,7 +179,7 @@ fn half_precision_step_keeps_f32_master_weights_and_matches_f32() {
         // f16 keeps ~3 significant digits, so a small tensor's gradient can turn by a few
         // degrees; all of them together must agree closely.
         if va.iter().any(|v| v.abs() > 1e-6) {
-            assert!(cosine(&va, &vb) > 0.95, "{}: cosine(f32 grad, f16 grad) = {}", p.name, cosine(&va, &vb));
+            assert!(cosine(&va, &vb) > 0.95, "{}: cosine(f32 grad, {dtype:?} grad) = {}", p.name, cosine(&va, &vb));
         }
         all_a.extend(va);
         all_b.extend(vb);
@@ -183,7 +195,7 @@ fn half_precision_step_keeps_f32_master_weights_and_matches_f32() {
         last = out.losses.iter().map(|(_, v)| *v).collect();
         opt.step(&half.params.params, &out.grads, 1e-2).expect("optimizer step");
     }
-    assert_halved("loco f16", (first, last));
+    assert_halved(&format!("loco {dtype:?}"), (first, last));
 }
 
 /// Training updates each node as soon as its gradients are final (`update_when_final`, which

@@ -263,6 +263,27 @@ pub fn conv_workspace_bytes<T: Element>(g: &ConvGeometry, pass: Pass) -> Result<
     }
 }
 
+/// Seconds of one forward + backward data + backward weights of `g` in `T` with every buffer
+/// already in oneDNN's chosen layout (no reorders), oneDNN's own threading on `threads` threads,
+/// the best of `rounds`: the machine's convolution peak, for MFU figures.
+pub fn conv_peak_seconds<T: Element>(g: &ConvGeometry, threads: usize, rounds: usize) -> Result<f64, DnnlError> {
+    #[cfg(dnnl)]
+    {
+        let mut s = 0f64;
+        // SAFETY: `raw` is the geometry; the shim allocates every buffer itself.
+        let rc = unsafe { ffi::lg_dnnl_conv_peak(g.raw().as_ptr(), T::CODE, threads as i32, rounds as i32, &mut s) };
+        if rc != 0 {
+            return Err(failed(Pass::Forward, g));
+        }
+        Ok(s)
+    }
+    #[cfg(not(dnnl))]
+    {
+        let _ = (g, threads, rounds);
+        Err(DnnlError::NotBuilt)
+    }
+}
+
 fn check(g: &ConvGeometry, lengths_match: bool) {
     // The callers (nn::conv_op) size the buffers from the same geometry: a mismatch is a bug,
     // and oneDNN would read or write out of bounds.
@@ -323,6 +344,7 @@ mod ffi {
         pub fn lg_dnnl_version() -> c_int;
         pub fn lg_dnnl_set_threads(n: c_int);
         pub fn lg_dnnl_conv_impl(geom: *const i64, dtype: c_int, pass: c_int, buf: *mut c_char, len: usize) -> c_int;
+        pub fn lg_dnnl_conv_peak(geom: *const i64, dtype: c_int, threads: c_int, rounds: c_int, seconds: *mut f64) -> c_int;
         pub fn lg_dnnl_conv_scratch(geom: *const i64, dtype: c_int, pass: c_int, bytes: *mut usize) -> c_int;
         pub fn lg_dnnl_conv_forward(
             geom: *const i64,

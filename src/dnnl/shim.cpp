@@ -5,6 +5,7 @@
 // runs with a scratchpad the caller-visible size of which is known (`lg_dnnl_conv_scratch`).
 #include <dnnl.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -201,6 +202,33 @@ int lg_dnnl_conv_backward_data(const int64_t* geom, int dtype, const void* dy, c
         s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DIFF_SRC, dxm.m}, {DNNL_ARG_SCRATCHPAD, scratch}});
     dxm.finish(s);
     s.wait();
+  });
+}
+
+// The machine's convolution peak: seconds of the best of `rounds` runs of forward, backward
+// data and backward weights of `geom` on buffers already in oneDNN's chosen layouts (no
+// reorders), on `threads` OpenMP threads.
+int lg_dnnl_conv_peak(const int64_t* geom, int dtype, int threads, int rounds, double* seconds) {
+  return guard([&] {
+    omp_set_num_threads(threads);
+    auto c = get(geom, dtype);
+    stream s(eng());
+    memory x(c->fwd.src_desc(), eng()), w(c->fwd.weights_desc(), eng()), y(c->fwd.dst_desc(), eng());
+    memory dx(c->bwd_data.diff_src_desc(), eng()), dw(c->bwd_weights.diff_weights_desc(), eng());
+    memory s1(c->fwd.scratchpad_desc(), eng()), s2(c->bwd_data.scratchpad_desc(), eng()),
+        s3(c->bwd_weights.scratchpad_desc(), eng());
+    for (auto* m : {&x, &w, &y}) std::memset(m->get_data_handle(), 0, m->get_desc().get_size());
+    double best = 1e30;
+    for (int r = 0; r <= rounds; r++) {  // the first run is a warm-up
+      auto t0 = std::chrono::steady_clock::now();
+      c->fwd_p.execute(s, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, y}, {DNNL_ARG_SCRATCHPAD, s1}});
+      c->bwd_data_p.execute(s, {{DNNL_ARG_DIFF_DST, y}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DIFF_SRC, dx}, {DNNL_ARG_SCRATCHPAD, s2}});
+      c->bwd_weights_p.execute(s, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, y}, {DNNL_ARG_DIFF_WEIGHTS, dw}, {DNNL_ARG_SCRATCHPAD, s3}});
+      s.wait();
+      double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (r > 0 && t < best) best = t;
+    }
+    *seconds = best;
   });
 }
 

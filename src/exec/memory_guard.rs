@@ -73,11 +73,12 @@ pub fn human(bytes: f64) -> String {
 
 fn describe(loaded: &Loaded, est: &MemoryEstimate) -> String {
     format!(
-        "a training step needs about {} (activations ≈ {} for {} views, parameters with gradients and optimizer state ≈ {})",
+        "a training step needs about {} (activations ≈ {} for {} views, parameters with gradients and optimizer state ≈ {}, one convolution's working copies ≈ {})",
         human(est.total()),
         human(est.activations),
         2u128 * loaded.experiment.train.batch_size as u128,
         human(est.parameters),
+        human(est.workspace),
     )
 }
 

@@ -45,11 +45,15 @@ pub struct MemoryEstimate {
     pub activations: f64,
     /// Parameters and buffers, the parameters' gradients and the optimizer's state slots.
     pub parameters: f64,
+    /// The working copies one op makes beside the held activations at most: oneDNN reorders a
+    /// convolution's input and output into its blocked layout (`dnnl::conv_workspace_bytes`), so
+    /// twice the largest node output. Transient (freed when the op returns), but at the peak.
+    pub workspace: f64,
 }
 
 impl MemoryEstimate {
     pub fn total(&self) -> f64 {
-        self.activations + self.parameters
+        self.activations + self.parameters + self.workspace
     }
 }
 
@@ -88,9 +92,11 @@ impl Plan {
     pub fn memory_estimate(&self, views: usize, elem_bytes: usize, optimizer_slots: usize) -> MemoryEstimate {
         let held = self.held_bytes(views, elem_bytes).peak().map_or(0, |p| p.1);
         let (params, buffers) = self.parameter_counts();
+        let largest = self.costs.iter().map(|c| c.output).max().unwrap_or(0) as f64;
         MemoryEstimate {
             activations: held as f64 * WORKING_SET,
             parameters: (params as f64 * (2 + optimizer_slots) as f64 + buffers as f64) * 4.0,
+            workspace: 2.0 * largest * (views * elem_bytes) as f64,
         }
     }
 
