@@ -33,7 +33,7 @@ fn main() {
         .warnings(false)
         .file("src/dnnl/shim.cpp")
         .compile("locograph_dnnl");
-    if root != PathBuf::from("/usr") {
+    if root != std::path::Path::new("/usr") {
         println!("cargo:rustc-link-search=native={}", root.join("lib").display());
     }
     println!("cargo:rustc-link-lib=dylib=dnnl");

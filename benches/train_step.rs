@@ -275,8 +275,18 @@ fn peak(a: &Args) -> Result<(), String> {
     let (xb, wb): (Vec<half::bf16>, Vec<half::bf16>) =
         (x.iter().map(|&v| half::bf16::from_f32(v)).collect(), w.iter().map(|&v| half::bf16::from_f32(v)).collect());
     let rows = [
-        ("f32", dnnl::conv_peak_seconds::<f32>(&g, threads, a.steps).map_err(e)?, as_called(&g, &x, &w, a.steps).map_err(e)?, dnnl::conv_kernel::<f32>(&g, Pass::Forward).map_err(e)?),
-        ("bf16", dnnl::conv_peak_seconds::<half::bf16>(&g, threads, a.steps).map_err(e)?, as_called(&g, &xb, &wb, a.steps).map_err(e)?, dnnl::conv_kernel::<half::bf16>(&g, Pass::Forward).map_err(e)?),
+        (
+            "f32",
+            dnnl::conv_peak_seconds::<f32>(&g, threads, a.steps).map_err(e)?,
+            as_called(&g, &x, &w, a.steps).map_err(e)?,
+            dnnl::conv_kernel::<f32>(&g, Pass::Forward).map_err(e)?,
+        ),
+        (
+            "bf16",
+            dnnl::conv_peak_seconds::<half::bf16>(&g, threads, a.steps).map_err(e)?,
+            as_called(&g, &xb, &wb, a.steps).map_err(e)?,
+            dnnl::conv_kernel::<half::bf16>(&g, Pass::Forward).map_err(e)?,
+        ),
     ];
     for (precision, best, called, kernel) in rows {
         println!(

@@ -288,7 +288,10 @@ fn check(g: &ConvGeometry, lengths_match: bool) {
     // The callers (nn::conv_op) size the buffers from the same geometry: a mismatch is a bug,
     // and oneDNN would read or write out of bounds.
     assert!(lengths_match, "dnnl: buffer lengths do not match {g:?}");
-    assert!(g.groups > 0 && g.c % g.groups == 0 && g.o % g.groups == 0 && g.stride > 0, "dnnl: bad geometry {g:?}");
+    assert!(
+        g.groups > 0 && g.c.is_multiple_of(g.groups) && g.o.is_multiple_of(g.groups) && g.stride > 0,
+        "dnnl: bad geometry {g:?}"
+    );
 }
 
 fn call(pass: Pass, g: &ConvGeometry, code: i32, a: *const (), b: *const (), out: *mut ()) -> Result<(), DnnlError> {
@@ -344,7 +347,13 @@ mod ffi {
         pub fn lg_dnnl_version() -> c_int;
         pub fn lg_dnnl_set_threads(n: c_int);
         pub fn lg_dnnl_conv_impl(geom: *const i64, dtype: c_int, pass: c_int, buf: *mut c_char, len: usize) -> c_int;
-        pub fn lg_dnnl_conv_peak(geom: *const i64, dtype: c_int, threads: c_int, rounds: c_int, seconds: *mut f64) -> c_int;
+        pub fn lg_dnnl_conv_peak(
+            geom: *const i64,
+            dtype: c_int,
+            threads: c_int,
+            rounds: c_int,
+            seconds: *mut f64,
+        ) -> c_int;
         pub fn lg_dnnl_conv_scratch(geom: *const i64, dtype: c_int, pass: c_int, bytes: *mut usize) -> c_int;
         pub fn lg_dnnl_conv_forward(
             geom: *const i64,
