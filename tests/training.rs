@@ -171,20 +171,27 @@ fn half_precision_step(dtype: candle_core::DType) {
         dot / (a.iter().map(|v| v * v).sum::<f32>().sqrt() * b.iter().map(|v| v * v).sum::<f32>().sqrt())
     };
     let (mut all_a, mut all_b) = (vec![], vec![]);
+    // Cosine bounds per tensor and over all gradients (see below for bf16's).
+    let (each, all) = if dtype == candle_core::DType::BF16 { (0.5, 0.97) } else { (0.95, 0.995) };
     for (p, (ga, gb)) in half.params.params.iter().zip(a.grads.iter().zip(&b.grads)) {
         let (ga, gb) = (ga.as_ref().expect("grad"), gb.as_ref().expect("grad"));
         assert_eq!(p.var.dtype(), candle_core::DType::F32, "{}: master weight", p.name);
         assert_eq!(gb.dtype(), candle_core::DType::F32, "{}: gradient type", p.name);
         let (va, vb) = (flat(ga), flat(gb));
         // f16 keeps ~3 significant digits, so a small tensor's gradient can turn by a few
-        // degrees; all of them together must agree closely.
+        // degrees; all of them together must agree closely. bf16 keeps 8 bits (8× f16's
+        // rounding step): at this toy size res4's batch norm normalises 32 values per channel
+        // and its γ gradient, a sum that nearly cancels, turns most (cosine 0.61 measured; the
+        // shallower layers and heads stay above 0.95, all gradients together 0.98). A wrong
+        // bf16 kernel (a layout or a dropped term) gives cosines near 0.
         if va.iter().any(|v| v.abs() > 1e-6) {
-            assert!(cosine(&va, &vb) > 0.95, "{}: cosine(f32 grad, {dtype:?} grad) = {}", p.name, cosine(&va, &vb));
+            let c = cosine(&va, &vb);
+            assert!(c > each, "{}: cosine(f32 grad, {dtype:?} grad) = {c}", p.name);
         }
         all_a.extend(va);
         all_b.extend(vb);
     }
-    assert!(cosine(&all_a, &all_b) > 0.995, "all gradients: cosine {}", cosine(&all_a, &all_b));
+    assert!(cosine(&all_a, &all_b) > all, "all gradients: cosine {}", cosine(&all_a, &all_b));
     // And it still learns: the losses halve on the fixed batch like in f32.
     let cfg: OptimizerConfig = serde_yaml::from_str("{kind: adamw, weight_decay: 0.0}").expect("optimizer");
     let mut opt = cfg.build();
