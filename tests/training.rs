@@ -149,6 +149,14 @@ fn half_precision_step_keeps_f32_master_weights_and_matches_f32() {
 #[test]
 #[cfg_attr(not(dnnl), ignore = "built without oneDNN: precision bf16 needs it on CPU")]
 fn bf16_step_keeps_f32_master_weights_and_matches_f32() {
+    if !locograph::dnnl::enabled() {
+        // LOCOGRAPH_DNNL=0: the step is refused with the reason (the config check says the same).
+        let (_, c) = common::compiled(&common::loco());
+        let half = Model::new(&c, 0, &Device::Cpu).expect("model").with_compute(candle_core::DType::BF16);
+        let err = run_step(&c, &half, &fixed_batch()).err().expect("bf16 without oneDNN").to_string();
+        assert!(err.contains("needs oneDNN"), "{err}");
+        return;
+    }
     half_precision_step(candle_core::DType::BF16);
 }
 

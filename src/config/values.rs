@@ -46,12 +46,15 @@ pub fn check_values(loaded: &Loaded) -> Result<(), ConfigErrors> {
         errors
             .push(at("device", "`device: cuda` needs a build with `--features cuda` (this binary is CPU-only)".into()));
     }
-    if e.precision == Precision::Bf16 && e.device == DeviceKind::Cpu && !crate::dnnl::built() {
+    if e.precision == Precision::Bf16 && e.device == DeviceKind::Cpu && !crate::dnnl::enabled() {
+        let why = if crate::dnnl::built() {
+            "oneDNN's kernels are switched off (LOCOGRAPH_DNNL=0)"
+        } else {
+            "this build has none (`apt-get install libdnnl-dev`, then rebuild)"
+        };
         errors.push(at(
             "precision",
-            "`precision: bf16` on CPU needs a build with oneDNN (`apt-get install libdnnl-dev`, then rebuild), \
-             or `device: cuda`; `f16` runs on CPU without it"
-                .into(),
+            format!("`precision: bf16` on CPU needs oneDNN's kernels: {why}; or `device: cuda`; `f16` runs on CPU without them"),
         ));
     }
     if e.input.channels == 0 || e.input.size == 0 {

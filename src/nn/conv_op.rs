@@ -85,6 +85,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize, groups: usi
             "conv2d: kernel {kh}×{kw} with padding {padding}, stride {stride} does not fit input {h}×{wd}"
         )
     }
+    if x.device().is_cpu() && x.dtype() == DType::BF16 && !dnnl::enabled() {
+        // candle's CPU conv has no bf16 matmul: say why instead of its "unsupported dtype".
+        candle_core::bail!("conv2d: bf16 on CPU needs oneDNN's kernels (built with libdnnl-dev, LOCOGRAPH_DNNL not 0)")
+    }
     if CANDLE_REFERENCE.load(Ordering::Relaxed)
         || !x.device().is_cpu()
         || x.dtype() != w.dtype()
@@ -374,6 +378,12 @@ mod tests {
     fn bf16_op_tracks_f32() -> Result<()> {
         let x = Var::from_tensor(&randn(&[4, 16, 12, 12], 1, DType::BF16)?)?;
         let w = Var::from_tensor(&randn(&[24, 16, 3, 3], 2, DType::BF16)?)?;
+        if !dnnl::enabled() {
+            // LOCOGRAPH_DNNL=0: refused with the reason.
+            let err = conv2d(x.as_tensor(), w.as_tensor(), 1, 2, 1).expect_err("bf16 without oneDNN").to_string();
+            assert!(err.contains("needs oneDNN"), "{err}");
+            return Ok(());
+        }
         let proj = randn(&[4, 24, 6, 6], 3, DType::F32)?;
         let loss = |x: &Tensor, w: &Tensor| conv2d(x, w, 1, 2, 1)?.to_dtype(DType::F32)?.mul(&proj)?.sum_all();
         let g16 = loss(x.as_tensor(), w.as_tensor())?.backward()?;
