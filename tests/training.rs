@@ -153,7 +153,8 @@ fn bf16_step_keeps_f32_master_weights_and_matches_f32() {
         // LOCOGRAPH_DNNL=0: the step is refused with the reason (the config check says the same).
         let (_, c) = common::compiled(&common::loco());
         let half = Model::new(&c, 0, &Device::Cpu).expect("model").with_compute(candle_core::DType::BF16);
-        let err = run_step(&c, &half, &fixed_batch()).err().expect("bf16 without oneDNN").to_string();
+        let Err(err) = run_step(&c, &half, &fixed_batch()) else { panic!("bf16 without oneDNN ran") };
+        let err = err.to_string();
         assert!(err.contains("needs oneDNN"), "{err}");
         return;
     }
