@@ -144,10 +144,9 @@ fn half_precision_step_keeps_f32_master_weights_and_matches_f32() {
     half_precision_step(candle_core::DType::F16);
 }
 
-/// The same in bf16, which on CPU runs oneDNN's bf16 convolutions and the fused batch norms on
+/// The same in bf16 (refused with the reason where oneDNN is not built or switched off), which on CPU runs oneDNN's bf16 convolutions and the fused batch norms on
 /// bf16 activations.
 #[test]
-#[cfg_attr(not(dnnl), ignore = "built without oneDNN: precision bf16 needs it on CPU")]
 fn bf16_step_keeps_f32_master_weights_and_matches_f32() {
     if !locograph::dnnl::enabled() {
         // LOCOGRAPH_DNNL=0: the step is refused with the reason (the config check says the same).

@@ -372,7 +372,6 @@ mod tests {
     }
 
     #[test]
-    #[cfg_attr(not(dnnl), ignore = "built without oneDNN")]
     /// A bf16 convolution through the op, forward and both gradients, against the f32 op on the
     /// same (bf16-rounded) values.
     fn bf16_op_tracks_f32() -> Result<()> {
