@@ -12,13 +12,17 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use rayon::prelude::*;
 
-/// One convolution's geometry (dilation 1), as `nn::conv_op` sees it.
+/// The shape of one 2-D convolution (square stride and padding, dilation 1), as `nn::conv_op`
+/// sees it; also the geometry of `nn::im2col`'s kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvGeometry {
+    /// Images.
     pub n: usize,
+    /// Input channels.
     pub c: usize,
     pub h: usize,
     pub w: usize,
+    /// Output channels.
     pub o: usize,
     pub kh: usize,
     pub kw: usize,

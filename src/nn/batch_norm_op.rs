@@ -35,51 +35,36 @@ pub(crate) trait Act: WithDType {
     fn positive(self) -> bool;
 }
 
-impl Act for f32 {
-    fn wide(self) -> f64 {
-        self as f64
-    }
-    fn narrow(v: f64) -> Self {
-        v as f32
-    }
-    fn affine(self, s: f64, t: f64) -> Self {
-        self * s as f32 + t as f32
-    }
-    fn add_relu(self, other: Self) -> Self {
-        let v = self + other;
-        if v > 0.0 {
-            v
-        } else {
-            0.0
+/// f32 and f64 compute in their own arithmetic, exactly as written.
+macro_rules! act_native {
+    ($t:ty) => {
+        #[allow(clippy::unnecessary_cast)] // `self as f64` on f64
+        impl Act for $t {
+            fn wide(self) -> f64 {
+                self as f64
+            }
+            fn narrow(v: f64) -> Self {
+                v as $t
+            }
+            fn affine(self, s: f64, t: f64) -> Self {
+                self * s as $t + t as $t
+            }
+            fn add_relu(self, other: Self) -> Self {
+                let v = self + other;
+                if v > 0.0 {
+                    v
+                } else {
+                    0.0
+                }
+            }
+            fn positive(self) -> bool {
+                self > 0.0
+            }
         }
-    }
-    fn positive(self) -> bool {
-        self > 0.0
-    }
+    };
 }
-
-impl Act for f64 {
-    fn wide(self) -> f64 {
-        self
-    }
-    fn narrow(v: f64) -> Self {
-        v
-    }
-    fn affine(self, s: f64, t: f64) -> Self {
-        self * s + t
-    }
-    fn add_relu(self, other: Self) -> Self {
-        let v = self + other;
-        if v > 0.0 {
-            v
-        } else {
-            0.0
-        }
-    }
-    fn positive(self) -> bool {
-        self > 0.0
-    }
-}
+act_native!(f32);
+act_native!(f64);
 
 /// bf16's bits as the f32 they are the top half of.
 #[inline(always)]

@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 
 use super::im2col::{self, Geometry};
 use crate::cpu_slice::{storage_slice, with_slice};
-use crate::dnnl::{self, ConvGeometry};
+use crate::dnnl;
 
 /// When set, [`conv2d`] is candle's own `conv2d` (for before/after benchmarks).
 static CANDLE_REFERENCE: AtomicBool = AtomicBool::new(false);
@@ -39,7 +39,7 @@ pub fn use_candle_reference(on: bool) {
 /// candle's own conv.
 pub fn backend(device: &candle_core::Device, dtype: DType) -> String {
     let cpu = device.is_cpu() && !CANDLE_REFERENCE.load(Ordering::Relaxed);
-    let probe = ConvGeometry { n: 8, c: 64, h: 16, w: 16, o: 64, kh: 3, kw: 3, stride: 1, padding: 1, groups: 1 };
+    let probe = Geometry { n: 8, c: 64, h: 16, w: 16, o: 64, kh: 3, kw: 3, stride: 1, padding: 1, groups: 1 };
     let kernels = |name: &str| -> std::result::Result<String, dnnl::DnnlError> {
         let k = |p| match dtype {
             DType::BF16 => dnnl::conv_kernel::<half::bf16>(&probe, p),
@@ -118,7 +118,7 @@ impl ConvOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<Vec<T>> {
-        let g = dnnl_geometry(&self.geometry(l1.shape(), l2.shape())?);
+        let g = self.geometry(l1.shape(), l2.shape())?;
         dnnl::conv_forward(&g, &storage_slice::<T>(s1, l1)?, &storage_slice::<T>(s2, l2)?)
             .map_err(candle_core::Error::wrap)
     }
@@ -130,7 +130,7 @@ impl ConvOp {
         dy: &Tensor,
         need: (bool, bool),
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = dnnl_geometry(&self.geometry(x.shape(), w.shape())?);
+        let g = self.geometry(x.shape(), w.shape())?;
         let wrap = candle_core::Error::wrap;
         let dx = need
             .0
@@ -165,11 +165,6 @@ impl ConvOp {
         let dw = dw.map(|v| Tensor::from_vec(v, w.shape(), w.device())).transpose()?;
         Ok((dx, dw))
     }
-}
-
-fn dnnl_geometry(g: &Geometry) -> ConvGeometry {
-    let Geometry { n, c, h, w, o, kh, kw, stride, padding, groups } = *g;
-    ConvGeometry { n, c, h, w, o, kh, kw, stride, padding, groups }
 }
 
 impl CustomOp2 for ConvOp {
@@ -337,7 +332,7 @@ mod tests {
             let (x, wt, dy) = (x?, wt?, dy?);
             let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
             let vec64 = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
-            let dg = dnnl_geometry(&g);
+            let dg = g;
             let ours = [
                 dnnl::conv_forward(&dg, &vec(&x)?, &vec(&wt)?),
                 dnnl::conv_backward_data(&dg, &vec(&dy)?, &vec(&wt)?),
@@ -399,7 +394,7 @@ mod tests {
     #[test]
     #[cfg_attr(not(dnnl), ignore = "built without oneDNN")]
     fn dnnl_names_its_kernels_and_workspace() -> Result<()> {
-        let g = ConvGeometry { n: 8, c: 64, h: 16, w: 16, o: 64, kh: 3, kw: 3, stride: 1, padding: 1, groups: 1 };
+        let g = Geometry { n: 8, c: 64, h: 16, w: 16, o: 64, kh: 3, kw: 3, stride: 1, padding: 1, groups: 1 };
         for pass in [dnnl::Pass::Forward, dnnl::Pass::BackwardData, dnnl::Pass::BackwardWeights] {
             let kernel = dnnl::conv_kernel::<f32>(&g, pass).map_err(candle_core::Error::wrap)?;
             assert!(kernel.contains(':') && !kernel.contains("ref"), "{pass:?}: {kernel}");

@@ -48,33 +48,10 @@ fn with_scratch<T: WithDType, R>(col_len: usize, mat_len: usize, f: impl FnOnce(
     })
 }
 
-/// The shape of one 2-D convolution (square stride and padding, dilation 1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Geometry {
-    /// Images.
-    pub n: usize,
-    /// Input channels.
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-    /// Output channels.
-    pub o: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride: usize,
-    pub padding: usize,
-    pub groups: usize,
-}
+/// The shape of one 2-D convolution, the same for both kernel sets (`crate::dnnl`'s and these).
+pub use crate::dnnl::ConvGeometry as Geometry;
 
 impl Geometry {
-    pub fn out_h(&self) -> usize {
-        (self.h + 2 * self.padding - self.kh) / self.stride + 1
-    }
-
-    pub fn out_w(&self) -> usize {
-        (self.w + 2 * self.padding - self.kw) / self.stride + 1
-    }
-
     /// Rows of one group's column matrix: `C/groups · kh · kw`.
     fn group_rows(&self) -> usize {
         self.c / self.groups * self.kh * self.kw
