@@ -6,7 +6,7 @@
 //! kernels; inside, oneDNN reorders them to the blocked layouts its kernels want.
 //!
 //! Where locograph was built without oneDNN, or `LOCOGRAPH_DNNL=0` is set, [`enabled`] is false
-//! and `nn::conv_op` uses its own im2col kernels (f32) or candle's conv (bf16).
+//! and `nn::conv_op` uses its own im2col kernels (f32); bf16 on CPU is then refused with the reason.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

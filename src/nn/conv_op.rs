@@ -12,8 +12,9 @@
 //! gradient is not computed when the input needs none (the stem's input is data).
 //!
 //! Where locograph is built with oneDNN ([`crate::dnnl`]), the same op runs oneDNN's kernels
-//! instead, in f32 and in bf16 (`precision: bf16` on CPU). Other devices and dtypes (CUDA, f16,
-//! bf16 without oneDNN) fall back to candle's conv2d and its backward.
+//! instead, in f32 and in bf16 (`precision: bf16` on CPU; refused with the reason without
+//! oneDNN, where candle's CPU conv has no bf16 matmul). Other devices and dtypes (CUDA, f16) fall
+//! back to candle's conv2d and its backward.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
