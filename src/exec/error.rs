@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// Training failures.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("loss `{loss}` is {value} at step {step}; stopping (the last checkpoint in {} is kept). Lower the learning rate?", run_dir.display())]
+    #[error("loss `{loss}` is {value} at step {step}: training diverged; stopping (the last checkpoint in {} is kept). Lower the learning rate?", run_dir.display())]
     Diverged { loss: String, value: f32, step: u64, run_dir: PathBuf },
     #[error("parameter `{param}` is {value} after step {step}: training diverged; not saving a checkpoint (the previous one is kept). Lower the learning rate?")]
     NonFiniteParameter { param: String, value: f32, step: u64 },
