@@ -21,5 +21,6 @@ pub mod nn;
 pub mod optim;
 pub mod parity;
 pub mod progress;
+pub mod simd;
 
 pub use error::{Error, Result};

@@ -15,90 +15,14 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
 use rayon::prelude::*;
 
+pub(crate) use super::act::Act;
+use super::act::Lane;
 use crate::cpu_slice::{storage_slice, with_slice};
 use crate::dist::Communicator;
-
-/// The activation types the op runs on (f32, f64, and bf16 under mixed precision), with the
-/// per-element conversions written so that the compiler vectorises them: bf16 → f32 is a 16-bit
-/// shift and f32 → bf16 an add and a shift, where `half`'s generic conversions through
-/// `WithDType` are per-element calls (the op ran 1.4× slower in bf16 than casting to f32 around it).
-pub(crate) trait Act: WithDType {
-    fn wide(self) -> f64;
-    fn narrow(v: f64) -> Self;
-    /// `x·s + t` in this type's arithmetic: f32 and f64 as they are, bf16 in f32 rounded once.
-    fn affine(self, s: f64, t: f64) -> Self;
-    /// `max(self + other, 0)`, a block tail's sum and ReLU (bf16: in f32, rounded once).
-    fn add_relu(self, other: Self) -> Self;
-    fn positive(self) -> bool;
-}
-
-/// f32 and f64 compute in their own arithmetic, exactly as written.
-macro_rules! act_native {
-    ($t:ty) => {
-        #[allow(clippy::unnecessary_cast)] // `self as f64` on f64
-        impl Act for $t {
-            fn wide(self) -> f64 {
-                self as f64
-            }
-            fn narrow(v: f64) -> Self {
-                v as $t
-            }
-            fn affine(self, s: f64, t: f64) -> Self {
-                self * s as $t + t as $t
-            }
-            fn add_relu(self, other: Self) -> Self {
-                let v = self + other;
-                if v > 0.0 {
-                    v
-                } else {
-                    0.0
-                }
-            }
-            fn positive(self) -> bool {
-                self > 0.0
-            }
-        }
-    };
-}
-act_native!(f32);
-act_native!(f64);
-
-/// bf16's bits as the f32 they are the top half of.
-#[inline(always)]
-fn bf16_to_f32(v: half::bf16) -> f32 {
-    f32::from_bits((v.to_bits() as u32) << 16)
-}
-
-/// f32 to bf16, rounding to nearest even (as `half::bf16::from_f32`, NaN kept a NaN).
-#[inline(always)]
-fn f32_to_bf16(v: f32) -> half::bf16 {
-    let b = v.to_bits();
-    if v.is_nan() {
-        return half::bf16::NAN;
-    }
-    half::bf16::from_bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16)
-}
-
-impl Act for half::bf16 {
-    fn wide(self) -> f64 {
-        bf16_to_f32(self) as f64
-    }
-    fn narrow(v: f64) -> Self {
-        f32_to_bf16(v as f32)
-    }
-    fn affine(self, s: f64, t: f64) -> Self {
-        f32_to_bf16(bf16_to_f32(self) * s as f32 + t as f32)
-    }
-    fn add_relu(self, other: Self) -> Self {
-        f32_to_bf16((bf16_to_f32(self) + bf16_to_f32(other)).max(0.0))
-    }
-    fn positive(self) -> bool {
-        bf16_to_f32(self) > 0.0
-    }
-}
+use crate::simd;
 
 /// Per-channel batch statistics of `[N, C, H, W]`: mean and biased variance.
 #[derive(Clone, Debug, PartialEq)]
@@ -155,11 +79,19 @@ fn channel_sums<T: Act>(x: &[T], (n, c, hw): (usize, usize, usize), centre: Opti
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let planes = (0..n).map(|b| &x[(b * c + ch) * hw..][..hw]);
-            match centre {
-                None => planes.map(|p| lane_sum(p, |v| v)).sum::<f64>(),
-                Some(m) => planes.map(|p| lane_sum(p, |v| (v - m[ch]) * (v - m[ch]))).sum::<f64>(),
-            }
+            // Loops, not `map(..).sum()`: core's `fold` is not inlined into the `run!` body,
+            // and would run as baseline code.
+            simd::run!({
+                let mut total = 0.0;
+                for b in 0..n {
+                    let p = &x[(b * c + ch) * hw..][..hw];
+                    total += match centre {
+                        None => lane_sum(p, |v| v),
+                        Some(m) => lane_sum(p, |v| (v - m[ch]) * (v - m[ch])),
+                    };
+                }
+                total
+            })
         })
         .collect()
 }
@@ -174,13 +106,20 @@ const LANES: usize = 8;
 fn lane_sum<T: Act>(p: &[T], f: impl Fn(f64) -> f64) -> f64 {
     let mut acc = [0f64; LANES];
     let chunks = p.chunks_exact(LANES);
-    let tail: f64 = chunks.remainder().iter().map(|v| f(v.wide())).sum();
+    let mut tail = 0.0;
+    for v in chunks.remainder() {
+        tail += f(v.wide());
+    }
     for chunk in chunks {
         for (a, v) in acc.iter_mut().zip(chunk) {
             *a += f(v.wide());
         }
     }
-    acc.iter().sum::<f64>() + tail
+    let mut total = 0.0;
+    for a in acc {
+        total += a;
+    }
+    total + tail
 }
 
 /// `(Σ g, Σ g·(x − m))` over one plane, `g` the gradient reaching the normalisation: `dy`, or
@@ -215,8 +154,48 @@ fn plane_grad_sums<T: Act>(x: &[T], y: &[T], dy: &[T], m: f64, relu: bool) -> (f
             add(0, x[i], T::one(), dy[i]);
         }
     }
-    (a.iter().sum(), b.iter().sum())
+    let (mut sa, mut sb) = (0.0, 0.0);
+    for j in 0..LANES {
+        sa += a[j];
+        sb += b[j];
+    }
+    (sa, sb)
 }
+
+/// Planes per parallel task: about 4096 values, so that small planes (a 4×4 map) do not pay
+/// a task and an instruction-set dispatch each.
+fn planes_per_task(hw: usize) -> usize {
+    (4096 / hw.max(1)).max(1)
+}
+
+/// `y = x·s + t` over one plane (then `max(·, 0)` with `relu`), rounded once.
+#[inline(always)]
+fn affine_plane<T: Act>(x: &[T], y: &mut [T], s: T::W, t: T::W, relu: bool) {
+    if relu {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y = T::from_lane((x.lane() * s + t).relu()));
+    } else {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y = T::from_lane(x.lane() * s + t));
+    }
+}
+
+/// `dx = k·g + c·(x − m) + b` over one plane, `[k, c, b, m]` its channel's constants and `g`
+/// the gradient reaching the normalisation (`dy`, masked by `y > 0` with `relu`).
+#[inline(always)]
+fn dx_plane<T: Act>(x: &[T], y: &[T], dy: &[T], dx: &mut [T], [k, c, b, m]: [T::W; 4], relu: bool) {
+    if relu {
+        for (((dx, x), y), dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+            let g = if y.positive() { dy.lane() } else { T::W::ZERO };
+            *dx = T::from_lane(k * g + c * (x.lane() - m) + b);
+        }
+    } else {
+        for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
+            *dx = T::from_lane(k * dy.lane() + c * (x.lane() - m) + b);
+        }
+    }
+}
+
+/// Values per parallel task of a flat elementwise pass.
+pub(crate) const SPAN: usize = 1 << 14;
 
 /// `(dx, dγ, dβ)` of [`BatchNormTrain::backward`]; `dx` only when asked for.
 pub(crate) type BnGrads<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
@@ -270,14 +249,18 @@ impl BatchNormTrain {
                 (s, beta[ch].wide() - self.mean[ch] * s)
             })
             .unzip();
+        let (scale, shift): (Vec<T::W>, Vec<T::W>) =
+            scale.iter().zip(&shift).map(|(s, t)| (T::W::of(*s), T::W::of(*t))).unzip();
         let mut y = vec![T::zero(); x.len()];
-        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (y, x))| {
-            let (s, t) = (scale[plane % c], shift[plane % c]);
-            if self.relu {
-                y.iter_mut().zip(x).for_each(|(y, x)| *y = x.affine(s, t).add_relu(T::zero()));
-            } else {
-                y.iter_mut().zip(x).for_each(|(y, x)| *y = x.affine(s, t));
-            }
+        let step = planes_per_task(hw) * hw;
+        let relu = self.relu;
+        y.par_chunks_mut(step).zip(x.par_chunks(step)).enumerate().for_each(|(task, (y, x))| {
+            simd::run!({
+                for (i, (y, x)) in y.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
+                    let ch = (task * step / hw + i) % c;
+                    affine_plane(x, y, scale[ch], shift[ch], relu);
+                }
+            })
         });
         y
     }
@@ -301,13 +284,15 @@ impl BatchNormTrain {
             .map(|ch| {
                 let (m, is) = (self.mean[ch], self.inv_std[ch]);
                 let (mut a, mut b) = (0.0, 0.0);
-                for img in 0..n {
-                    let at = (img * c + ch) * hw;
-                    let ys = if relu { &y[at..at + hw] } else { &[] };
-                    let (pa, pb) = plane_grad_sums(&x[at..at + hw], ys, &dy[at..at + hw], m, relu);
-                    a += pa;
-                    b += pb;
-                }
+                simd::run!({
+                    for img in 0..n {
+                        let at = (img * c + ch) * hw;
+                        let ys = if relu { &y[at..at + hw] } else { &[] };
+                        let (pa, pb) = plane_grad_sums(&x[at..at + hw], ys, &dy[at..at + hw], m, relu);
+                        a += pa;
+                        b += pb;
+                    }
+                });
                 (a, b * is)
             })
             .unzip();
@@ -325,25 +310,28 @@ impl BatchNormTrain {
         };
         let dx = need_dx.then(|| {
             let count = self.count as f64;
+            // dx = k·(g − mean(g) − x̂·mean(g·x̂)) with k = γ·inv_std, per element in the
+            // activations' arithmetic as k·g + c·(x − m) + b: the per-channel constants come
+            // from the f64 sums, and `x − m` is taken first so that a large mean cancels exactly.
+            let consts: Vec<[T::W; 4]> = (0..c)
+                .map(|ch| {
+                    let (m, is) = (self.mean[ch], self.inv_std[ch]);
+                    let k = gamma[ch].wide() * is;
+                    let (mdy, mdyx) = (sum_dy[ch] / count, sum_dy_xhat[ch] / count);
+                    [k, -k * is * mdyx, -k * mdy, m].map(T::W::of)
+                })
+                .collect();
             let mut dx = vec![T::zero(); x.len()];
-            dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dx)| {
-                let ch = plane % c;
-                let (m, is) = (self.mean[ch], self.inv_std[ch]);
-                let k = gamma[ch].wide() * is;
-                let (mdy, mdyx) = (sum_dy[ch] / count, sum_dy_xhat[ch] / count);
-                let at = plane * hw;
-                let (x, dy) = (&x[at..at + hw], &dy[at..at + hw]);
-                let dx_at = |x: T, g: f64| T::narrow(k * (g - mdy - (x.wide() - m) * is * mdyx));
-                if relu {
-                    let y = &y[at..at + hw];
-                    for (((dx, x), y), dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
-                        *dx = dx_at(*x, if y.positive() { dy.wide() } else { 0.0 });
+            let step = planes_per_task(hw) * hw;
+            dx.par_chunks_mut(step).enumerate().for_each(|(task, dx)| {
+                simd::run!({
+                    for (i, dx) in dx.chunks_exact_mut(hw).enumerate() {
+                        let plane = task * step / hw + i;
+                        let at = plane * hw;
+                        let ys = if relu { &y[at..at + hw] } else { &[] };
+                        dx_plane(&x[at..at + hw], ys, &dy[at..at + hw], dx, consts[plane % c], relu);
                     }
-                } else {
-                    for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
-                        *dx = dx_at(*x, dy.wide());
-                    }
-                }
+                })
             });
             dx
         });
@@ -444,7 +432,9 @@ pub fn tail_forward(op: &BatchNormTrain, z: &Tensor, gamma: &Tensor, beta: &Tens
                 with_slice(beta, |b: &[T]| {
                     with_slice(shortcut, |s: &[T]| {
                         let mut y = op.forward(z, g, b, c, h * w);
-                        y.par_iter_mut().zip(s).for_each(|(y, s)| *y = y.add_relu(*s));
+                        y.par_chunks_mut(SPAN)
+                            .zip(s.par_chunks(SPAN))
+                            .for_each(|(y, s)| simd::run!(y.iter_mut().zip(s).for_each(|(y, s)| *y = y.add_relu(*s))));
                         y
                     })
                 })
@@ -512,29 +502,6 @@ impl CustomOp3 for TailSeed {
             DType::F64 => self.op.bwd_typed::<f64>(z, gamma, &empty, &dy),
             DType::BF16 => self.op.bwd_typed::<half::bf16>(z, gamma, &empty, &dy),
             d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The op's own bf16 conversions equal `half`'s, bit for bit: ties to even, subnormals,
-    /// infinities, the largest finite values, NaN.
-    #[test]
-    fn bf16_conversions_equal_half() {
-        let mut values: Vec<f32> = (0..200_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))).collect();
-        values.extend([0.0, -0.0, 1.0, 1.0 + f32::EPSILON, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY]);
-        values.extend([f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000), f32::MIN_POSITIVE / 3.0]);
-        for v in values {
-            let (ours, theirs) = (f32_to_bf16(v), half::bf16::from_f32(v));
-            if v.is_nan() {
-                assert!(ours.is_nan(), "{v:e}");
-            } else {
-                assert_eq!(ours.to_bits(), theirs.to_bits(), "{v:e}");
-            }
-            assert_eq!(bf16_to_f32(theirs).to_bits(), theirs.to_f32().to_bits());
         }
     }
 }

@@ -18,12 +18,14 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var};
 use rayon::prelude::*;
 
-use super::batch_norm_op::{tail_forward, BatchNormTrain, TailSeed};
+use super::act::Act;
+use super::batch_norm_op::{tail_forward, BatchNormTrain, TailSeed, SPAN};
 use super::shuffle::{deinterleave, interleave};
 use crate::cpu_slice::with_slice;
+use crate::simd;
 
 /// One link of a layer's chain, alive until the engine's last backward through the layer has
 /// passed it.
@@ -150,21 +152,14 @@ fn root(output: &Tensor, seeds: &Seeds, g: Tensor) -> Result<Tensor> {
 
 /// `relu(a + b)` as a new leaf, written in one pass into a vector the leaf then owns (on CPU).
 fn rectified_sum(a: &Tensor, b: &Tensor) -> Result<Var> {
-    fn sum<T: WithDType + Send + Sync>(a: &Tensor, b: &Tensor) -> Result<Vec<T>> {
+    fn sum<T: Act>(a: &Tensor, b: &Tensor) -> Result<Vec<T>> {
         with_slice(a, |a: &[T]| {
             with_slice(b, |b: &[T]| {
-                let zero = T::zero();
-                a.par_iter()
-                    .zip(b)
-                    .map(|(&a, &b)| {
-                        let v = a + b;
-                        if v > zero {
-                            v
-                        } else {
-                            zero
-                        }
-                    })
-                    .collect()
+                let mut out = vec![T::zero(); a.len()];
+                out.par_chunks_mut(SPAN).zip(a.par_chunks(SPAN)).zip(b.par_chunks(SPAN)).for_each(|((o, a), b)| {
+                    simd::run!(o.iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = a.add_relu(*b)))
+                });
+                out
             })
         })?
     }
@@ -174,19 +169,27 @@ fn rectified_sum(a: &Tensor, b: &Tensor) -> Result<Var> {
     match (a.device(), a.dtype()) {
         (Device::Cpu, DType::F32) => Var::from_vec(sum::<f32>(a, b)?, a.shape(), a.device()),
         (Device::Cpu, DType::F64) => Var::from_vec(sum::<f64>(a, b)?, a.shape(), a.device()),
-        (Device::Cpu, DType::F16) => Var::from_vec(sum::<half::f16>(a, b)?, a.shape(), a.device()),
         (Device::Cpu, DType::BF16) => Var::from_vec(sum::<half::bf16>(a, b)?, a.shape(), a.device()),
-        // Elsewhere a copy of candle's result (device memory is not what is measured here).
+        // Elsewhere (and f16, which no CPU path computes in) a copy of candle's result.
         _ => Var::from_tensor(&(a.detach() + b.detach())?.relu()?),
     }
 }
 
 /// `g ⊙ [y > 0]` for `y = relu(z)`: one pass on CPU.
 fn relu_backward(y: &Tensor, g: Tensor) -> Result<Tensor> {
-    fn mask<T: WithDType + Send + Sync>(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    fn mask<T: Act>(y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let v = with_slice(y, |ys: &[T]| {
             with_slice(g, |gs: &[T]| {
-                ys.par_iter().zip(gs).map(|(&y, &g)| if y > T::zero() { g } else { T::zero() }).collect::<Vec<T>>()
+                let mut out = vec![T::zero(); ys.len()];
+                out.par_chunks_mut(SPAN).zip(ys.par_chunks(SPAN)).zip(gs.par_chunks(SPAN)).for_each(|((o, y), g)| {
+                    simd::run!({
+                        o.iter_mut()
+                            .zip(y)
+                            .zip(g)
+                            .for_each(|((o, y), g)| *o = if y.positive() { *g } else { T::zero() })
+                    })
+                });
+                out
             })
         })??;
         Tensor::from_vec(v, y.shape(), y.device())
@@ -194,6 +197,7 @@ fn relu_backward(y: &Tensor, g: Tensor) -> Result<Tensor> {
     match (y.device(), y.dtype()) {
         (Device::Cpu, DType::F32) if g.dtype() == DType::F32 => mask::<f32>(y, &g),
         (Device::Cpu, DType::F64) if g.dtype() == DType::F64 => mask::<f64>(y, &g),
+        (Device::Cpu, DType::BF16) if g.dtype() == DType::BF16 => mask::<half::bf16>(y, &g),
         _ => g.mul(&y.gt(0.0)?.to_dtype(g.dtype())?),
     }
 }
