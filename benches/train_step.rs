@@ -251,18 +251,25 @@ fn conv_calls(a: &Args) -> Result<(), String> {
 /// 32×32), forward + backward data + backward weights on buffers already in oneDNN's chosen
 /// layouts, oneDNN's own threading, f32 and bf16, the best of `steps` rounds. The MFU of
 /// bench/run.sh's rows is against these. Also: the same through `locograph::dnnl` as training
-/// calls it (NCHW buffers reordered per call, images split over rayon's threads).
+/// calls it (images split over rayon's threads): NCHW buffers, reordered per call, and
+/// channels-last (NHWC) buffers, which oneDNN computes on as they are.
 fn peak(a: &Args) -> Result<(), String> {
-    use locograph::dnnl::{self, ConvGeometry, Pass};
+    use locograph::dnnl::{self, ConvGeometry, Order, Orders, Pass};
     let g = ConvGeometry { n: 256, c: 64, h: 32, w: 32, o: 64, kh: 3, kw: 3, stride: 1, padding: 1, groups: 1 };
     let flops = 3.0 * 2.0 * (g.n * g.o * g.h * g.w * g.c * 9) as f64;
-    fn as_called<T: dnnl::Element>(g: &ConvGeometry, x: &[T], w: &[T], steps: usize) -> Result<f64, dnnl::DnnlError> {
+    fn as_called<T: dnnl::Element>(
+        g: &ConvGeometry,
+        o: Orders,
+        x: &[T],
+        w: &[T],
+        steps: usize,
+    ) -> Result<f64, dnnl::DnnlError> {
         let mut best = f64::INFINITY;
         for _ in 0..=steps {
             let t = Instant::now();
-            let y = dnnl::conv_forward(g, x, w)?;
-            let dx = dnnl::conv_backward_data(g, &y, w)?;
-            let dw = dnnl::conv_backward_weights(g, x, &y)?;
+            let y = dnnl::conv_forward(g, o, x, w)?;
+            let dx = dnnl::conv_backward_data(g, o, &y, w)?;
+            let dw = dnnl::conv_backward_weights(g, o, x, &y)?;
             best = best.min(t.elapsed().as_secs_f64());
             drop((dx, dw));
         }
@@ -274,25 +281,29 @@ fn peak(a: &Args) -> Result<(), String> {
     let w: Vec<f32> = (0..g.o * g.c * 9).map(|i| ((i % 31) as f32 - 15.0) / 100.0).collect();
     let (xb, wb): (Vec<half::bf16>, Vec<half::bf16>) =
         (x.iter().map(|&v| half::bf16::from_f32(v)).collect(), w.iter().map(|&v| half::bf16::from_f32(v)).collect());
+    let nhwc = Orders { x: Order::Nhwc, y: Order::Nhwc };
     let rows = [
         (
             "f32",
             dnnl::conv_peak_seconds::<f32>(&g, threads, a.steps).map_err(e)?,
-            as_called(&g, &x, &w, a.steps).map_err(e)?,
-            dnnl::conv_kernel::<f32>(&g, Pass::Forward).map_err(e)?,
+            as_called(&g, Orders::NCHW, &x, &w, a.steps).map_err(e)?,
+            as_called(&g, nhwc, &x, &w, a.steps).map_err(e)?,
+            dnnl::conv_kernel::<f32>(&g, Orders::NCHW, Pass::Forward).map_err(e)?,
         ),
         (
             "bf16",
             dnnl::conv_peak_seconds::<half::bf16>(&g, threads, a.steps).map_err(e)?,
-            as_called(&g, &xb, &wb, a.steps).map_err(e)?,
-            dnnl::conv_kernel::<half::bf16>(&g, Pass::Forward).map_err(e)?,
+            as_called(&g, Orders::NCHW, &xb, &wb, a.steps).map_err(e)?,
+            as_called(&g, nhwc, &xb, &wb, a.steps).map_err(e)?,
+            dnnl::conv_kernel::<half::bf16>(&g, Orders::NCHW, Pass::Forward).map_err(e)?,
         ),
     ];
-    for (precision, best, called, kernel) in rows {
+    for (precision, best, called, called_nhwc, kernel) in rows {
         println!(
-            "peak precision={precision} gflops={:.1} as_called_gflops={:.1} kernel={kernel}",
+            "peak precision={precision} gflops={:.1} as_called_gflops={:.1} as_called_nhwc_gflops={:.1} kernel={kernel}",
             flops / best / 1e9,
-            flops / called / 1e9
+            flops / called / 1e9,
+            flops / called_nhwc / 1e9
         );
     }
     Ok(())

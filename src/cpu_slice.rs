@@ -30,3 +30,109 @@ pub fn storage_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<
     s.copy_strided_src(&mut dst, 0, l)?;
     Ok(Cow::Owned(dst.as_slice::<T>()?.to_vec()))
 }
+
+/// How a 4-D activation's elements lie in memory; its shape is `[N, C, H, W]` either way.
+///
+/// On oneDNN's path convolutions write channels-last activations (NHWC: each pixel's channels
+/// contiguous), which oneDNN's kernels read and write without the blocked-layout reorders an
+/// NCHW tensor needs around every convolution, and batch norm and the links keep the order
+/// they are given. candle sees an NHWC activation as a permuted view (strides `[HWC, 1, WC,
+/// C]`), so every other op still computes on it correctly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Order {
+    Nchw,
+    Nhwc,
+}
+
+impl Order {
+    /// The order of a dense `[N, C, H, W]` layout, `None` for any other (a narrowed or
+    /// transposed view). Contiguous is NCHW, also where a size-1 dimension makes it NHWC too.
+    pub fn of(l: &Layout) -> Option<Order> {
+        let &[n, c, h, w] = l.dims() else { return None };
+        if l.is_contiguous() {
+            return Some(Order::Nchw);
+        }
+        let want = [h * w * c, 1, w * c, c];
+        let dense = [n, c, h, w].iter().zip(l.stride()).zip(want).all(|((&d, &s), want)| d <= 1 || s == want);
+        dense.then_some(Order::Nhwc)
+    }
+
+    /// The shim's code for the order (`dnnl`): 0 NCHW, 1 NHWC.
+    pub fn code(self) -> i32 {
+        match self {
+            Order::Nchw => 0,
+            Order::Nhwc => 1,
+        }
+    }
+}
+
+/// The elements of a dense layout as one slice in memory order, `None` where they are not.
+fn dense_range(l: &Layout) -> Option<(usize, usize)> {
+    Order::of(l).map(|_| (l.start_offset(), l.start_offset() + l.shape().elem_count()))
+}
+
+/// Calls `f` with an activation's elements in the order they lie in memory (NCHW or NHWC;
+/// any other strided view is copied to NCHW first).
+pub fn with_activation<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T], Order) -> R) -> Result<R> {
+    match Order::of(t.layout()) {
+        Some(order) => {
+            let (storage, layout) = t.storage_and_layout();
+            let Storage::Cpu(s) = &*storage else { candle_core::bail!("expected a CPU tensor, got {:?}", t.device()) };
+            let Some((a, b)) = dense_range(layout) else { candle_core::bail!("activation is not dense") };
+            Ok(f(&s.as_slice::<T>()?[a..b], order))
+        }
+        None => with_slice(t, |s| f(s, Order::Nchw)),
+    }
+}
+
+/// Calls `f` with an activation's elements in `order` (copied only when they are in the other).
+pub fn with_activation_in<T: WithDType, R>(t: &Tensor, order: Order, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    match (Order::of(t.layout()), order) {
+        (Some(have), _) if have == order => with_activation(t, |s, _| f(s)),
+        (_, Order::Nchw) => with_slice(t, f),
+        (_, Order::Nhwc) => with_slice(&t.permute((0, 2, 3, 1))?, f),
+    }
+}
+
+/// A tensor of `shape` (`[n, c, h, w]` for NHWC; any for NCHW, i.e. contiguous) from
+/// elements lying in `order`.
+pub fn activation_from_vec<T: WithDType>(
+    v: Vec<T>,
+    shape: &candle_core::Shape,
+    order: Order,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    match order {
+        Order::Nchw => Tensor::from_vec(v, shape, device),
+        Order::Nhwc => {
+            let (n, c, h, w) = shape.dims4()?;
+            Tensor::from_vec(v, (n, h, w, c), device)?.permute((0, 3, 1, 2))
+        }
+    }
+}
+
+/// `(storage, layout)` of an activation as a slice in memory order with that order, borrowed
+/// when dense, else gathered to NCHW.
+pub fn storage_activation<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<(Cow<'a, [T]>, Order)> {
+    match dense_range(l) {
+        Some((a, b)) => Ok((Cow::Borrowed(&s.as_slice::<T>()?[a..b]), Order::of(l).unwrap_or(Order::Nchw))),
+        None => Ok((storage_slice(s, l)?, Order::Nchw)),
+    }
+}
+
+/// A new leaf of `shape` owning `v`, whose elements lie in `order` (as [`activation_from_vec`];
+/// no copy either way).
+pub fn leaf_from_vec<T: WithDType>(
+    v: Vec<T>,
+    shape: &candle_core::Shape,
+    order: Order,
+    device: &candle_core::Device,
+) -> Result<candle_core::Var> {
+    match order {
+        Order::Nchw => candle_core::Var::from_vec(v, shape, device),
+        Order::Nhwc => {
+            let (n, c, h, w) = shape.dims4()?;
+            candle_core::Var::from_tensor(&Tensor::from_vec(v, (n, h, w, c), device)?.permuted_variable((0, 3, 1, 2))?)
+        }
+    }
+}

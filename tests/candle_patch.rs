@@ -80,3 +80,32 @@ fn backward_owned_equals_backward() -> Result<()> {
     }
     Ok(())
 }
+
+/// A channels-last leaf (`permuted_variable`: an NHWC buffer seen as NCHW, no copy) used twice:
+/// both gradients keep the leaf's layout (`accumulate` stores a gradient laid out like its
+/// tensor as it is) and the second is added in place over the same permuted layout. Against the
+/// same computation on a contiguous leaf.
+#[test]
+fn channels_last_leaf_gradients_keep_their_layout() -> Result<()> {
+    for dtype in [DType::F32, DType::F64] {
+        let vals: Vec<f64> = (0..2 * 3 * 2 * 4).map(|i| ((i * 5 % 7) as f64 - 3.0) / 2.0).collect();
+        let nchw = Tensor::from_vec(vals, (2, 3, 2, 4), &Device::Cpu)?.to_dtype(dtype)?;
+        let raw = nchw.permute((0, 2, 3, 1))?.contiguous()?;
+        let leaf = Var::from_tensor(&raw.permuted_variable((0, 3, 1, 2))?)?;
+        assert!(leaf.as_tensor().is_variable() && !leaf.as_tensor().is_contiguous() && leaf.as_tensor().is_dense());
+        close(&leaf.as_tensor().flatten_all()?, &nchw.flatten_all()?)?;
+        // Two uses whose gradients come back as permuted views of contiguous NHWC tensors.
+        let twice = |t: &Tensor| -> Result<Tensor> {
+            let a = t.permute((0, 2, 3, 1))?.contiguous()?.sqr()?.permute((0, 3, 1, 2))?;
+            let b = t.permute((0, 2, 3, 1))?.contiguous()?.exp()?.permute((0, 3, 1, 2))?;
+            (a + b)?.sum_all()
+        };
+        let got = twice(leaf.as_tensor())?.backward()?;
+        let plain = Var::from_tensor(&nchw)?;
+        let want = twice(plain.as_tensor())?.backward()?;
+        let g = got.get(leaf.as_tensor()).expect("dx");
+        assert_eq!(g.stride(), leaf.as_tensor().stride(), "the gradient keeps the leaf's layout");
+        close(&g.flatten_all()?, &want.get(plain.as_tensor()).expect("dx").flatten_all()?)?;
+    }
+    Ok(())
+}

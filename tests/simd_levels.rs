@@ -24,16 +24,25 @@ fn randn(rng: &mut rand_chacha::ChaCha8Rng, shape: &[usize], scale: f64, shift: 
     Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
 }
 
+/// A leaf of `t`'s values, laid out channels-last with `nhwc` (as convolutions leave them).
+fn leaf(t: Tensor, nhwc: bool) -> Result<Var> {
+    if nhwc {
+        Var::from_tensor(&t.permute((0, 2, 3, 1))?.contiguous()?.permuted_variable((0, 3, 1, 2))?)
+    } else {
+        Var::from_tensor(&t)
+    }
+}
+
 /// Every value the kernels produce for one dtype and shape, as f64 bits (exact for all three
-/// dtypes).
-fn outputs(dtype: DType, shape: [usize; 4]) -> Result<Vec<Vec<u64>>> {
+/// dtypes); the activations NCHW or (`nhwc`) channels-last.
+fn outputs(dtype: DType, shape: [usize; 4], nhwc: bool) -> Result<Vec<Vec<u64>>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(shape.iter().product::<usize>() as u64);
     let c = shape[1];
     let bits = |t: &Tensor| -> Result<Vec<u64>> {
         Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(f64::to_bits).collect())
     };
     let mut out = Vec::new();
-    let x = Var::from_tensor(&randn(&mut rng, &shape, 3.0, 5.0, dtype)?)?;
+    let x = leaf(randn(&mut rng, &shape, 3.0, 5.0, dtype)?, nhwc)?;
     let gamma = Var::from_tensor(&randn(&mut rng, &[c], 0.5, 0.7, dtype)?)?;
     let beta = Var::from_tensor(&randn(&mut rng, &[c], 1.0, 0.0, dtype)?)?;
     let proj = randn(&mut rng, &shape, 1.0, 0.0, dtype)?;
@@ -41,7 +50,7 @@ fn outputs(dtype: DType, shape: [usize; 4]) -> Result<Vec<Vec<u64>>> {
     out.push(stats.mean.iter().chain(&stats.var).map(|v| v.to_bits()).collect());
     for relu in [false, true] {
         let op = BatchNormTrain::new(&stats, 1e-5).with_relu(relu);
-        let y = x.as_tensor().apply_op3(gamma.as_tensor(), beta.as_tensor(), op)?;
+        let y = op.apply(x.as_tensor(), gamma.as_tensor(), beta.as_tensor())?;
         out.push(bits(&y)?);
         let grads = y.mul(&proj)?.sum_all()?.backward()?;
         for v in [&x, &gamma, &beta] {
@@ -50,8 +59,8 @@ fn outputs(dtype: DType, shape: [usize; 4]) -> Result<Vec<Vec<u64>>> {
         }
     }
     // A residual link: relu(branch + shortcut), and its backward's cotangents.
-    let branch = Var::from_tensor(&randn(&mut rng, &shape, 1.0, 0.0, dtype)?)?;
-    let shortcut = Var::from_tensor(&randn(&mut rng, &shape, 1.0, 0.2, dtype)?)?;
+    let branch = leaf(randn(&mut rng, &shape, 1.0, 0.0, dtype)?, nhwc)?;
+    let shortcut = leaf(randn(&mut rng, &shape, 1.0, 0.2, dtype)?, nhwc)?;
     let link = Link::residual(None, branch.as_tensor().clone(), shortcut.as_tensor().clone())?;
     out.push(bits(&link.output)?);
     let grads = link.backward(proj.clone())?;
@@ -75,18 +84,21 @@ fn every_level_gives_the_same_bits() -> Result<()> {
         [Level::Baseline, Level::Avx2, Level::Avx512].into_iter().filter(|l| *l <= simd::supported()).collect();
     eprintln!("comparing levels {:?} (this CPU: {:?})", levels, simd::supported());
     // 7·9 and 3·5·... are not multiples of any vector width; 65·65 spans more than one task.
-    let shapes = [[3, 5, 7, 9], [2, 3, 1, 2], [2, 4, 65, 65], [16, 8, 4, 4]];
-    for dtype in [DType::F32, DType::F64, DType::BF16] {
+    let shapes = [[3, 5, 7, 9], [2, 3, 1, 2], [2, 4, 65, 65], [16, 8, 4, 4], [4, 16, 33, 31]];
+    for (dtype, nhwc) in [DType::F32, DType::F64, DType::BF16].into_iter().flat_map(|d| [(d, false), (d, true)]) {
         for shape in shapes {
             assert_eq!(simd::set_level(Level::Baseline), Level::Baseline);
-            let reference = outputs(dtype, shape)?;
+            let reference = outputs(dtype, shape, nhwc)?;
             assert!(reference.iter().all(|v| !v.is_empty()));
             for &level in &levels[1..] {
                 assert_eq!(simd::set_level(level), level);
-                let got = outputs(dtype, shape)?;
+                let got = outputs(dtype, shape, nhwc)?;
                 for (i, (a, b)) in reference.iter().zip(&got).enumerate() {
                     let differ = a.iter().zip(b).filter(|(a, b)| a != b).count();
-                    assert_eq!(differ, 0, "{dtype:?} {shape:?} output {i}: {differ} values differ on {level:?}");
+                    assert_eq!(
+                        differ, 0,
+                        "{dtype:?} {shape:?} nhwc {nhwc} output {i}: {differ} values differ on {level:?}"
+                    );
                 }
             }
         }

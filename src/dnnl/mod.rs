@@ -2,8 +2,9 @@
 //! kernels PyTorch itself runs on CPU, JIT-compiled for the machine's ISA (AVX-512, AVX512-BF16,
 //! AMX where present). A small C++ shim (`shim.cpp`, built by build.rs where oneDNN's headers are
 //! installed) owns oneDNN's objects and caches one set of primitives per geometry; this module is
-//! its safe face. Buffers cross the boundary as plain NCHW activations and `[O, C/g, kh, kw]`
-//! kernels; inside, oneDNN reorders them to the blocked layouts its kernels want.
+//! its safe face. Buffers cross the boundary as NCHW or NHWC activations ([`Orders`]) and
+//! `[O, C/g, kh, kw]` kernels. A convolution with an NHWC output computes in NHWC; one with an
+//! NCHW output reorders its buffers to the blocked layouts oneDNN picks for it.
 //!
 //! Where locograph was built without oneDNN, or `LOCOGRAPH_DNNL=0` is set, [`enabled`] is false
 //! and `nn::conv_op` uses its own im2col kernels (f32); bf16 on CPU is then refused with the reason.
@@ -11,6 +12,8 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use rayon::prelude::*;
+
+pub use crate::cpu_slice::Order;
 
 /// The shape of one 2-D convolution (square stride and padding, dilation 1), as `nn::conv_op`
 /// sees it; also the geometry of `nn::im2col`'s kernels.
@@ -51,6 +54,25 @@ impl ConvGeometry {
     fn raw(&self) -> [i64; 10] {
         [self.n, self.c, self.h, self.w, self.o, self.kh, self.kw, self.stride, self.padding, self.groups]
             .map(|v| v as i64)
+    }
+}
+
+/// How a convolution's input and output activations lie in memory (the output gradient like
+/// the output, the input gradient like the input).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Orders {
+    pub x: Order,
+    pub y: Order,
+}
+
+impl Orders {
+    /// Both NCHW.
+    pub const NCHW: Orders = Orders { x: Order::Nchw, y: Order::Nchw };
+
+    /// The shim's code: the dtype's in bits 0–1, x's order in bit 2, y's in bit 3.
+    #[cfg_attr(not(dnnl), allow(dead_code))]
+    fn code<T: Element>(self) -> i32 {
+        T::CODE | self.x.code() << 2 | self.y.code() << 3
     }
 }
 
@@ -113,6 +135,30 @@ pub fn set_enabled(on: bool) {
     STATE.store(if on && built() { 1 } else { 2 }, Ordering::Relaxed);
 }
 
+/// 0: not decided yet, 1: on, 2: off.
+static CHANNELS_LAST: AtomicU8 = AtomicU8::new(0);
+
+/// Whether convolutions on oneDNN write channels-last (NHWC) activations, which batch norm and
+/// the links then keep through a stage: on unless `LOCOGRAPH_CHANNELS_LAST=0` or
+/// [`set_channels_last`] switched it off. Off, every activation is NCHW and each convolution
+/// reorders its input and output to oneDNN's blocked layouts and back.
+pub fn channels_last() -> bool {
+    match CHANNELS_LAST.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("LOCOGRAPH_CHANNELS_LAST").map_or(true, |v| v != "0");
+            CHANNELS_LAST.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Switches [`channels_last`] for the whole process (tests and benchmarks comparing both).
+pub fn set_channels_last(on: bool) {
+    CHANNELS_LAST.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
 /// Whether this build has oneDNN.
 pub const fn built() -> bool {
     cfg!(dnnl)
@@ -130,26 +176,38 @@ pub fn version() -> Option<(u32, u32, u32)> {
     None
 }
 
-/// `y = x ⋆ w`: `x` NCHW (`[n, c, h, w]`), `w` `[o, c/groups, kh, kw]`, `y` NCHW.
-pub fn conv_forward<T: Element>(g: &ConvGeometry, x: &[T], w: &[T]) -> Result<Vec<T>, DnnlError> {
+/// `y = x ⋆ w`: `x` `[n, c, h, w]` in `orders.x`, `w` `[o, c/groups, kh, kw]`, `y` in `orders.y`.
+pub fn conv_forward<T: Element>(g: &ConvGeometry, orders: Orders, x: &[T], w: &[T]) -> Result<Vec<T>, DnnlError> {
     check(g, x.len() == g.x_len() && w.len() == g.w_len());
     let (xi, yi) = (g.x_len() / g.n, g.y_len() / g.n);
     let mut y = vec![T::default(); g.y_len()];
     per_chunk(g, &mut y, yi, |part, first, out| {
         let x = &x[first * xi..][..part.n * xi];
-        call(Pass::Forward, &part, T::CODE, x.as_ptr().cast(), w.as_ptr().cast(), out.as_mut_ptr().cast())
+        call(Pass::Forward, &part, orders.code::<T>(), x.as_ptr().cast(), w.as_ptr().cast(), out.as_mut_ptr().cast())
     })?;
     Ok(y)
 }
 
-/// The input gradient from the output gradient `dy` and the kernel `w`.
-pub fn conv_backward_data<T: Element>(g: &ConvGeometry, dy: &[T], w: &[T]) -> Result<Vec<T>, DnnlError> {
+/// The input gradient (in `orders.x`) from the output gradient `dy` (in `orders.y`) and the kernel `w`.
+pub fn conv_backward_data<T: Element>(
+    g: &ConvGeometry,
+    orders: Orders,
+    dy: &[T],
+    w: &[T],
+) -> Result<Vec<T>, DnnlError> {
     check(g, dy.len() == g.y_len() && w.len() == g.w_len());
     let (xi, yi) = (g.x_len() / g.n, g.y_len() / g.n);
     let mut dx = vec![T::default(); g.x_len()];
     per_chunk(g, &mut dx, xi, |part, first, out| {
         let dy = &dy[first * yi..][..part.n * yi];
-        call(Pass::BackwardData, &part, T::CODE, dy.as_ptr().cast(), w.as_ptr().cast(), out.as_mut_ptr().cast())
+        call(
+            Pass::BackwardData,
+            &part,
+            orders.code::<T>(),
+            dy.as_ptr().cast(),
+            w.as_ptr().cast(),
+            out.as_mut_ptr().cast(),
+        )
     })?;
     Ok(dx)
 }
@@ -157,7 +215,12 @@ pub fn conv_backward_data<T: Element>(g: &ConvGeometry, dy: &[T], w: &[T]) -> Re
 /// The kernel gradient from the input `x` and the output gradient `dy`. Each chunk of images
 /// gives an f32 kernel gradient (also for bf16 inputs: oneDNN accumulates in f32 and writes f32),
 /// summed in chunk order, then rounded once to `T`.
-pub fn conv_backward_weights<T: Element>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Result<Vec<T>, DnnlError> {
+pub fn conv_backward_weights<T: Element>(
+    g: &ConvGeometry,
+    orders: Orders,
+    x: &[T],
+    dy: &[T],
+) -> Result<Vec<T>, DnnlError> {
     check(g, x.len() == g.x_len() && dy.len() == g.y_len());
     let (xi, yi, wl) = (g.x_len() / g.n, g.y_len() / g.n, g.w_len());
     let ranges = chunks(g.n);
@@ -169,7 +232,14 @@ pub fn conv_backward_weights<T: Element>(g: &ConvGeometry, x: &[T], dy: &[T]) ->
         |_| wl,
         |part, first, out| {
             let (x, dy) = (&x[first * xi..][..part.n * xi], &dy[first * yi..][..part.n * yi]);
-            call(Pass::BackwardWeights, &part, T::CODE, x.as_ptr().cast(), dy.as_ptr().cast(), out.as_mut_ptr().cast())
+            call(
+                Pass::BackwardWeights,
+                &part,
+                orders.code::<T>(),
+                x.as_ptr().cast(),
+                dy.as_ptr().cast(),
+                out.as_mut_ptr().cast(),
+            )
         },
     )?;
     let (sum, rest) = partial.split_at_mut(wl);
@@ -226,14 +296,20 @@ where
 
 /// The kernel oneDNN runs for one pass of `g` in `T`, e.g. `jit:avx512_core` or
 /// `brgconv:avx512_core_amx_bf16`: the ISA is in its name.
-pub fn conv_kernel<T: Element>(g: &ConvGeometry, pass: Pass) -> Result<String, DnnlError> {
+pub fn conv_kernel<T: Element>(g: &ConvGeometry, orders: Orders, pass: Pass) -> Result<String, DnnlError> {
     #[cfg(dnnl)]
     {
         let mut buf = [0u8; 256];
         // SAFETY: `raw` is 10 i64s as the shim reads; `buf` is writable for its length and the
         // shim NUL-terminates within it.
         let rc = unsafe {
-            ffi::lg_dnnl_conv_impl(g.raw().as_ptr(), T::CODE, pass as i32, buf.as_mut_ptr().cast(), buf.len())
+            ffi::lg_dnnl_conv_impl(
+                g.raw().as_ptr(),
+                orders.code::<T>(),
+                pass as i32,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
         };
         if rc != 0 {
             return Err(failed(pass, g));
@@ -242,19 +318,19 @@ pub fn conv_kernel<T: Element>(g: &ConvGeometry, pass: Pass) -> Result<String, D
     }
     #[cfg(not(dnnl))]
     {
-        let _ = (g, pass);
+        let _ = (g, orders, pass);
         Err(DnnlError::NotBuilt)
     }
 }
 
 /// Bytes one pass allocates beside its inputs and result: oneDNN's scratchpad and the blocked
 /// copies of buffers whose layout differs from oneDNN's choice (for the memory guard).
-pub fn conv_workspace_bytes<T: Element>(g: &ConvGeometry, pass: Pass) -> Result<usize, DnnlError> {
+pub fn conv_workspace_bytes<T: Element>(g: &ConvGeometry, orders: Orders, pass: Pass) -> Result<usize, DnnlError> {
     #[cfg(dnnl)]
     {
         let mut bytes = 0usize;
         // SAFETY: as in `conv_kernel`; `bytes` is a valid out-pointer.
-        let rc = unsafe { ffi::lg_dnnl_conv_scratch(g.raw().as_ptr(), T::CODE, pass as i32, &mut bytes) };
+        let rc = unsafe { ffi::lg_dnnl_conv_scratch(g.raw().as_ptr(), orders.code::<T>(), pass as i32, &mut bytes) };
         if rc != 0 {
             return Err(failed(pass, g));
         }
@@ -262,7 +338,7 @@ pub fn conv_workspace_bytes<T: Element>(g: &ConvGeometry, pass: Pass) -> Result<
     }
     #[cfg(not(dnnl))]
     {
-        let _ = (g, pass);
+        let _ = (g, orders, pass);
         Err(DnnlError::NotBuilt)
     }
 }

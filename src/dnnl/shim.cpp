@@ -1,8 +1,10 @@
 // The part of oneDNN (2.x C++ API, dnnl.hpp) that locograph calls, behind a C ABI that Rust
 // binds without knowing oneDNN's structs. Each convolution geometry gets its primitives built
 // once (forward, backward data, backward weights) and cached; every call wraps the caller's
-// plain NCHW / OIHW buffers, reorders them to the layouts oneDNN picked when those differ, and
-// runs with a scratchpad the caller-visible size of which is known (`lg_dnnl_conv_scratch`).
+// NCHW or NHWC activations and OIHW kernels, reorders them to the layouts the primitives use when
+// those differ, and runs with a scratchpad the caller-visible size of which is known
+// (`lg_dnnl_conv_scratch`). Primitives whose output is NHWC compute in NHWC themselves (no
+// activation reorders); those with an NCHW output keep oneDNN's own choice (blocked layouts).
 #include <dnnl.hpp>
 
 #include <chrono>
@@ -31,8 +33,10 @@ engine& eng() {
 
 thread_local std::string last_error;
 
-// n, c, h, w, o, kh, kw, stride, padding, groups, dtype (0 f32, 1 bf16)
-using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>;
+// n, c, h, w, o, kh, kw, stride, padding, groups, dtype (0 f32, 1 bf16), order of x and of y
+// (0 NCHW, 1 NHWC)
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int,
+                       int, int>;
 
 struct Conv {
   memory::desc x, w, y, dw;  // the caller's layouts (`dw` f32 whatever the inputs are)
@@ -45,14 +49,19 @@ struct Conv {
 };
 
 Conv build(const Key& k) {
-  auto [n, c, h, w, o, kh, kw, s, p, g, d] = k;
+  auto [n, c, h, w, o, kh, kw, s, p, g, d, xo, yo] = k;
   dt type = d == 1 ? dt::bf16 : dt::f32;
   int64_t oh = (h + 2 * p - kh) / s + 1, ow = (w + 2 * p - kw) / s + 1;
   memory::dims xd{n, c, h, w}, yd{n, o, oh, ow}, st{s, s}, pad{p, p};
   memory::dims wd = g == 1 ? memory::dims{o, c, kh, kw} : memory::dims{g, o / g, c / g, kh, kw};
   tag wtag = g == 1 ? tag::oihw : tag::goihw;
-  memory::desc ux(xd, type, tag::nchw), uw(wd, type, wtag), uy(yd, type, tag::nchw), udw(wd, dt::f32, wtag);
-  memory::desc ax(xd, type, tag::any), aw(wd, type, tag::any), ay(yd, type, tag::any);
+  // A 16-channel NHWC map is byte for byte nChw16c: in bf16 oneDNN's blocked kernels are faster
+  // there than its NHWC ones (16 → 16 channels at 28², 128 images, the three passes: 6.6 against 9.1 ms).
+  bool block16 = xo == 1 && yo == 1 && c == 16 && o == 16 && g == 1 && type == dt::bf16;
+  auto user = [&](int order) { return block16 ? tag::nChw16c : order == 1 ? tag::nhwc : tag::nchw; };
+  tag act = yo == 1 ? (block16 ? tag::nChw16c : tag::nhwc) : tag::any;
+  memory::desc ux(xd, type, user(xo)), uw(wd, type, wtag), uy(yd, type, user(yo)), udw(wd, dt::f32, wtag);
+  memory::desc ax(xd, type, act), aw(wd, type, tag::any), ay(yd, type, act);
   primitive_attr attr;
   attr.set_scratchpad_mode(scratchpad_mode::user);
   auto fd = convolution_forward::desc(prop_kind::forward_training, algorithm::convolution_direct, ax, aw, ay, st, pad,
@@ -74,8 +83,9 @@ std::map<Key, std::shared_ptr<Conv>>& cache() {
   return m;
 }
 
+// `d`: bits 0–1 the dtype, bit 2 x's order, bit 3 y's order (what the Rust side packs).
 std::shared_ptr<Conv> get(const int64_t* g, int d) {
-  Key k{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], d};
+  Key k{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], d & 3, (d >> 2) & 1, (d >> 3) & 1};
   std::lock_guard<std::mutex> lock(cache_lock);
   auto& m = cache();
   auto it = m.find(k);

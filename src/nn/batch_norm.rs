@@ -78,7 +78,7 @@ impl BatchNorm2d {
         if train {
             if let Some(op) = self.fused_train_op(x)? {
                 let (gamma, beta) = self.affine(x.dtype())?;
-                return x.apply_op3(&gamma, &beta, op.with_relu(relu));
+                return op.with_relu(relu).apply(x, &gamma, &beta);
             }
         }
         if matches!(x.dtype(), DType::F16 | DType::BF16) {
@@ -138,7 +138,7 @@ impl BatchNorm2d {
     /// (what `forward_t` runs in training; called directly by the tests).
     #[cfg(test)]
     pub(crate) fn train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        x.apply_op3(&self.weight, &self.bias, self.batch_op(x)?.with_relu(relu))
+        self.batch_op(x)?.with_relu(relu).apply(x, &self.weight, &self.bias)
     }
 
     /// The batch's statistics as the fused op; updates the running statistics.
@@ -262,13 +262,20 @@ mod tests {
     /// f64 and f32.
     #[test]
     fn fused_matches_composed_ops() -> Result<()> {
+        use crate::cpu_slice::Order;
         use candle_core::Var;
         use rand::SeedableRng;
         use rand_distr::{Distribution, StandardNormal};
-        for (dtype, tol, relu) in
-            [(DType::F64, 1e-10, false), (DType::F32, 1e-4, false), (DType::F64, 1e-10, true), (DType::F32, 1e-4, true)]
-        {
-            for &(n, c, h, w) in &[(3, 5, 7, 5), (2, 3, 1, 2), (4, 2, 9, 9)] {
+        for (dtype, tol, relu, order) in [
+            (DType::F64, 1e-10, false, Order::Nchw),
+            (DType::F32, 1e-4, false, Order::Nchw),
+            (DType::F64, 1e-10, true, Order::Nchw),
+            (DType::F32, 1e-4, true, Order::Nchw),
+            (DType::F64, 1e-10, false, Order::Nhwc),
+            (DType::F32, 1e-4, true, Order::Nhwc),
+            (DType::F64, 1e-10, true, Order::Nhwc),
+        ] {
+            for &(n, c, h, w) in &[(3, 5, 7, 5), (2, 3, 1, 2), (4, 2, 9, 9), (2, 16, 3, 3)] {
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((n * c * h * w) as u64);
                 let mut randn = |shape: &[usize], scale: f64, shift: f64| -> Result<Tensor> {
                     let k: usize = shape.iter().product();
@@ -283,7 +290,14 @@ mod tests {
                         .collect();
                     Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
                 };
-                let x = Var::from_tensor(&randn(&[n, c, h, w], 3.0, 5.0)?)?;
+                let x = randn(&[n, c, h, w], 3.0, 5.0)?;
+                // NHWC: the same values as a channels-last leaf, as a convolution leaves them.
+                let x = match order {
+                    Order::Nchw => Var::from_tensor(&x)?,
+                    Order::Nhwc => {
+                        Var::from_tensor(&x.permute((0, 2, 3, 1))?.contiguous()?.permuted_variable((0, 3, 1, 2))?)?
+                    }
+                };
                 let proj = randn(&[n, c, h, w], 1.0, 0.0)?;
                 let (gamma, beta) = (randn(&[c], 0.5, 0.7)?, randn(&[c], 1.0, 0.0)?);
                 let make = || -> Result<BatchNorm2d> {
@@ -301,6 +315,9 @@ mod tests {
                 let yf = fused.train_fused(x.as_tensor(), relu)?;
                 let yc = composed.train_composed(x.as_tensor())?;
                 let yc = if relu { yc.relu()? } else { yc };
+                if c > 1 && h * w > 1 {
+                    assert_eq!(Order::of(yf.layout()), Some(order), "the output keeps the input's order");
+                }
                 let close = |a: &Tensor, b: &Tensor| -> Result<f64> {
                     let d = a.sub(b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     let s = b.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -318,7 +335,7 @@ mod tests {
                 ];
                 assert!(
                     errs.iter().all(|e| *e < tol),
-                    "{dtype:?} relu {relu} {:?}: y/rm/rv/dx/dγ/dβ {errs:?}",
+                    "{dtype:?} relu {relu} {order:?} {:?}: y/rm/rv/dx/dγ/dβ {errs:?}",
                     (n, c, h, w)
                 );
             }

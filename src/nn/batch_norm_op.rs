@@ -20,7 +20,10 @@ use rayon::prelude::*;
 
 pub(crate) use super::act::Act;
 use super::act::Lane;
-use crate::cpu_slice::{storage_slice, with_slice};
+use crate::cpu_slice::{
+    activation_from_vec, leaf_from_vec, storage_activation, storage_slice, with_activation, with_activation_in,
+    with_slice, Order,
+};
 use crate::dist::Communicator;
 use crate::simd;
 
@@ -47,9 +50,9 @@ pub fn channel_stats_in(x: &Tensor, group: Option<&Arc<dyn Communicator>>) -> Re
     let (n, c, h, w) = x.dims4()?;
     let dims = (n, c, h * w);
     let mut sums = match x.dtype() {
-        DType::F32 => with_slice(x, |v: &[f32]| channel_sums(v, dims, None))?,
-        DType::F64 => with_slice(x, |v: &[f64]| channel_sums(v, dims, None))?,
-        DType::BF16 => with_slice(x, |v: &[half::bf16]| channel_sums(v, dims, None))?,
+        DType::F32 => with_activation(x, |v: &[f32], o| channel_sums(v, o, dims, None))?,
+        DType::F64 => with_activation(x, |v: &[f64], o| channel_sums(v, o, dims, None))?,
+        DType::BF16 => with_activation(x, |v: &[half::bf16], o| channel_sums(v, o, dims, None))?,
         d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
     };
     let mut count = (n * h * w) as f64;
@@ -61,9 +64,9 @@ pub fn channel_stats_in(x: &Tensor, group: Option<&Arc<dyn Communicator>>) -> Re
     }
     let mean: Vec<f64> = sums.iter().map(|s| s / count).collect();
     let mut ss = match x.dtype() {
-        DType::F32 => with_slice(x, |v: &[f32]| channel_sums(v, dims, Some(&mean)))?,
-        DType::F64 => with_slice(x, |v: &[f64]| channel_sums(v, dims, Some(&mean)))?,
-        DType::BF16 => with_slice(x, |v: &[half::bf16]| channel_sums(v, dims, Some(&mean)))?,
+        DType::F32 => with_activation(x, |v: &[f32], o| channel_sums(v, o, dims, Some(&mean)))?,
+        DType::F64 => with_activation(x, |v: &[f64], o| channel_sums(v, o, dims, Some(&mean)))?,
+        DType::BF16 => with_activation(x, |v: &[half::bf16], o| channel_sums(v, o, dims, Some(&mean)))?,
         d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
     };
     if let Some(g) = group {
@@ -73,9 +76,33 @@ pub fn channel_stats_in(x: &Tensor, group: Option<&Arc<dyn Communicator>>) -> Re
     Ok(ChannelStats { mean, var, count: count as usize })
 }
 
-/// Per channel, `Σ x` (`centre` None) or `Σ (x − centre)²`, each channel summed by one thread
-/// in image order (the same bits for any thread count).
-fn channel_sums<T: Act>(x: &[T], (n, c, hw): (usize, usize, usize), centre: Option<&[f64]>) -> Vec<f64> {
+/// Per channel, `Σ x` (`centre` None) or `Σ (x − centre)²`: NCHW each channel summed by one
+/// thread in image order, NHWC in fixed runs of pixels added in order (the same bits for any
+/// thread count either way).
+fn channel_sums<T: Act>(x: &[T], order: Order, (n, c, hw): (usize, usize, usize), centre: Option<&[f64]>) -> Vec<f64> {
+    if order == Order::Nhwc {
+        let zero = vec![0f64; c];
+        let m = centre.unwrap_or(&zero);
+        return pixel_sums(x.len(), c, |run| {
+            let mut acc = vec![0f64; c];
+            simd::run!({
+                for pixel in x[run.clone()].chunks_exact(c) {
+                    let (acc, m) = (&mut acc[..pixel.len()], &m[..pixel.len()]);
+                    if centre.is_some() {
+                        for ch in 0..pixel.len() {
+                            let v = pixel[ch].wide() - m[ch];
+                            acc[ch] += v * v;
+                        }
+                    } else {
+                        for ch in 0..pixel.len() {
+                            acc[ch] += pixel[ch].wide();
+                        }
+                    }
+                }
+            });
+            acc
+        });
+    }
     (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -94,6 +121,28 @@ fn channel_sums<T: Act>(x: &[T], (n, c, hw): (usize, usize, usize), centre: Opti
             })
         })
         .collect()
+}
+
+/// Pixels per parallel task of an NHWC pass: about 4096 values.
+fn pixels_per_task(c: usize) -> usize {
+    (4096 / c.max(1)).max(1)
+}
+
+/// Per-channel f64 sums over the pixels of an NHWC activation of `len` values: `run(range)`
+/// sums the pixels of one run of [`pixels_per_task`] pixels (its loops inside `simd::run!`, each
+/// channel its own accumulators so that the loop over channels vectorises); the runs are summed
+/// in parallel and added in order, so the result does not depend on the thread count.
+fn pixel_sums(len: usize, c: usize, run: impl Fn(std::ops::Range<usize>) -> Vec<f64> + Sync) -> Vec<f64> {
+    let step = pixels_per_task(c) * c;
+    let partial: Vec<Vec<f64>> =
+        (0..len.div_ceil(step)).into_par_iter().map(|t| run(t * step..len.min((t + 1) * step))).collect();
+    let mut total = partial.first().map_or_else(Vec::new, |p| vec![0f64; p.len()]);
+    for p in partial {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
 }
 
 /// Independent f64 partial sums per plane: a sum that is one dependency chain runs at one add per
@@ -178,6 +227,21 @@ fn affine_plane<T: Act>(x: &[T], y: &mut [T], s: T::W, t: T::W, relu: bool) {
     }
 }
 
+/// `y = x·s + t` per channel over one NHWC pixel (then `max(·, 0)` with `relu`), rounded once.
+#[inline(always)]
+fn affine_pixel<T: Act>(x: &[T], y: &mut [T], s: &[T::W], t: &[T::W], relu: bool) {
+    let (s, t) = (&s[..x.len()], &t[..x.len()]);
+    if relu {
+        for i in 0..x.len() {
+            y[i] = T::from_lane((x[i].lane() * s[i] + t[i]).relu());
+        }
+    } else {
+        for i in 0..x.len() {
+            y[i] = T::from_lane(x[i].lane() * s[i] + t[i]);
+        }
+    }
+}
+
 /// `dx = k·g + c·(x − m) + b` over one plane, `[k, c, b, m]` its channel's constants and `g`
 /// the gradient reaching the normalisation (`dy`, masked by `y > 0` with `relu`).
 #[inline(always)]
@@ -190,6 +254,46 @@ fn dx_plane<T: Act>(x: &[T], y: &[T], dy: &[T], dx: &mut [T], [k, c, b, m]: [T::
     } else {
         for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
             *dx = T::from_lane(k * dy.lane() + c * (x.lane() - m) + b);
+        }
+    }
+}
+
+/// `Σ g` and `Σ g·(x − m)` per channel over one NHWC pixel, added into `a` and `b`; `g` is `dy`,
+/// masked by `y > 0` with `relu`.
+#[inline(always)]
+fn pixel_grad_sums<T: Act>(x: &[T], y: &[T], dy: &[T], m: &[f64], (a, b): (&mut [f64], &mut [f64]), relu: bool) {
+    let c = x.len();
+    let (dy, m, a, b) = (&dy[..c], &m[..c], &mut a[..c], &mut b[..c]);
+    if relu {
+        let y = &y[..c];
+        for ch in 0..c {
+            let g = if y[ch].positive() { dy[ch].wide() } else { 0.0 };
+            a[ch] += g;
+            b[ch] += g * (x[ch].wide() - m[ch]);
+        }
+    } else {
+        for ch in 0..c {
+            let g = dy[ch].wide();
+            a[ch] += g;
+            b[ch] += g * (x[ch].wide() - m[ch]);
+        }
+    }
+}
+
+/// [`dx_plane`] over one NHWC pixel, `[k, c, b, m]` rows of per-channel constants.
+#[inline(always)]
+fn dx_pixel<T: Act>(x: &[T], y: &[T], dy: &[T], dx: &mut [T], [k, c, b, m]: &[Vec<T::W>; 4], relu: bool) {
+    let n = x.len();
+    let (dy, dx, k, c, b, m) = (&dy[..n], &mut dx[..n], &k[..n], &c[..n], &b[..n], &m[..n]);
+    if relu {
+        let y = &y[..n];
+        for i in 0..n {
+            let g = if y[i].positive() { dy[i].lane() } else { T::W::ZERO };
+            dx[i] = T::from_lane(k[i] * g + c[i] * (x[i].lane() - m[i]) + b[i]);
+        }
+    } else {
+        for i in 0..n {
+            dx[i] = T::from_lane(k[i] * dy[i].lane() + c[i] * (x[i].lane() - m[i]) + b[i]);
         }
     }
 }
@@ -215,6 +319,8 @@ pub struct BatchNormTrain {
     /// Values per channel the statistics were computed over (all ranks').
     count: usize,
     group: Option<Arc<dyn Communicator>>,
+    /// The memory order of the input, kept by the output and the input's gradient.
+    order: Order,
 }
 
 impl BatchNormTrain {
@@ -226,6 +332,25 @@ impl BatchNormTrain {
             relu: false,
             count: stats.count,
             group: None,
+            order: Order::Nchw,
+        }
+    }
+
+    /// The op for an input laid out as `x` is (NCHW or NHWC; any other view is read as NCHW).
+    pub fn for_input(mut self, x: &Tensor) -> Self {
+        self.order = Order::of(x.layout()).unwrap_or(Order::Nchw);
+        self
+    }
+
+    /// `op(x; γ, β)` as a tensor in `x`'s order (the op's own result is `[N, H, W, C]` for an
+    /// NHWC input, shown as the permuted view).
+    pub fn apply(self, x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+        let op = self.for_input(x);
+        let order = op.order;
+        let y = x.apply_op3(gamma, beta, op)?;
+        match order {
+            Order::Nhwc => y.permute((0, 3, 1, 2)),
+            Order::Nchw => Ok(y),
         }
     }
 
@@ -241,6 +366,7 @@ impl BatchNormTrain {
         self
     }
 
+    /// `x` in [`Self::for_input`]'s order.
     pub(crate) fn forward<T: Act>(&self, x: &[T], gamma: &[T], beta: &[T], c: usize, hw: usize) -> Vec<T> {
         // Per channel: y = x·scale + shift.
         let (scale, shift): (Vec<f64>, Vec<f64>) = (0..c)
@@ -252,8 +378,19 @@ impl BatchNormTrain {
         let (scale, shift): (Vec<T::W>, Vec<T::W>) =
             scale.iter().zip(&shift).map(|(s, t)| (T::W::of(*s), T::W::of(*t))).unzip();
         let mut y = vec![T::zero(); x.len()];
-        let step = planes_per_task(hw) * hw;
         let relu = self.relu;
+        if self.order == Order::Nhwc {
+            let step = pixels_per_task(c) * c;
+            y.par_chunks_mut(step).zip(x.par_chunks(step)).for_each(|(y, x)| {
+                simd::run!({
+                    for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                        affine_pixel(x, y, &scale, &shift, relu);
+                    }
+                })
+            });
+            return y;
+        }
+        let step = planes_per_task(hw) * hw;
         y.par_chunks_mut(step).zip(x.par_chunks(step)).enumerate().for_each(|(task, (y, x))| {
             simd::run!({
                 for (i, (y, x)) in y.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
@@ -279,23 +416,40 @@ impl BatchNormTrain {
     ) -> Result<BnGrads<T>> {
         let relu = self.relu;
         // Σ dy and Σ dy·x̂ per channel (dy masked by the ReLU where there is one).
-        let (sum_dy, sum_dy_xhat): (Vec<f64>, Vec<f64>) = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (m, is) = (self.mean[ch], self.inv_std[ch]);
-                let (mut a, mut b) = (0.0, 0.0);
+        let (sum_dy, sum_dy_xhat): (Vec<f64>, Vec<f64>) = if self.order == Order::Nhwc {
+            let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
+            let mut both = pixel_sums(x.len(), c, |run| {
+                let mut acc = vec![0f64; 2 * c];
                 simd::run!({
-                    for img in 0..n {
-                        let at = (img * c + ch) * hw;
-                        let ys = if relu { &y[at..at + hw] } else { &[] };
-                        let (pa, pb) = plane_grad_sums(&x[at..at + hw], ys, &dy[at..at + hw], m, relu);
-                        a += pa;
-                        b += pb;
+                    let (a, b) = acc.split_at_mut(c);
+                    for at in run.clone().step_by(c) {
+                        let ys = if relu { &y[at..at + c] } else { &[] };
+                        pixel_grad_sums(&x[at..at + c], ys, &dy[at..at + c], mean, (a, b), relu);
                     }
                 });
-                (a, b * is)
-            })
-            .unzip();
+                acc
+            });
+            let b = both.split_off(c);
+            (both, b.iter().zip(inv_std).map(|(b, is)| b * is).collect())
+        } else {
+            (0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let (m, is) = (self.mean[ch], self.inv_std[ch]);
+                    let (mut a, mut b) = (0.0, 0.0);
+                    simd::run!({
+                        for img in 0..n {
+                            let at = (img * c + ch) * hw;
+                            let ys = if relu { &y[at..at + hw] } else { &[] };
+                            let (pa, pb) = plane_grad_sums(&x[at..at + hw], ys, &dy[at..at + hw], m, relu);
+                            a += pa;
+                            b += pb;
+                        }
+                    });
+                    (a, b * is)
+                })
+                .unzip()
+        };
         let dgamma = sum_dy_xhat.iter().map(|v| T::narrow(*v)).collect();
         let dbeta = sum_dy.iter().map(|v| T::narrow(*v)).collect();
         // dx needs the whole batch's sums; the parameters' gradients are this rank's share.
@@ -322,6 +476,21 @@ impl BatchNormTrain {
                 })
                 .collect();
             let mut dx = vec![T::zero(); x.len()];
+            if self.order == Order::Nhwc {
+                // The constants as four per-channel rows, read along a pixel's channels.
+                let rows: [Vec<T::W>; 4] = std::array::from_fn(|j| consts.iter().map(|k| k[j]).collect());
+                let step = pixels_per_task(c) * c;
+                dx.par_chunks_mut(step).enumerate().for_each(|(task, dx)| {
+                    simd::run!({
+                        for (i, dx) in dx.chunks_exact_mut(c).enumerate() {
+                            let at = task * step + i * c;
+                            let ys = if relu { &y[at..at + c] } else { &[] };
+                            dx_pixel(&x[at..at + c], ys, &dy[at..at + c], dx, &rows, relu);
+                        }
+                    })
+                });
+                return dx;
+            }
             let step = planes_per_task(hw) * hw;
             dx.par_chunks_mut(step).enumerate().for_each(|(task, dx)| {
                 simd::run!({
@@ -338,7 +507,8 @@ impl BatchNormTrain {
         Ok((dx, dgamma, dbeta))
     }
 
-    /// [`Self::forward`] on raw storages (x, γ, β), each made contiguous if strided.
+    /// [`Self::forward`] on raw storages (x, γ, β): x in the op's order (NCHW: gathered if
+    /// strided), γ and β made contiguous if strided.
     fn forward_storage<T: Act>(
         &self,
         (s1, l1): (&CpuStorage, &Layout),
@@ -347,9 +517,18 @@ impl BatchNormTrain {
         c: usize,
         hw: usize,
     ) -> Result<Vec<T>> {
-        Ok(self.forward::<T>(&storage_slice(s1, l1)?, &storage_slice(s2, l2)?, &storage_slice(s3, l3)?, c, hw))
+        let x = match self.order {
+            Order::Nchw => storage_slice(s1, l1)?,
+            Order::Nhwc => match storage_activation(s1, l1)? {
+                (x, Order::Nhwc) => x,
+                _ => candle_core::bail!("batch norm: an NHWC op applied to an input that is not NHWC"),
+            },
+        };
+        Ok(self.forward::<T>(&x, &storage_slice(s2, l2)?, &storage_slice(s3, l3)?, c, hw))
     }
 
+    /// The backward on `[N, C, H, W]` tensors (`y` empty where the op has no ReLU), each read in
+    /// the op's order; `dx` in it too.
     fn bwd_typed<T: Act>(
         &self,
         x: &Tensor,
@@ -358,14 +537,21 @@ impl BatchNormTrain {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = x.dims4()?;
-        let (dx, dg, db) = with_slice(x, |xs: &[T]| {
+        let order = self.order;
+        let dims = (n, c, h * w);
+        let (dx, dg, db) = with_activation_in(x, order, |xs: &[T]| {
             with_slice(gamma, |gs: &[T]| {
-                with_slice(y, |ys: &[T]| {
-                    with_slice(dy, |dys: &[T]| self.backward(xs, gs, ys, dys, (n, c, h * w), x.track_op()))
-                })
+                let run = |ys: &[T]| {
+                    with_activation_in(dy, order, |dys: &[T]| self.backward(xs, gs, ys, dys, dims, x.track_op()))
+                };
+                if y.elem_count() == 0 {
+                    run(&[])
+                } else {
+                    with_activation_in(y, order, run)?
+                }
             })
-        })?????;
-        let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
+        })????;
+        let dx = dx.map(|v| activation_from_vec(v, x.shape(), order, x.device())).transpose()?;
         Ok((dx, Some(Tensor::from_vec(dg, c, x.device())?), Some(Tensor::from_vec(db, c, x.device())?)))
     }
 }
@@ -384,7 +570,7 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, h, w) = l1.shape().dims4()?;
+        let (n, c, h, w) = l1.shape().dims4()?;
         let y = match s1 {
             CpuStorage::F32(_) => {
                 CpuStorage::F32(self.forward_storage::<f32>((s1, l1), (s2, l2), (s3, l3), c, h * w)?)
@@ -397,7 +583,11 @@ impl CustomOp3 for BatchNormTrain {
             }
             s => candle_core::bail!("batch norm: unsupported dtype {:?}", s.dtype()),
         };
-        Ok((y, l1.shape().clone()))
+        let shape = match self.order {
+            Order::Nchw => l1.shape().clone(),
+            Order::Nhwc => Shape::from((n, h, w, c)),
+        };
+        Ok((y, shape))
     }
 
     fn bwd(
@@ -408,6 +598,11 @@ impl CustomOp3 for BatchNormTrain {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // `y` and `dy` are the op's own result and its gradient: `[N, H, W, C]` for NHWC.
+        let (y, dy) = &match self.order {
+            Order::Nhwc => (y.permute((0, 3, 1, 2))?, dy.permute((0, 3, 1, 2))?),
+            Order::Nchw => (y.clone(), dy.clone()),
+        };
         match x.dtype() {
             DType::F32 => self.bwd_typed::<f32>(x, gamma, y, dy),
             DType::F64 => self.bwd_typed::<f64>(x, gamma, y, dy),
@@ -427,10 +622,10 @@ pub fn tail_forward(op: &BatchNormTrain, z: &Tensor, gamma: &Tensor, beta: &Tens
         (z, gamma, beta, shortcut): (&Tensor, &Tensor, &Tensor, &Tensor),
     ) -> Result<Vec<T>> {
         let (_, c, h, w) = z.dims4()?;
-        with_slice(z, |z: &[T]| {
+        with_activation_in(z, op.order, |z: &[T]| {
             with_slice(gamma, |g: &[T]| {
                 with_slice(beta, |b: &[T]| {
-                    with_slice(shortcut, |s: &[T]| {
+                    with_activation_in(shortcut, op.order, |s: &[T]| {
                         let mut y = op.forward(z, g, b, c, h * w);
                         y.par_chunks_mut(SPAN)
                             .zip(s.par_chunks(SPAN))
@@ -445,10 +640,11 @@ pub fn tail_forward(op: &BatchNormTrain, z: &Tensor, gamma: &Tensor, beta: &Tens
         candle_core::bail!("block tail: branch {:?} and shortcut {:?} differ", z.shape(), shortcut.shape());
     }
     let parts = (z, gamma, beta, shortcut);
+    let (shape, order, dev) = (z.shape(), op.order, z.device());
     match z.dtype() {
-        DType::F32 => Var::from_vec(typed::<f32>(op, parts)?, z.shape(), z.device()),
-        DType::F64 => Var::from_vec(typed::<f64>(op, parts)?, z.shape(), z.device()),
-        DType::BF16 => Var::from_vec(typed::<half::bf16>(op, parts)?, z.shape(), z.device()),
+        DType::F32 => leaf_from_vec(typed::<f32>(op, parts)?, shape, order, dev),
+        DType::F64 => leaf_from_vec(typed::<f64>(op, parts)?, shape, order, dev),
+        DType::BF16 => leaf_from_vec(typed::<half::bf16>(op, parts)?, shape, order, dev),
         d => candle_core::bail!("block tail: unsupported dtype {d:?}"),
     }
 }

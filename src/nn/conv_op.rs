@@ -22,8 +22,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use super::im2col::{self, Geometry};
-use crate::cpu_slice::{storage_slice, with_slice};
-use crate::dnnl;
+use crate::cpu_slice::{
+    activation_from_vec, storage_activation, storage_slice, with_activation, with_activation_in, with_slice, Order,
+};
+use crate::dnnl::{self, Orders};
 
 /// When set, [`conv2d`] is candle's own `conv2d` (for before/after benchmarks).
 static CANDLE_REFERENCE: AtomicBool = AtomicBool::new(false);
@@ -43,8 +45,8 @@ pub fn backend(device: &candle_core::Device, dtype: DType) -> String {
     let probe = Geometry { n: 8, c: 64, h: 16, w: 16, o: 64, kh: 3, kw: 3, stride: 1, padding: 1, groups: 1 };
     let kernels = |name: &str| -> std::result::Result<String, dnnl::DnnlError> {
         let k = |p| match dtype {
-            DType::BF16 => dnnl::conv_kernel::<half::bf16>(&probe, p),
-            _ => dnnl::conv_kernel::<f32>(&probe, p),
+            DType::BF16 => dnnl::conv_kernel::<half::bf16>(&probe, probe_orders(), p),
+            _ => dnnl::conv_kernel::<f32>(&probe, probe_orders(), p),
         };
         let (f, d, w) = (k(dnnl::Pass::Forward)?, k(dnnl::Pass::BackwardData)?, k(dnnl::Pass::BackwardWeights)?);
         Ok(format!("{name}: forward {f}, backward data {d}, backward weights {w}"))
@@ -59,12 +61,21 @@ pub fn backend(device: &candle_core::Device, dtype: DType) -> String {
     }
 }
 
-/// Geometry of one convolution, all a backward needs besides the two inputs.
+/// The activation orders of a convolution inside a stage, as [`conv2d`] runs them.
+fn probe_orders() -> Orders {
+    let y = if dnnl::channels_last() { Order::Nhwc } else { Order::Nchw };
+    Orders { x: y, y }
+}
+
+/// Geometry of one convolution, all a backward needs besides the two inputs, and the order
+/// its output is written in (NHWC: the op's own result is `[N, OH, OW, O]`, which [`conv2d`]
+/// shows as the permuted view `[N, O, OH, OW]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ConvOp {
     padding: usize,
     stride: usize,
     groups: usize,
+    out: Order,
 }
 
 /// `x ⋆ w` with locograph's im2col kernels for the forward and the backward.
@@ -97,7 +108,15 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize, groups: usi
     {
         return x.conv2d(w, padding, stride, 1, groups);
     }
-    x.apply_op2(w, ConvOp { padding, stride, groups })
+    // Channels-last output on oneDNN's path (grouped convolutions keep NCHW: oneDNN 2.x has no
+    // fast NHWC kernels for them). The input may be in either order.
+    let nhwc = dnnl::enabled() && dnnl::channels_last() && groups == 1 && matches!(x.dtype(), DType::F32 | DType::BF16);
+    let out = if nhwc { Order::Nhwc } else { Order::Nchw };
+    let y = x.apply_op2(w, ConvOp { padding, stride, groups, out })?;
+    match out {
+        Order::Nhwc => y.permute((0, 3, 1, 2)),
+        Order::Nchw => Ok(y),
+    }
 }
 
 impl ConvOp {
@@ -120,7 +139,8 @@ impl ConvOp {
         l2: &Layout,
     ) -> Result<Vec<T>> {
         let g = self.geometry(l1.shape(), l2.shape())?;
-        dnnl::conv_forward(&g, &storage_slice::<T>(s1, l1)?, &storage_slice::<T>(s2, l2)?)
+        let (x, order) = storage_activation::<T>(s1, l1)?;
+        dnnl::conv_forward(&g, Orders { x: order, y: self.out }, &x, &storage_slice::<T>(s2, l2)?)
             .map_err(candle_core::Error::wrap)
     }
 
@@ -133,18 +153,25 @@ impl ConvOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.geometry(x.shape(), w.shape())?;
         let wrap = candle_core::Error::wrap;
+        // dx in x's order (a strided view of another kind is read as NCHW), dy in the output's.
+        let xo = Order::of(x.layout()).unwrap_or(Order::Nchw);
+        let orders = Orders { x: xo, y: self.out };
         let dx = need
             .0
             .then(|| {
-                let v = with_slice(w, |ws: &[T]| with_slice(dy, |dys: &[T]| dnnl::conv_backward_data(&g, dys, ws)))??;
-                Tensor::from_vec(v.map_err(wrap)?, x.shape(), x.device())
+                let v = with_slice(w, |ws: &[T]| {
+                    with_activation_in(dy, self.out, |dys: &[T]| dnnl::conv_backward_data(&g, orders, dys, ws))
+                })??;
+                activation_from_vec(v.map_err(wrap)?, x.shape(), xo, x.device())
             })
             .transpose()?;
         let dw = need
             .1
             .then(|| {
-                let v =
-                    with_slice(x, |xs: &[T]| with_slice(dy, |dys: &[T]| dnnl::conv_backward_weights(&g, xs, dys)))??;
+                let v = with_activation(x, |xs: &[T], xo| {
+                    let orders = Orders { x: xo, y: self.out };
+                    with_activation_in(dy, self.out, |dys: &[T]| dnnl::conv_backward_weights(&g, orders, xs, dys))
+                })??;
                 Tensor::from_vec(v.map_err(wrap)?, w.shape(), w.device())
             })
             .transpose()?;
@@ -176,7 +203,10 @@ impl CustomOp2 for ConvOp {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, _, _, _) = l1.shape().dims4()?;
         let g = self.geometry(l1.shape(), l2.shape())?;
-        let shape = Shape::from((n, g.o, g.out_h(), g.out_w()));
+        let shape = match self.out {
+            Order::Nchw => Shape::from((n, g.o, g.out_h(), g.out_w())),
+            Order::Nhwc => Shape::from((n, g.out_h(), g.out_w(), g.o)),
+        };
         let y = match s1 {
             CpuStorage::F32(_) if dnnl::enabled() => CpuStorage::F32(self.forward_dnnl::<f32>(s1, l1, s2, l2)?),
             CpuStorage::BF16(_) => CpuStorage::BF16(self.forward_dnnl::<half::bf16>(s1, l1, s2, l2)?),
@@ -191,6 +221,11 @@ impl CustomOp2 for ConvOp {
         // A gradient nobody asked for is not computed: the stem's input is data. The results
         // are fresh tensors without a graph.
         let need = (x.track_op(), w.track_op());
+        // `g` is the gradient of the op's own result: `[N, OH, OW, O]` for an NHWC output.
+        let g = &match self.out {
+            Order::Nhwc => g.permute((0, 3, 1, 2))?,
+            Order::Nchw => g.clone(),
+        };
         match x.dtype() {
             DType::F32 if dnnl::enabled() => self.backward_dnnl::<f32>(x, w, g, need),
             DType::BF16 => self.backward_dnnl::<half::bf16>(x, w, g, need),
@@ -325,29 +360,62 @@ mod tests {
 
     fn dnnl_cases<T: WithDType + dnnl::Element>(tol: f64, n: usize) -> Result<()> {
         let mut cases = CASES.to_vec();
-        cases.extend([(3, 16, 7, 2, 3, 1, 33, 31), (32, 48, 3, 1, 1, 1, 9, 9), (64, 32, 1, 2, 0, 1, 8, 8)]);
+        cases.extend([
+            (3, 16, 7, 2, 3, 1, 33, 31),
+            (32, 48, 3, 1, 1, 1, 9, 9),
+            (64, 32, 1, 2, 0, 1, 8, 8),
+            (16, 16, 3, 1, 1, 1, 9, 7),
+        ]);
         for (i, &(c, o, k, s, p, groups, h, w)) in cases.iter().enumerate() {
             let g = Geometry { n, c, h, w, o, kh: k, kw: k, stride: s, padding: p, groups };
             let inputs = [[n, c, h, w], [o, c / groups, k, k], [n, o, g.out_h(), g.out_w()]];
             let [x, wt, dy] = [0, 1, 2].map(|j| randn(&inputs[j], 10 * i as u64 + j as u64, T::DTYPE));
             let (x, wt, dy) = (x?, wt?, dy?);
-            let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
             let vec64 = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
-            let dg = g;
-            let ours = [
-                dnnl::conv_forward(&dg, &vec(&x)?, &vec(&wt)?),
-                dnnl::conv_backward_data(&dg, &vec(&dy)?, &vec(&wt)?),
-                dnnl::conv_backward_weights(&dg, &vec(&x)?, &vec(&dy)?),
-            ]
-            .map(|r| r.map(|v| v.iter().map(|e| e.to_f64()).collect::<Vec<f64>>()));
             let y = im2col::forward(&vec64(&x)?, &vec64(&wt)?, &g);
             let (dx, dw) = im2col::backward(&vec64(&x)?, &vec64(&wt)?, &vec64(&dy)?, &g, true, true);
             let reference = [Some(y), dx, dw];
-            for (pass, (ours, reference)) in ours.into_iter().zip(reference).enumerate() {
-                let (ours, reference) = (ours.map_err(candle_core::Error::wrap)?, reference.expect("both gradients"));
-                let size = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
-                let err = ours.iter().zip(&reference).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / size;
-                assert!(err <= tol, "{:?} case {i} {:?} pass {pass}: rel err {err:e}", T::DTYPE, cases[i]);
+            // The elements of an NCHW tensor in `order`, and back.
+            let vec = |t: &Tensor, order| match order {
+                Order::Nchw => t.flatten_all()?.to_vec1::<T>(),
+                Order::Nhwc => t.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<T>(),
+            };
+            let nchw = |v: Vec<T>, dims: [usize; 4], order| -> Result<Vec<f64>> {
+                vec64(&activation_from_vec(v, &Shape::from_dims(&dims), order, &Device::Cpu)?)
+            };
+            let (xd, yd) = ([n, c, h, w], [n, o, g.out_h(), g.out_w()]);
+            let wrap = candle_core::Error::wrap;
+            let nhwc = Order::Nhwc;
+            for orders in [Orders::NCHW, Orders { x: Order::Nchw, y: nhwc }, Orders { x: nhwc, y: nhwc }] {
+                let ours = [
+                    nchw(
+                        dnnl::conv_forward(&g, orders, &vec(&x, orders.x)?, &vec(&wt, Order::Nchw)?).map_err(wrap)?,
+                        yd,
+                        orders.y,
+                    )?,
+                    nchw(
+                        dnnl::conv_backward_data(&g, orders, &vec(&dy, orders.y)?, &vec(&wt, Order::Nchw)?)
+                            .map_err(wrap)?,
+                        xd,
+                        orders.x,
+                    )?,
+                    dnnl::conv_backward_weights(&g, orders, &vec(&x, orders.x)?, &vec(&dy, orders.y)?)
+                        .map_err(wrap)?
+                        .iter()
+                        .map(|e| e.to_f64())
+                        .collect(),
+                ];
+                for (pass, (ours, reference)) in ours.iter().zip(&reference).enumerate() {
+                    let reference = reference.as_ref().expect("both gradients");
+                    let size = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+                    let err = ours.iter().zip(reference).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / size;
+                    assert!(
+                        err <= tol,
+                        "{:?} case {i} {:?} {orders:?} pass {pass}: rel err {err:e}",
+                        T::DTYPE,
+                        cases[i]
+                    );
+                }
             }
         }
         Ok(())
@@ -397,11 +465,11 @@ mod tests {
     fn dnnl_names_its_kernels_and_workspace() -> Result<()> {
         let g = Geometry { n: 8, c: 64, h: 16, w: 16, o: 64, kh: 3, kw: 3, stride: 1, padding: 1, groups: 1 };
         for pass in [dnnl::Pass::Forward, dnnl::Pass::BackwardData, dnnl::Pass::BackwardWeights] {
-            let kernel = dnnl::conv_kernel::<f32>(&g, pass).map_err(candle_core::Error::wrap)?;
+            let kernel = dnnl::conv_kernel::<f32>(&g, Orders::NCHW, pass).map_err(candle_core::Error::wrap)?;
             assert!(kernel.contains(':') && !kernel.contains("ref"), "{pass:?}: {kernel}");
             // oneDNN keeps 64-channel maps in a blocked layout: the forward copies the input and
             // the output (8·64·16·16 f32 = 512 KiB each), the backward passes the two maps they read.
-            let bytes = dnnl::conv_workspace_bytes::<f32>(&g, pass).map_err(candle_core::Error::wrap)?;
+            let bytes = dnnl::conv_workspace_bytes::<f32>(&g, Orders::NCHW, pass).map_err(candle_core::Error::wrap)?;
             assert!((1 << 20..64 << 20).contains(&bytes), "{pass:?}: {bytes} bytes");
         }
         Ok(())

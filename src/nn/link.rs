@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use super::act::Act;
 use super::batch_norm_op::{tail_forward, BatchNormTrain, TailSeed, SPAN};
 use super::shuffle::{deinterleave, interleave};
-use crate::cpu_slice::with_slice;
+use crate::cpu_slice::{activation_from_vec, leaf_from_vec, with_activation, with_activation_in, Order};
 use crate::simd;
 
 /// One link of a layer's chain, alive until the engine's last backward through the layer has
@@ -85,6 +85,7 @@ impl Link {
         beta: &Tensor,
         shortcut: Tensor,
     ) -> Result<Self> {
+        let op = op.for_input(z);
         let output = tail_forward(&op, z, gamma, beta, &shortcut)?.as_tensor().clone();
         let slot = Arc::new(Mutex::new(None));
         let anchor = z.apply_op3(gamma, beta, TailSeed { op, slot: slot.clone() })?;
@@ -150,11 +151,12 @@ fn root(output: &Tensor, seeds: &Seeds, g: Tensor) -> Result<Tensor> {
     }
 }
 
-/// `relu(a + b)` as a new leaf, written in one pass into a vector the leaf then owns (on CPU).
+/// `relu(a + b)` as a new leaf in `a`'s memory order, written in one pass into a vector the leaf
+/// then owns (on CPU).
 fn rectified_sum(a: &Tensor, b: &Tensor) -> Result<Var> {
-    fn sum<T: Act>(a: &Tensor, b: &Tensor) -> Result<Vec<T>> {
-        with_slice(a, |a: &[T]| {
-            with_slice(b, |b: &[T]| {
+    fn sum<T: Act>(a: &Tensor, b: &Tensor, order: Order) -> Result<Vec<T>> {
+        with_activation_in(a, order, |a: &[T]| {
+            with_activation_in(b, order, |b: &[T]| {
                 let mut out = vec![T::zero(); a.len()];
                 out.par_chunks_mut(SPAN).zip(a.par_chunks(SPAN)).zip(b.par_chunks(SPAN)).for_each(|((o, a), b)| {
                     simd::run!(o.iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = a.add_relu(*b)))
@@ -166,20 +168,21 @@ fn rectified_sum(a: &Tensor, b: &Tensor) -> Result<Var> {
     if a.shape() != b.shape() || a.dtype() != b.dtype() {
         candle_core::bail!("residual sum of {:?} {:?} and {:?} {:?}", a.shape(), a.dtype(), b.shape(), b.dtype());
     }
+    let order = Order::of(a.layout()).unwrap_or(Order::Nchw);
     match (a.device(), a.dtype()) {
-        (Device::Cpu, DType::F32) => Var::from_vec(sum::<f32>(a, b)?, a.shape(), a.device()),
-        (Device::Cpu, DType::F64) => Var::from_vec(sum::<f64>(a, b)?, a.shape(), a.device()),
-        (Device::Cpu, DType::BF16) => Var::from_vec(sum::<half::bf16>(a, b)?, a.shape(), a.device()),
+        (Device::Cpu, DType::F32) => leaf_from_vec(sum::<f32>(a, b, order)?, a.shape(), order, a.device()),
+        (Device::Cpu, DType::F64) => leaf_from_vec(sum::<f64>(a, b, order)?, a.shape(), order, a.device()),
+        (Device::Cpu, DType::BF16) => leaf_from_vec(sum::<half::bf16>(a, b, order)?, a.shape(), order, a.device()),
         // Elsewhere (and f16, which no CPU path computes in) a copy of candle's result.
         _ => Var::from_tensor(&(a.detach() + b.detach())?.relu()?),
     }
 }
 
-/// `g ⊙ [y > 0]` for `y = relu(z)`: one pass on CPU.
+/// `g ⊙ [y > 0]` for `y = relu(z)`, in `y`'s memory order: one pass on CPU.
 fn relu_backward(y: &Tensor, g: Tensor) -> Result<Tensor> {
     fn mask<T: Act>(y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let v = with_slice(y, |ys: &[T]| {
-            with_slice(g, |gs: &[T]| {
+        let (v, order) = with_activation(y, |ys: &[T], order| {
+            let v = with_activation_in(g, order, |gs: &[T]| {
                 let mut out = vec![T::zero(); ys.len()];
                 out.par_chunks_mut(SPAN).zip(ys.par_chunks(SPAN)).zip(gs.par_chunks(SPAN)).for_each(|((o, y), g)| {
                     simd::run!({
@@ -190,9 +193,10 @@ fn relu_backward(y: &Tensor, g: Tensor) -> Result<Tensor> {
                     })
                 });
                 out
-            })
-        })??;
-        Tensor::from_vec(v, y.shape(), y.device())
+            });
+            (v, order)
+        })?;
+        activation_from_vec(v?, y.shape(), order, y.device())
     }
     match (y.device(), y.dtype()) {
         (Device::Cpu, DType::F32) if g.dtype() == DType::F32 => mask::<f32>(y, &g),
@@ -271,21 +275,42 @@ mod tests {
     /// A residual link against candle's own `relu(branch + shortcut)` backward, with the
     /// shortcut the link's input itself (an identity block) so the two cotangents must add up,
     /// and sums of both signs so the mask matters; f32 and f64.
+    /// The same values laid out channels-last (a graph-connected copy, as a convolution's
+    /// output is).
+    fn nhwc(t: &Tensor) -> Result<Tensor> {
+        t.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
+    }
+
+    /// A leaf holding `t`'s values in `order`.
+    fn leaf(t: &Tensor, order: Order) -> Result<Var> {
+        match order {
+            Order::Nchw => Var::from_tensor(t),
+            Order::Nhwc => Var::from_tensor(&t.permute((0, 2, 3, 1))?.contiguous()?.permuted_variable((0, 3, 1, 2))?),
+        }
+    }
+
+    /// ... also on channels-last activations, whose output keeps their order (the cotangent
+    /// arrives NCHW here: the order of whatever consumes the output).
     #[test]
     fn residual_link_matches_candle_composition() -> Result<()> {
-        for dtype in [DType::F32, DType::F64] {
+        for (dtype, order) in [(DType::F32, Order::Nchw), (DType::F64, Order::Nchw), (DType::F32, Order::Nhwc)] {
             let dev = Device::Cpu;
-            let vals: Vec<f64> = (0..24).map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0).collect();
-            let x = Var::from_tensor(&Tensor::from_vec(vals.clone(), (2, 3, 2, 2), &dev)?.to_dtype(dtype)?)?;
-            let w = Tensor::from_vec(vals.iter().rev().copied().collect(), (2, 3, 2, 2), &dev)?.to_dtype(dtype)?;
+            // No exact zeros: ReLU's subgradient at 0 is candle's 1, the link's 0.
+            let vals: Vec<f64> = (0..48).map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0 + 0.05).collect();
+            let x = leaf(&Tensor::from_vec(vals.clone(), (2, 3, 2, 4), &dev)?.to_dtype(dtype)?, order)?;
+            let w = Tensor::from_vec(vals.iter().rev().copied().collect(), (2, 3, 2, 4), &dev)?.to_dtype(dtype)?;
             let g =
-                Tensor::from_vec(vals.iter().map(|v| v * v - 1.0).collect(), (2, 3, 2, 2), &dev)?.to_dtype(dtype)?;
-            let branch = |x: &Tensor| x.mul(&w)?.tanh();
+                Tensor::from_vec(vals.iter().map(|v| v * v - 1.0).collect(), (2, 3, 2, 4), &dev)?.to_dtype(dtype)?;
+            let branch = |x: &Tensor| match order {
+                Order::Nchw => x.mul(&w)?.tanh(),
+                Order::Nhwc => nhwc(&x.mul(&w)?.tanh()?),
+            };
 
             let y_ref = (branch(x.as_tensor())? + x.as_tensor())?.relu()?;
             let want = y_ref.mul(&g)?.sum_all()?.backward()?;
             let link = Link::residual(Some(x.clone()), branch(x.as_tensor())?, x.as_tensor().clone())?;
             assert!(link.output.is_variable(), "the output is the next link's leaf");
+            assert_eq!(Order::of(link.output.layout()), Some(order));
             let got = link.backward(g.clone())?;
 
             let diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
@@ -308,16 +333,25 @@ mod tests {
     /// A block tail (`relu(bn(z) + shortcut)` in one op) against candle's composition of the
     /// composed batch norm, add and ReLU: output and the gradients of the block input (which
     /// feeds both z and the shortcut), γ and β.
+    /// Also channels-last (block input, branch and output NHWC; the cotangent NCHW).
     #[test]
     fn tail_link_matches_candle_composition() -> Result<()> {
+        for order in [Order::Nchw, Order::Nhwc] {
+            tail_link_in(order)?;
+        }
+        Ok(())
+    }
+
+    fn tail_link_in(order: Order) -> Result<()> {
         use crate::nn::batch_norm::{batch_norm2d, use_composed_reference};
         use crate::nn::ParamBuilder;
         let dev = Device::Cpu;
         let vals: Vec<f64> = (0..48).map(|i| ((i * 7 % 13) as f64 - 6.0) / 4.0).collect();
-        let x = Var::from_tensor(&Tensor::from_vec(vals.clone(), (2, 3, 2, 4), &dev)?)?;
+        let x = leaf(&Tensor::from_vec(vals.clone(), (2, 3, 2, 4), &dev)?, order)?;
         let w = Tensor::from_vec(vals.iter().rev().copied().collect(), (2, 3, 2, 4), &dev)?;
         let g = Tensor::from_vec(vals.iter().map(|v| v * v - 1.0).collect(), (2, 3, 2, 4), &dev)?;
         let z = x.as_tensor().mul(&w)?.sin()?;
+        let z = if order == Order::Nhwc { nhwc(&z)? } else { z };
 
         let pb = ParamBuilder::new(0, &dev, DType::F64);
         let (bn_ref, bn) = (batch_norm2d(3, false, &pb.pp("a"))?, batch_norm2d(3, false, &pb.pp("b"))?);
@@ -346,6 +380,7 @@ mod tests {
             Ok(d / b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12))
         };
         assert!(diff(&output, &y_ref)? < 1e-10, "output");
+        assert_eq!(Order::of(output.layout()), Some(order));
         for (name, a, b) in [
             ("x", x.as_tensor(), x.as_tensor()),
             ("gamma", bn.weight(), bn_ref.weight()),

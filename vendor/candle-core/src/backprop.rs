@@ -750,8 +750,10 @@ impl GradStore {
             }
             Entry::Vacant(e) => {
                 // Contiguous as `zeros + grad` was: some backward ops (scatter) need it. A no-op
-                // for the usual, already contiguous gradient.
-                e.insert(grad.contiguous()?);
+                // for the usual, already contiguous gradient. A gradient laid out exactly like
+                // its tensor (a channels-last activation's) stays as it is.
+                let same = grad.layout().stride() == tensor.layout().stride() && grad.is_dense();
+                e.insert(if same { grad.clone() } else { grad.contiguous()? });
             }
         }
         Ok(())

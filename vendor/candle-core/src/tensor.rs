@@ -2345,6 +2345,29 @@ impl Tensor {
         Ok(Tensor(Arc::new(tensor_)))
     }
 
+    /// (locograph) A new variable (a leaf: no op, `is_variable`) sharing `self`'s storage, seen
+    /// through `dims` permuted like [`Tensor::permute`]: e.g. an NHWC buffer made an NCHW leaf
+    /// without the copy `Var::from_tensor` makes of a permuted view.
+    pub fn permuted_variable<D: Dims>(&self, dims: D) -> Result<Tensor> {
+        let view = self.permute(dims)?;
+        let tensor_ = Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: view.layout.clone(),
+            op: BackpropOp::none(),
+            is_variable: true,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        Ok(Tensor(Arc::new(tensor_)))
+    }
+
+    /// (locograph) Whether the elements fill their storage range exactly once: contiguous, or a
+    /// permutation of a contiguous layout.
+    pub fn is_dense(&self) -> bool {
+        dense_offsets(&self.layout).is_some()
+    }
+
     /// Returns true if the data is stored in a C contiguous (aka row major) way.
     pub fn is_contiguous(&self) -> bool {
         self.layout.is_contiguous()
@@ -2778,11 +2801,15 @@ impl Tensor {
         {
             return Ok(false);
         }
-        let (Some((s0, s1)), Some((r0, r1))) =
-            (self.layout.contiguous_offsets(), rhs.layout.contiguous_offsets())
+        // Element by element in memory order: both contiguous, or both the same permutation of
+        // a contiguous layout (a channels-last activation seen as NCHW).
+        let (Some((s0, s1)), Some((r0, r1))) = (dense_offsets(&self.layout), dense_offsets(&rhs.layout))
         else {
             return Ok(false);
         };
+        if self.layout.stride() != rhs.layout.stride() {
+            return Ok(false);
+        }
         // `rhs` cannot share `self`'s storage: that is referenced by `self` alone.
         let mut dst = self.storage.write();
         let src = rhs.storage.read_recursive();
@@ -3185,4 +3212,21 @@ impl<S: Into<Shape>> From<(Storage, S)> for Tensor {
     fn from((storage, shape): (Storage, S)) -> Self {
         from_storage(storage, shape, BackpropOp::none(), false)
     }
+}
+
+/// (locograph) The storage range of a layout whose elements fill it exactly once: a
+/// permutation of a contiguous layout (strides sorted ascending are the running products of
+/// their dimensions).
+fn dense_offsets(l: &Layout) -> Option<(usize, usize)> {
+    let mut dims: Vec<(usize, usize)> =
+        l.stride().iter().copied().zip(l.dims().iter().copied()).filter(|&(_, d)| d > 1).collect();
+    dims.sort_unstable();
+    let mut acc = 1;
+    for (stride, dim) in dims {
+        if stride != acc {
+            return None;
+        }
+        acc *= dim;
+    }
+    Some((l.start_offset(), l.start_offset() + l.shape().elem_count()))
 }
