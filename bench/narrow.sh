@@ -9,6 +9,8 @@
 #   locograph+system-malloc    the same with glibc's default malloc
 #   locograph-im2col           convolutions on locograph's own im2col kernels (LOCOGRAPH_DNNL=0)
 #   locograph-bf16[+system-malloc]  `--precision bf16` (bf16 compute, f32 master weights)
+#   locograph[-bf16]-nchw      every activation NCHW (LOCOGRAPH_CHANNELS_LAST=0): oneDNN
+#                              reorders around each convolution
 #   pytorch                    PyTorch as installed, f32
 #   pytorch+heap-malloc        the same under locograph's allocator policy (GLIBC_TUNABLES)
 #   pytorch-bf16-cl[+heap-malloc]  torch.autocast("cpu", bfloat16) + channels_last
@@ -78,6 +80,8 @@ for r in $(seq "$ROUNDS"); do
         locograph_row locograph-im2col "$m" "" LOCOGRAPH_DNNL=0 | tee -a "$LOG"
         locograph_row locograph-bf16 "$m" "--precision bf16" | tee -a "$LOG"
         locograph_row locograph-bf16+system-malloc "$m" "--precision bf16" LOCOGRAPH_MALLOC=system | tee -a "$LOG"
+        locograph_row locograph-nchw "$m" "" LOCOGRAPH_CHANNELS_LAST=0 | tee -a "$LOG"
+        locograph_row locograph-bf16-nchw "$m" "--precision bf16" LOCOGRAPH_CHANNELS_LAST=0 | tee -a "$LOG"
         torch_row "" "$m" | tee -a "$LOG"
         GLIBC_TUNABLES=$HEAP torch_row +heap-malloc "$m" | tee -a "$LOG"
         torch_row "" "$m" --precision bf16 --channels-last | tee -a "$LOG"
@@ -95,7 +99,7 @@ for line in open(sys.argv[1]):
 for method in sorted({m for m, _ in runs}, key=lambda m: m != "simclr"):
     rows = {i: (statistics.median(s for s, _ in v), statistics.median(r for _, r in v)) for (m, i), v in runs.items() if m == method}
     f32 = min((s for i, (s, _) in rows.items() if i.startswith("pytorch") and "bf16" not in i), default=None)
-    bf16 = min((s for i, (s, _) in rows.items() if "bf16" in i), default=None)
+    bf16 = min((s for i, (s, _) in rows.items() if i.startswith("pytorch") and "bf16" in i), default=None)
     print(f"\n{method}: median over rounds; ratio = the fastest PyTorch row's s/step / this row's (>1: faster)")
     print(f"  {'impl':<34} {'s/step':>7} {'images/s':>9} {'peak RSS MB':>12} {'vs PyTorch f32':>15} {'vs PyTorch bf16':>16}")
     for i, (s, rss) in sorted(rows.items(), key=lambda kv: kv[1][0]):

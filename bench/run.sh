@@ -6,6 +6,8 @@
 #   locograph+system-malloc    the same with glibc's default malloc
 #   locograph-im2col           convolutions on locograph's own im2col kernels (LOCOGRAPH_DNNL=0)
 #   locograph-bf16[+system-malloc]  `precision: bf16` (bf16 compute, f32 master weights)
+#   locograph[-bf16]-nchw      every activation NCHW (LOCOGRAPH_CHANNELS_LAST=0): oneDNN
+#                              reorders around each convolution
 #   pytorch                    PyTorch as installed (glibc's default malloc)
 #   pytorch+heap-malloc        PyTorch under the allocator policy locograph uses (GLIBC_TUNABLES)
 #   pytorch-bf16-cl[+heap-malloc]  torch.autocast("cpu", bfloat16) + channels_last
@@ -44,6 +46,8 @@ for r in $(seq "$ROUNDS"); do
     LOCOGRAPH_DNNL=0 "$BIN" "${ARGS[@]}" | tee -a "$LOG"
     "$BIN" "${ARGS[@]}" --precision bf16 | tee -a "$LOG"
     LOCOGRAPH_MALLOC=system "$BIN" "${ARGS[@]}" --precision bf16 | tee -a "$LOG"
+    LOCOGRAPH_CHANNELS_LAST=0 "$BIN" "${ARGS[@]}" | tee -a "$LOG"
+    LOCOGRAPH_CHANNELS_LAST=0 "$BIN" "${ARGS[@]}" --precision bf16 | tee -a "$LOG"
     for p in "" "--precision bf16 --channels-last"; do
         # shellcheck disable=SC2086
         "$VENV/bin/python" bench/torch_step.py "${ARGS[@]}" $p | tee -a "$LOG"

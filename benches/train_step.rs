@@ -185,9 +185,14 @@ fn train_step(a: &Args) -> Result<(), String> {
             (true, false) => "candle-conv".into(),
             (false, true) => "locograph-conv".into(),
             (false, false) => format!(
-                "locograph{}{}",
+                "locograph{}{}{}",
                 if locograph::dnnl::enabled() || a.device != "cpu" { "" } else { "-im2col" },
-                if a.precision == "f32" { String::new() } else { format!("-{}", a.precision) }
+                if a.precision == "f32" { String::new() } else { format!("-{}", a.precision) },
+                if locograph::dnnl::enabled() && a.device == "cpu" && !locograph::dnnl::channels_last() {
+                    "-nchw"
+                } else {
+                    ""
+                }
             ),
         },
         if MALLOC_HEAP.load(std::sync::atomic::Ordering::Relaxed) { "" } else { "+system-malloc" },

@@ -136,3 +136,15 @@ pub fn leaf_from_vec<T: WithDType>(
         }
     }
 }
+
+/// `t` as a leaf: itself where it is a variable, else a copy of its values, in `t`'s memory
+/// order where that is NHWC (`Var::from_tensor` would copy a channels-last view into NCHW, and
+/// every consumer on oneDNN's path would reorder it back).
+pub fn leaf_copy(t: &Tensor) -> Result<candle_core::Var> {
+    match Order::of(t.layout()) {
+        Some(Order::Nhwc) if !t.is_contiguous() && !t.is_variable() => {
+            candle_core::Var::from_tensor(&t.permute((0, 2, 3, 1))?.copy()?.permuted_variable((0, 3, 1, 2))?)
+        }
+        _ => candle_core::Var::from_tensor(t),
+    }
+}

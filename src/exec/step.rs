@@ -20,6 +20,7 @@ use petgraph::Direction;
 use tracing::debug_span;
 
 use super::model::Model;
+use crate::cpu_slice::leaf_copy;
 use crate::graph::Plan;
 use crate::nn::Link;
 
@@ -141,7 +142,7 @@ impl<'a> StepState<'a> {
                 };
                 let (x, leaf) = if plan.reach.any_flows(e) {
                     // No copy when the producer's output already is a leaf (a chained layer's).
-                    let leaf = if v.is_variable() { Var::from_tensor(v)? } else { Var::from_tensor(&v.detach())? };
+                    let leaf = if v.is_variable() { Var::from_tensor(v)? } else { leaf_copy(&v.detach())? };
                     (leaf.as_tensor().clone(), Some(leaf))
                 } else {
                     (v.detach(), None)
@@ -155,7 +156,7 @@ impl<'a> StepState<'a> {
                 (1, _) => {
                     let mut x = xs.pop().unwrap_or_else(|| batch.images.clone());
                     for k in 0..self.model.links(n) {
-                        let leaf = if k == 0 { None } else { Some(Var::from_tensor(&x)?) };
+                        let leaf = if k == 0 { None } else { Some(leaf_copy(&x)?) };
                         let link = self.model.forward_link(n, k, leaf, &x, true)?;
                         x = link.output.clone();
                         self.chains[n.index()].push(link);
