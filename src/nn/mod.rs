@@ -1,6 +1,7 @@
 //! Layers, built on candle with the traps of candle 0.11.1 wrapped (see docs/candle-traps.md).
 
 pub mod act;
+pub(crate) mod avg_pool_op;
 pub mod batch_norm;
 pub mod batch_norm_op;
 pub mod block;

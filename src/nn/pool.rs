@@ -84,14 +84,18 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     x.reshape((g.n * g.c, g.h * g.w))?.gather(&positions, 1)?.reshape((g.n, g.c, g.oh, g.ow))
 }
 
-/// Global average pooling: the mean over H and W.
+/// Global average pooling: the mean over H and W; on the CPU one op that reads the input in
+/// its memory order and writes the gradient in it ([`super::avg_pool_op`]).
 ///
 /// # Shapes
 /// - `x`: `[N, C, H, W]`
 /// - returns `[N, C]`
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.dims4()?;
-    x.mean((2, 3))
+    match (x.device(), x.dtype()) {
+        (Device::Cpu, DType::F32 | DType::F64 | DType::BF16) => x.apply_op1(super::avg_pool_op::GlobalAvgPool),
+        _ => x.mean((2, 3)),
+    }
 }
 
 /// In-plane flat position (`y·W + x`) of each window's maximum, computed on the CPU.
