@@ -2,6 +2,7 @@
 //! that run their own loops instead of composing candle ops.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, WithDType};
@@ -147,4 +148,25 @@ pub fn leaf_copy(t: &Tensor) -> Result<candle_core::Var> {
         }
         _ => candle_core::Var::from_tensor(t),
     }
+}
+
+/// A buffer of `len` elements for a kernel that writes every one of them. Not zeroed first:
+/// `vec![0; len]` is a `calloc`, a memset of heap memory that is reused every step, for bytes
+/// the kernel overwrites at once (3 % of a bf16 training step, for the convolutions alone).
+pub fn unwritten<T>(len: usize) -> Vec<MaybeUninit<T>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` needs no initialisation, and the capacity is `len`.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The buffer of [`unwritten`] as the values written into it.
+///
+/// # Safety
+/// Every element of `v` has been written.
+pub unsafe fn written<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `MaybeUninit<T>` has `T`'s size and alignment, so the allocation is a valid
+    // `Vec<T>` of the same length and capacity; the caller guarantees the elements are written.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
 }

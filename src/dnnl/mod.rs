@@ -9,10 +9,11 @@
 //! Where locograph was built without oneDNN, or `LOCOGRAPH_DNNL=0` is set, [`enabled`] is false
 //! and `nn::conv_op` uses its own im2col kernels (f32); bf16 on CPU is then refused with the reason.
 
-use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use rayon::prelude::*;
+
+use crate::cpu_slice::{unwritten, written};
 
 pub use crate::cpu_slice::Order;
 
@@ -214,27 +215,6 @@ pub fn conv_backward_data<T: Element>(
     })?;
     // SAFETY: as in `conv_forward`, the backward-data pass writes its whole destination.
     Ok(unsafe { written(dx) })
-}
-
-/// A buffer of `len` elements that oneDNN writes in full. Not zeroed first: `vec![0; len]` is
-/// a `calloc`, a memset of heap memory that is reused every step, which took 3 % of a bf16
-/// training step for bytes overwritten at once.
-fn unwritten<T>(len: usize) -> Vec<MaybeUninit<T>> {
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: `MaybeUninit` needs no initialisation, and the capacity is `len`.
-    unsafe { v.set_len(len) };
-    v
-}
-
-/// The buffer as written values.
-///
-/// # Safety
-/// Every element of `v` has been written.
-unsafe fn written<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: `MaybeUninit<T>` has `T`'s size and alignment, so the allocation is a valid
-    // `Vec<T>` of the same length and capacity; the caller guarantees the elements are initialised.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
 }
 
 /// The kernel gradient from the input `x` and the output gradient `dy`. Each chunk of images

@@ -12,6 +12,7 @@
 //! store's zero-and-add), each allocating; fused, the forward clamps as it writes and the
 //! backward masks `dy` by `y > 0` as it reads it.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
@@ -21,8 +22,8 @@ use rayon::prelude::*;
 pub(crate) use super::act::Act;
 use super::act::Lane;
 use crate::cpu_slice::{
-    activation_from_vec, leaf_from_vec, storage_activation, storage_slice, with_activation, with_activation_in,
-    with_slice, Order,
+    activation_from_vec, leaf_from_vec, storage_activation, storage_slice, unwritten, with_activation,
+    with_activation_in, with_slice, written, Order,
 };
 use crate::dist::Communicator;
 use crate::simd;
@@ -219,25 +220,25 @@ fn planes_per_task(hw: usize) -> usize {
 
 /// `y = x·s + t` over one plane (then `max(·, 0)` with `relu`), rounded once.
 #[inline(always)]
-fn affine_plane<T: Act>(x: &[T], y: &mut [T], s: T::W, t: T::W, relu: bool) {
+fn affine_plane<T: Act>(x: &[T], y: &mut [MaybeUninit<T>], s: T::W, t: T::W, relu: bool) {
     if relu {
-        y.iter_mut().zip(x).for_each(|(y, x)| *y = T::from_lane((x.lane() * s + t).relu()));
+        y.iter_mut().zip(x).for_each(|(y, x)| *y = MaybeUninit::new(T::from_lane((x.lane() * s + t).relu())));
     } else {
-        y.iter_mut().zip(x).for_each(|(y, x)| *y = T::from_lane(x.lane() * s + t));
+        y.iter_mut().zip(x).for_each(|(y, x)| *y = MaybeUninit::new(T::from_lane(x.lane() * s + t)));
     }
 }
 
 /// `y = x·s + t` per channel over one NHWC pixel (then `max(·, 0)` with `relu`), rounded once.
 #[inline(always)]
-fn affine_pixel<T: Act>(x: &[T], y: &mut [T], s: &[T::W], t: &[T::W], relu: bool) {
-    let (s, t) = (&s[..x.len()], &t[..x.len()]);
+fn affine_pixel<T: Act>(x: &[T], y: &mut [MaybeUninit<T>], s: &[T::W], t: &[T::W], relu: bool) {
+    let (s, t, y) = (&s[..x.len()], &t[..x.len()], &mut y[..x.len()]);
     if relu {
         for i in 0..x.len() {
-            y[i] = T::from_lane((x[i].lane() * s[i] + t[i]).relu());
+            y[i] = MaybeUninit::new(T::from_lane((x[i].lane() * s[i] + t[i]).relu()));
         }
     } else {
         for i in 0..x.len() {
-            y[i] = T::from_lane(x[i].lane() * s[i] + t[i]);
+            y[i] = MaybeUninit::new(T::from_lane(x[i].lane() * s[i] + t[i]));
         }
     }
 }
@@ -245,15 +246,15 @@ fn affine_pixel<T: Act>(x: &[T], y: &mut [T], s: &[T::W], t: &[T::W], relu: bool
 /// `dx = k·g + c·(x − m) + b` over one plane, `[k, c, b, m]` its channel's constants and `g`
 /// the gradient reaching the normalisation (`dy`, masked by `y > 0` with `relu`).
 #[inline(always)]
-fn dx_plane<T: Act>(x: &[T], y: &[T], dy: &[T], dx: &mut [T], [k, c, b, m]: [T::W; 4], relu: bool) {
+fn dx_plane<T: Act>(x: &[T], y: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], [k, c, b, m]: [T::W; 4], relu: bool) {
     if relu {
         for (((dx, x), y), dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
             let g = if y.positive() { dy.lane() } else { T::W::ZERO };
-            *dx = T::from_lane(k * g + c * (x.lane() - m) + b);
+            *dx = MaybeUninit::new(T::from_lane(k * g + c * (x.lane() - m) + b));
         }
     } else {
         for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
-            *dx = T::from_lane(k * dy.lane() + c * (x.lane() - m) + b);
+            *dx = MaybeUninit::new(T::from_lane(k * dy.lane() + c * (x.lane() - m) + b));
         }
     }
 }
@@ -282,18 +283,18 @@ fn pixel_grad_sums<T: Act>(x: &[T], y: &[T], dy: &[T], m: &[f64], (a, b): (&mut 
 
 /// [`dx_plane`] over one NHWC pixel, `[k, c, b, m]` rows of per-channel constants.
 #[inline(always)]
-fn dx_pixel<T: Act>(x: &[T], y: &[T], dy: &[T], dx: &mut [T], [k, c, b, m]: &[Vec<T::W>; 4], relu: bool) {
+fn dx_pixel<T: Act>(x: &[T], y: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], [k, c, b, m]: &[Vec<T::W>; 4], relu: bool) {
     let n = x.len();
     let (dy, dx, k, c, b, m) = (&dy[..n], &mut dx[..n], &k[..n], &c[..n], &b[..n], &m[..n]);
     if relu {
         let y = &y[..n];
         for i in 0..n {
             let g = if y[i].positive() { dy[i].lane() } else { T::W::ZERO };
-            dx[i] = T::from_lane(k[i] * g + c[i] * (x[i].lane() - m[i]) + b[i]);
+            dx[i] = MaybeUninit::new(T::from_lane(k[i] * g + c[i] * (x[i].lane() - m[i]) + b[i]));
         }
     } else {
         for i in 0..n {
-            dx[i] = T::from_lane(k[i] * dy[i].lane() + c[i] * (x[i].lane() - m[i]) + b[i]);
+            dx[i] = MaybeUninit::new(T::from_lane(k[i] * dy[i].lane() + c[i] * (x[i].lane() - m[i]) + b[i]));
         }
     }
 }
@@ -377,7 +378,10 @@ impl BatchNormTrain {
             .unzip();
         let (scale, shift): (Vec<T::W>, Vec<T::W>) =
             scale.iter().zip(&shift).map(|(s, t)| (T::W::of(*s), T::W::of(*t))).unzip();
-        let mut y = vec![T::zero(); x.len()];
+        // SAFETY (both `written` below): `x.len()` is whole pixels (NHWC) or planes (NCHW), and
+        // so is every task's chunk but the last, which is whole ones too: every element of `y`
+        // is written by exactly one kernel call.
+        let mut y = unwritten::<T>(x.len());
         let relu = self.relu;
         if self.order == Order::Nhwc {
             let step = pixels_per_task(c) * c;
@@ -388,7 +392,7 @@ impl BatchNormTrain {
                     }
                 })
             });
-            return y;
+            return unsafe { written(y) };
         }
         let step = planes_per_task(hw) * hw;
         y.par_chunks_mut(step).zip(x.par_chunks(step)).enumerate().for_each(|(task, (y, x))| {
@@ -399,7 +403,7 @@ impl BatchNormTrain {
                 }
             })
         });
-        y
+        unsafe { written(y) }
     }
 
     /// `(dx, dγ, dβ)`; `dx = γ·inv_std·(dy − mean(dy) − x̂·mean(dy·x̂))`. With `relu`, `dy` is
@@ -475,7 +479,9 @@ impl BatchNormTrain {
                     [k, -k * is * mdyx, -k * mdy, m].map(T::W::of)
                 })
                 .collect();
-            let mut dx = vec![T::zero(); x.len()];
+            // SAFETY (both `written` below): as in the forward, the chunks are whole pixels or
+            // planes, and each element is written by one kernel call.
+            let mut dx = unwritten::<T>(x.len());
             if self.order == Order::Nhwc {
                 // The constants as four per-channel rows, read along a pixel's channels.
                 let rows: [Vec<T::W>; 4] = std::array::from_fn(|j| consts.iter().map(|k| k[j]).collect());
@@ -489,7 +495,7 @@ impl BatchNormTrain {
                         }
                     })
                 });
-                return dx;
+                return unsafe { written(dx) };
             }
             let step = planes_per_task(hw) * hw;
             dx.par_chunks_mut(step).enumerate().for_each(|(task, dx)| {
@@ -502,7 +508,7 @@ impl BatchNormTrain {
                     }
                 })
             });
-            dx
+            unsafe { written(dx) }
         });
         Ok((dx, dgamma, dbeta))
     }

@@ -16,6 +16,7 @@
 //!   `out`'s size.
 //! - a link's backward takes its cotangent by value, so it is freed once the mask is applied.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var};
@@ -24,7 +25,9 @@ use rayon::prelude::*;
 use super::act::Act;
 use super::batch_norm_op::{tail_forward, BatchNormTrain, TailSeed, SPAN};
 use super::shuffle::{deinterleave, interleave};
-use crate::cpu_slice::{activation_from_vec, leaf_from_vec, with_activation, with_activation_in, Order};
+use crate::cpu_slice::{
+    activation_from_vec, leaf_from_vec, unwritten, with_activation, with_activation_in, written, Order,
+};
 use crate::simd;
 
 /// One link of a layer's chain, alive until the engine's last backward through the layer has
@@ -157,11 +160,13 @@ fn rectified_sum(a: &Tensor, b: &Tensor) -> Result<Var> {
     fn sum<T: Act>(a: &Tensor, b: &Tensor, order: Order) -> Result<Vec<T>> {
         with_activation_in(a, order, |a: &[T]| {
             with_activation_in(b, order, |b: &[T]| {
-                let mut out = vec![T::zero(); a.len()];
+                let mut out = unwritten::<T>(a.len());
                 out.par_chunks_mut(SPAN).zip(a.par_chunks(SPAN)).zip(b.par_chunks(SPAN)).for_each(|((o, a), b)| {
-                    simd::run!(o.iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = a.add_relu(*b)))
+                    simd::run!(o.iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = MaybeUninit::new(a.add_relu(*b))))
                 });
-                out
+                // SAFETY: `a` and `b` have `out`'s length (same shape), so the chunks pair up
+                // and every element is written.
+                unsafe { written(out) }
             })
         })?
     }
@@ -183,16 +188,17 @@ fn relu_backward(y: &Tensor, g: Tensor) -> Result<Tensor> {
     fn mask<T: Act>(y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let (v, order) = with_activation(y, |ys: &[T], order| {
             let v = with_activation_in(g, order, |gs: &[T]| {
-                let mut out = vec![T::zero(); ys.len()];
+                let mut out = unwritten::<T>(ys.len());
                 out.par_chunks_mut(SPAN).zip(ys.par_chunks(SPAN)).zip(gs.par_chunks(SPAN)).for_each(|((o, y), g)| {
                     simd::run!({
                         o.iter_mut()
                             .zip(y)
                             .zip(g)
-                            .for_each(|((o, y), g)| *o = if y.positive() { *g } else { T::zero() })
+                            .for_each(|((o, y), g)| *o = MaybeUninit::new(if y.positive() { *g } else { T::zero() }))
                     })
                 });
-                out
+                // SAFETY: `g` has `y`'s shape, so the chunks pair up and every element is written.
+                unsafe { written(out) }
             });
             (v, order)
         })?;
