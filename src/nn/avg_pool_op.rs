@@ -30,7 +30,7 @@ fn forward<T: Act>(x: &[T], order: Order, (n, c, hw): (usize, usize, usize)) -> 
             simd::run!({
                 let mut acc = vec![T::W::ZERO; c];
                 for pixel in img.chunks_exact(c) {
-                    let (acc, pixel) = (&mut acc[..pixel.len()], &pixel[..]);
+                    let acc = &mut acc[..pixel.len()];
                     for ch in 0..pixel.len() {
                         acc[ch] = acc[ch] + pixel[ch].lane();
                     }
