@@ -48,16 +48,13 @@ struct Conv {
   convolution_backward_weights bwd_weights_p;
 };
 
-Conv build(const Key& k) {
+Conv build(const Key& k, bool block16) {
   auto [n, c, h, w, o, kh, kw, s, p, g, d, xo, yo] = k;
   dt type = d == 1 ? dt::bf16 : dt::f32;
   int64_t oh = (h + 2 * p - kh) / s + 1, ow = (w + 2 * p - kw) / s + 1;
   memory::dims xd{n, c, h, w}, yd{n, o, oh, ow}, st{s, s}, pad{p, p};
   memory::dims wd = g == 1 ? memory::dims{o, c, kh, kw} : memory::dims{g, o / g, c / g, kh, kw};
   tag wtag = g == 1 ? tag::oihw : tag::goihw;
-  // A 16-channel NHWC map is byte for byte nChw16c: in bf16 oneDNN's blocked kernels are faster
-  // there than its NHWC ones (16 → 16 channels at 28², 128 images, the three passes: 6.6 against 9.1 ms).
-  bool block16 = xo == 1 && yo == 1 && c == 16 && o == 16 && g == 1 && type == dt::bf16;
   auto user = [&](int order) { return block16 ? tag::nChw16c : order == 1 ? tag::nhwc : tag::nchw; };
   tag act = yo == 1 ? (block16 ? tag::nChw16c : tag::nhwc) : tag::any;
   memory::desc ux(xd, type, user(xo)), uw(wd, type, wtag), uy(yd, type, user(yo)), udw(wd, dt::f32, wtag);
@@ -75,6 +72,24 @@ Conv build(const Key& k) {
   convolution_backward_weights::primitive_desc bwpd(bwd, attr, eng(), fpd);
   return Conv{ux, uw, uy, udw, fpd, bdpd, bwpd, convolution_forward(fpd), convolution_backward_data(bdpd),
               convolution_backward_weights(bwpd)};
+}
+
+bool amx(const Conv& c) {
+  auto has = [](const char* s) { return std::strstr(s, "amx") != nullptr; };
+  return has(c.fwd.impl_info_str()) && has(c.bwd_data.impl_info_str()) && has(c.bwd_weights.impl_info_str());
+}
+
+Conv build(const Key& k) {
+  auto [n, c, h, w, o, kh, kw, s, p, g, d, xo, yo] = k;
+  // A 16-channel NHWC map is byte for byte nChw16c. Without AMX, oneDNN 2.6's blocked bf16
+  // kernels are faster there than its NHWC ones (16 → 16 channels at 28², 128 images, the three
+  // passes: 6.6 against 9.1 ms on AVX512-BF16); with AMX its NHWC kernels are AMX ones and the
+  // blocked ones are not (3.1 against 13 ms). The choice depends only on the CPU, so a run's
+  // kernels, and its bits, are the same every time on one machine.
+  bool candidate = xo == 1 && yo == 1 && c == 16 && o == 16 && g == 1 && d == 1;
+  if (!candidate) return build(k, false);
+  Conv nhwc = build(k, false);
+  return amx(nhwc) ? nhwc : build(k, true);
 }
 
 std::mutex cache_lock;
