@@ -109,3 +109,47 @@ fn channels_last_leaf_gradients_keep_their_layout() -> Result<()> {
     }
     Ok(())
 }
+
+/// The in-place sum of two bf16 gradients (bit arithmetic, so that it vectorises) gives
+/// exactly `half::bf16`'s `a + b`, the sum of a new tensor: over spread-out bit patterns and
+/// the cases rounding turns on (ties to even, carries into the exponent, overflow to infinity,
+/// subnormals, signed zeros, infinities, NaN).
+#[test]
+fn bf16_gradients_sum_in_place_as_half_adds() -> Result<()> {
+    use half::bf16;
+    let mut state = 0x2545_f491_u32;
+    let mut bits = || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state as u16
+    };
+    let special: [u16; 14] = [
+        0x0000, 0x8000, 0x0001, 0x807f, 0x3f80, 0x3f81, 0x7f7f, 0xff7f, 0x7f80, 0xff80, 0x7fc0, 0x7f81, 0x4000, 0xc000,
+    ];
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for &x in &special {
+        for &y in &special {
+            a.push(bf16::from_bits(x));
+            b.push(bf16::from_bits(y));
+        }
+    }
+    for _ in 0..20_000 {
+        // Exponents close together, so that the sums round (not one operand swallowing the other).
+        let x = bits();
+        a.push(bf16::from_bits(x));
+        b.push(bf16::from_bits((bits() & 0x80ff) | (x & 0x7f00)));
+    }
+    let n = a.len();
+    let (ta, tb) = (Tensor::from_vec(a.clone(), n, &Device::Cpu)?, Tensor::from_vec(b.clone(), n, &Device::Cpu)?);
+    // y = Σ x·a + Σ x·b at x = 1: the gradients a and b meet at x, the second added in place.
+    let x = Var::from_tensor(&Tensor::ones(n, DType::BF16, &Device::Cpu)?)?;
+    let y = (x.as_tensor().mul(&ta)?.sum_all()? + x.as_tensor().mul(&tb)?.sum_all()?)?;
+    let got = y.backward()?.get(x.as_tensor()).expect("dx").to_vec1::<bf16>()?;
+    for ((g, a), b) in got.iter().zip(&a).zip(&b) {
+        let want = *a + *b;
+        let same = g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan());
+        assert!(same, "{a:?} + {b:?}: {g:?} ({:#06x}), half gives {want:?} ({:#06x})", g.to_bits(), want.to_bits());
+    }
+    Ok(())
+}

@@ -2816,11 +2816,36 @@ impl Tensor {
         fn add<T: Copy + std::ops::Add<Output = T>>(a: &mut [T], b: &[T]) {
             a.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b);
         }
+        // Gradients are activation-sized and the sum is bound by memory bandwidth: chunks on
+        // rayon's threads (elementwise, so the result does not depend on the split).
+        fn chunked<T: Send + Sync>(a: &mut [T], b: &[T], f: impl Fn(&mut [T], &[T]) + Sync) {
+            use rayon::prelude::*;
+            const CHUNK: usize = 1 << 15;
+            if a.len() <= CHUNK {
+                return f(a, b);
+            }
+            a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(a, b)| f(a, b));
+        }
+        // `a + b` as `half::bf16`'s `Add` computes it (widen, add in f32, round to nearest even,
+        // NaN quieted), on the bits: `half`'s rounding branches per element and does not
+        // vectorise.
+        fn add_bf16(a: &mut [half::bf16], b: &[half::bf16]) {
+            a.iter_mut().zip(b).for_each(|(a, &b)| {
+                let wide = |v: half::bf16| f32::from_bits((v.to_bits() as u32) << 16);
+                let x = (wide(*a) + wide(b)).to_bits();
+                let r = if x & 0x7fff_ffff > 0x7f80_0000 {
+                    (x >> 16) | 0x40
+                } else {
+                    x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16
+                };
+                *a = half::bf16::from_bits(r as u16);
+            });
+        }
         match (&mut *dst, &*src) {
-            (Storage::Cpu(C::F32(a)), Storage::Cpu(C::F32(b))) => add(&mut a[s0..s1], &b[r0..r1]),
-            (Storage::Cpu(C::F64(a)), Storage::Cpu(C::F64(b))) => add(&mut a[s0..s1], &b[r0..r1]),
-            (Storage::Cpu(C::F16(a)), Storage::Cpu(C::F16(b))) => add(&mut a[s0..s1], &b[r0..r1]),
-            (Storage::Cpu(C::BF16(a)), Storage::Cpu(C::BF16(b))) => add(&mut a[s0..s1], &b[r0..r1]),
+            (Storage::Cpu(C::F32(a)), Storage::Cpu(C::F32(b))) => chunked(&mut a[s0..s1], &b[r0..r1], add),
+            (Storage::Cpu(C::F64(a)), Storage::Cpu(C::F64(b))) => chunked(&mut a[s0..s1], &b[r0..r1], add),
+            (Storage::Cpu(C::F16(a)), Storage::Cpu(C::F16(b))) => chunked(&mut a[s0..s1], &b[r0..r1], add),
+            (Storage::Cpu(C::BF16(a)), Storage::Cpu(C::BF16(b))) => chunked(&mut a[s0..s1], &b[r0..r1], add_bf16),
             _ => return Ok(false),
         }
         Ok(true)
