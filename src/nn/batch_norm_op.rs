@@ -82,26 +82,14 @@ pub fn channel_stats_in(x: &Tensor, group: Option<&Arc<dyn Communicator>>) -> Re
 /// thread count either way).
 fn channel_sums<T: Act>(x: &[T], order: Order, (n, c, hw): (usize, usize, usize), centre: Option<&[f64]>) -> Vec<f64> {
     if order == Order::Nhwc {
-        let zero = vec![0f64; c];
-        let m = centre.unwrap_or(&zero);
         return pixel_sums(x.len(), c, |run| {
-            let mut acc = vec![0f64; c];
+            let x = &x[run];
             simd::run!({
-                for pixel in x[run.clone()].chunks_exact(c) {
-                    let (acc, m) = (&mut acc[..pixel.len()], &m[..pixel.len()]);
-                    if centre.is_some() {
-                        for ch in 0..pixel.len() {
-                            let v = pixel[ch].wide() - m[ch];
-                            acc[ch] += v * v;
-                        }
-                    } else {
-                        for ch in 0..pixel.len() {
-                            acc[ch] += pixel[ch].wide();
-                        }
-                    }
+                match centre {
+                    Some(m) => run_sums(x.len() / c, c, &Centred { x, m }),
+                    None => run_sums(x.len() / c, c, &Plain { x }),
                 }
-            });
-            acc
+            })
         });
     }
     (0..c)
@@ -144,6 +132,124 @@ fn pixel_sums(len: usize, c: usize, run: impl Fn(std::ops::Range<usize>) -> Vec<
         }
     }
     total
+}
+
+/// Channels an NHWC run sums together: one AVX-512 vector of f64.
+const BLOCK: usize = 8;
+/// Accumulators per channel block of an NHWC run: pixel `p` goes into chain `p % CHAINS`, the
+/// chains are added at the end of the run. One chain per block is one add per add-latency;
+/// with channels as the only parallelism a 16-channel map kept two vector adds in flight.
+const CHAINS: usize = 4;
+
+/// `K` f64 sums per channel over the `pixels` pixels of one NHWC run of `c` channels, as `K`
+/// rows of `c`. Channels go in blocks of [`BLOCK`] whose
+/// accumulators stay in registers, each block's pixels in [`CHAINS`] chains; the order is fixed,
+/// so the sums do not depend on the thread count.
+#[inline(always)]
+fn run_sums<const K: usize>(pixels: usize, c: usize, terms: &impl Terms<K>) -> Vec<f64> {
+    let mut out = vec![0f64; K * c];
+    for ch in (0..c).step_by(BLOCK) {
+        let w = BLOCK.min(c - ch);
+        let mut chains = [[[0f64; BLOCK]; K]; CHAINS];
+        if w == BLOCK {
+            let whole = pixels / CHAINS * CHAINS;
+            for p in (0..whole).step_by(CHAINS) {
+                for (q, acc) in chains.iter_mut().enumerate() {
+                    terms.add((p + q) * c + ch, ch, BLOCK, acc);
+                }
+            }
+            for p in whole..pixels {
+                terms.add(p * c + ch, ch, BLOCK, &mut chains[0]);
+            }
+        } else {
+            for p in 0..pixels {
+                terms.add(p * c + ch, ch, w, &mut chains[0]);
+            }
+        }
+        for k in 0..K {
+            for j in 0..w {
+                let mut total = 0.0;
+                for acc in &chains {
+                    total += acc[k][j];
+                }
+                out[k * c + ch + j] = total;
+            }
+        }
+    }
+    out
+}
+
+/// What an NHWC run sums per channel: `add(at, ch, w, acc)` adds the terms of the `w` channels
+/// from `ch` of the pixel whose block starts at value `at` into `acc[k][..w]`. A trait with
+/// `#[inline(always)]` methods, not a closure: a closure's body was compiled on its own, for
+/// baseline x86-64, outside the `simd::run!` function that calls it.
+trait Terms<const K: usize> {
+    fn add(&self, at: usize, ch: usize, w: usize, acc: &mut [[f64; BLOCK]; K]);
+}
+
+/// `Σ x`.
+struct Plain<'a, T> {
+    x: &'a [T],
+}
+
+impl<T: Act> Terms<1> for Plain<'_, T> {
+    #[inline(always)]
+    fn add(&self, at: usize, _: usize, w: usize, acc: &mut [[f64; BLOCK]; 1]) {
+        let v = &self.x[at..at + w];
+        for j in 0..w {
+            acc[0][j] += v[j].wide();
+        }
+    }
+}
+
+/// `Σ (x − m)²`.
+struct Centred<'a, T> {
+    x: &'a [T],
+    m: &'a [f64],
+}
+
+impl<T: Act> Terms<1> for Centred<'_, T> {
+    #[inline(always)]
+    fn add(&self, at: usize, ch: usize, w: usize, acc: &mut [[f64; BLOCK]; 1]) {
+        let (v, m) = (&self.x[at..at + w], &self.m[ch..ch + w]);
+        for j in 0..w {
+            let d = v[j].wide() - m[j];
+            acc[0][j] += d * d;
+        }
+    }
+}
+
+/// `Σ g` and `Σ g·(x − m)`, `g` the gradient reaching the normalisation: `dy`, masked by
+/// `y > 0` with `relu`.
+struct Grad<'a, T> {
+    x: &'a [T],
+    y: &'a [T],
+    dy: &'a [T],
+    m: &'a [f64],
+    relu: bool,
+}
+
+impl<T: Act> Terms<2> for Grad<'_, T> {
+    #[inline(always)]
+    fn add(&self, at: usize, ch: usize, w: usize, acc: &mut [[f64; BLOCK]; 2]) {
+        let (x, dy, m) = (&self.x[at..at + w], &self.dy[at..at + w], &self.m[ch..ch + w]);
+        if self.relu {
+            let y = &self.y[at..at + w];
+            for j in 0..w {
+                // Both loaded, then a select: a load under a branch kept the loop scalar.
+                let (g, keep) = (dy[j].wide(), y[j].positive());
+                let g = if keep { g } else { 0.0 };
+                acc[0][j] += g;
+                acc[1][j] += g * (x[j].wide() - m[j]);
+            }
+        } else {
+            for j in 0..w {
+                let g = dy[j].wide();
+                acc[0][j] += g;
+                acc[1][j] += g * (x[j].wide() - m[j]);
+            }
+        }
+    }
 }
 
 /// Independent f64 partial sums per plane: a sum that is one dependency chain runs at one add per
@@ -255,28 +361,6 @@ fn dx_plane<T: Act>(x: &[T], y: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], [k, c
     } else {
         for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
             *dx = MaybeUninit::new(T::from_lane(k * dy.lane() + c * (x.lane() - m) + b));
-        }
-    }
-}
-
-/// `Σ g` and `Σ g·(x − m)` per channel over one NHWC pixel, added into `a` and `b`; `g` is `dy`,
-/// masked by `y > 0` with `relu`.
-#[inline(always)]
-fn pixel_grad_sums<T: Act>(x: &[T], y: &[T], dy: &[T], m: &[f64], (a, b): (&mut [f64], &mut [f64]), relu: bool) {
-    let c = x.len();
-    let (dy, m, a, b) = (&dy[..c], &m[..c], &mut a[..c], &mut b[..c]);
-    if relu {
-        let y = &y[..c];
-        for ch in 0..c {
-            let g = if y[ch].positive() { dy[ch].wide() } else { 0.0 };
-            a[ch] += g;
-            b[ch] += g * (x[ch].wide() - m[ch]);
-        }
-    } else {
-        for ch in 0..c {
-            let g = dy[ch].wide();
-            a[ch] += g;
-            b[ch] += g * (x[ch].wide() - m[ch]);
         }
     }
 }
@@ -423,15 +507,9 @@ impl BatchNormTrain {
         let (sum_dy, sum_dy_xhat): (Vec<f64>, Vec<f64>) = if self.order == Order::Nhwc {
             let (mean, inv_std) = (&self.mean[..c], &self.inv_std[..c]);
             let mut both = pixel_sums(x.len(), c, |run| {
-                let mut acc = vec![0f64; 2 * c];
-                simd::run!({
-                    let (a, b) = acc.split_at_mut(c);
-                    for at in run.clone().step_by(c) {
-                        let ys = if relu { &y[at..at + c] } else { &[] };
-                        pixel_grad_sums(&x[at..at + c], ys, &dy[at..at + c], mean, (a, b), relu);
-                    }
-                });
-                acc
+                let (x, dy) = (&x[run.clone()], &dy[run.clone()]);
+                let y = if relu { &y[run] } else { &[] };
+                simd::run!({ run_sums(x.len() / c, c, &Grad { x, y, dy, m: mean, relu }) })
             });
             let b = both.split_off(c);
             (both, b.iter().zip(inv_std).map(|(b, is)| b * is).collect())
