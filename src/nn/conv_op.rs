@@ -365,6 +365,9 @@ mod tests {
             (32, 48, 3, 1, 1, 1, 9, 9),
             (64, 32, 1, 2, 0, 1, 8, 8),
             (16, 16, 3, 1, 1, 1, 9, 7),
+            // 1×1, stride 1: in bf16 on NHWC buffers, its kernel gradient is a matmul where
+            // oneDNN's matmul runs on AMX.
+            (48, 32, 1, 1, 0, 1, 7, 5),
         ]);
         for (i, &(c, o, k, s, p, groups, h, w)) in cases.iter().enumerate() {
             let g = Geometry { n, c, h, w, o, kh: k, kw: k, stride: s, padding: p, groups };
