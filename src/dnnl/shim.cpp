@@ -46,15 +46,17 @@ struct Conv {
   convolution_forward fwd_p;
   convolution_backward_data bwd_data_p;
   convolution_backward_weights bwd_weights_p;
-  // A 1×1 stride-1 bf16 convolution on NHWC buffers has its kernel gradient computed as one
-  // matmul where oneDNN's is an AMX one: dw[o, c] = dyᵀ[o, n·h·w] · x[n·h·w, c], reading both
-  // buffers as they are and writing `dw` in OIHW. oneDNN 2.6's AMX convolution backward-weights
-  // kernel reaches 140–500 GFLOP/s on one core there, its AMX matmul 650–1090 (batch 16;
-  // 64–2048 channels, 7²–56²); in f32 the two are at parity, so f32 keeps the convolution.
+  // A 1×1 stride-1 bf16 convolution on NHWC buffers computes both gradients as matmuls where
+  // oneDNN's matmul is an AMX one, reading the buffers and the OIHW kernel as they are (no
+  // reorders): dw[o, c] = dyᵀ[o, n·h·w] · x[n·h·w, c] and dx[n·h·w, c] = dy[n·h·w, o] · w[o, c].
+  // On one core (batch 16; ResNet-50's 1×1 layers, 64–2048 channels, 7²–56²) oneDNN 2.6's AMX
+  // backward-weights kernel reaches 140–500 GFLOP/s, the matmul 650–1090; its backward-data
+  // kernel takes 1.1–1.5× the matmul's time before its kernel reorder. Its forward 1×1 kernel is
+  // faster than the matmul, and in f32 matmul and convolution are at parity: those stay.
   bool by_matmul = false;
-  matmul::primitive_desc mm;
-  matmul mm_p;
-  std::string mm_name;
+  matmul::primitive_desc mm, mm_data;
+  matmul mm_p, mm_data_p;
+  std::string mm_name, mm_data_name;
 };
 
 Conv build(const Key& k, bool block16) {
@@ -85,11 +87,14 @@ Conv build(const Key& k, bool block16) {
     int64_t rows = n * h * w;
     memory::desc a({o, rows}, type, tag::ba), b({rows, c}, type, tag::ab), out({o, c}, dt::f32, tag::ab);
     matmul::primitive_desc mpd(matmul::desc(a, b, out), attr, eng());
-    if (std::strstr(mpd.impl_info_str(), "amx")) {
+    memory::desc dy({rows, o}, type, tag::ab), w({o, c}, type, tag::ab), dx({rows, c}, type, tag::ab);
+    matmul::primitive_desc dpd(matmul::desc(dy, w, dx), attr, eng());
+    if (std::strstr(mpd.impl_info_str(), "amx") && std::strstr(dpd.impl_info_str(), "amx")) {
       conv.by_matmul = true;
-      conv.mm = mpd;
-      conv.mm_p = matmul(mpd);
+      conv.mm = mpd, conv.mm_data = dpd;
+      conv.mm_p = matmul(mpd), conv.mm_data_p = matmul(dpd);
       conv.mm_name = std::string("matmul ") + mpd.impl_info_str();
+      conv.mm_data_name = std::string("matmul ") + dpd.impl_info_str();
     }
   }
   return conv;
@@ -191,9 +196,9 @@ void lg_dnnl_set_threads(int n) { omp_set_num_threads(n); }
 int lg_dnnl_conv_impl(const int64_t* geom, int dtype, int pass, char* buf, size_t len) {
   return guard([&] {
     auto c = get(geom, dtype);
-    const char* s = pass == 0   ? c->fwd.impl_info_str()
-                    : pass == 1 ? c->bwd_data.impl_info_str()
-                    : c->by_matmul ? c->mm_name.c_str()
+    const char* s = pass == 0      ? c->fwd.impl_info_str()
+                    : c->by_matmul ? (pass == 1 ? c->mm_data_name : c->mm_name).c_str()
+                    : pass == 1    ? c->bwd_data.impl_info_str()
                                    : c->bwd_weights.impl_info_str();
     copy_str(s, buf, len);
   });
@@ -210,6 +215,8 @@ int lg_dnnl_conv_scratch(const int64_t* geom, int dtype, int pass, size_t* bytes
     if (pass == 0) {
       b += c->fwd.scratchpad_desc().get_size();
       extra(c->x, c->fwd.src_desc()), extra(c->w, c->fwd.weights_desc()), extra(c->y, c->fwd.dst_desc());
+    } else if (pass == 1 && c->by_matmul) {
+      b += c->mm_data.scratchpad_desc().get_size();
     } else if (pass == 1) {
       b += c->bwd_data.scratchpad_desc().get_size();
       extra(c->y, c->bwd_data.diff_dst_desc()), extra(c->w, c->bwd_data.weights_desc());
@@ -244,6 +251,14 @@ int lg_dnnl_conv_backward_data(const int64_t* geom, int dtype, const void* dy, c
   return guard([&] {
     auto c = get(geom, dtype);
     stream s(eng());
+    if (c->by_matmul) {
+      auto& pd = c->mm_data;
+      memory a(pd.src_desc(), eng(), const_cast<void*>(dy)), b(pd.weights_desc(), eng(), const_cast<void*>(w));
+      memory out(pd.dst_desc(), eng(), dx), scratch(pd.scratchpad_desc(), eng());
+      c->mm_data_p.execute(s, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, out}, {DNNL_ARG_SCRATCHPAD, scratch}});
+      s.wait();
+      return;
+    }
     auto& pd = c->bwd_data;
     memory dym = as(s, c->y, dy, pd.diff_dst_desc()), wm = as(s, c->w, w, pd.weights_desc());
     Out dxm(c->x, dx, pd.diff_src_desc());
