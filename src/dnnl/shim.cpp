@@ -156,6 +156,14 @@ struct Out {
   }
 };
 
+// out = a · b through one of a 1×1 convolution's matmuls, on the caller's buffers as they are.
+void run_matmul(stream& s, const matmul::primitive_desc& pd, const matmul& p, const void* a, const void* b, void* out) {
+  memory am(pd.src_desc(), eng(), const_cast<void*>(a)), bm(pd.weights_desc(), eng(), const_cast<void*>(b));
+  memory om(pd.dst_desc(), eng(), out), scratch(pd.scratchpad_desc(), eng());
+  p.execute(s, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, om}, {DNNL_ARG_SCRATCHPAD, scratch}});
+  s.wait();
+}
+
 template <class F>
 int guard(F f) {
   try {
@@ -251,14 +259,7 @@ int lg_dnnl_conv_backward_data(const int64_t* geom, int dtype, const void* dy, c
   return guard([&] {
     auto c = get(geom, dtype);
     stream s(eng());
-    if (c->by_matmul) {
-      auto& pd = c->mm_data;
-      memory a(pd.src_desc(), eng(), const_cast<void*>(dy)), b(pd.weights_desc(), eng(), const_cast<void*>(w));
-      memory out(pd.dst_desc(), eng(), dx), scratch(pd.scratchpad_desc(), eng());
-      c->mm_data_p.execute(s, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, out}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      s.wait();
-      return;
-    }
+    if (c->by_matmul) return run_matmul(s, c->mm_data, c->mm_data_p, dy, w, dx);
     auto& pd = c->bwd_data;
     memory dym = as(s, c->y, dy, pd.diff_dst_desc()), wm = as(s, c->w, w, pd.weights_desc());
     Out dxm(c->x, dx, pd.diff_src_desc());
@@ -302,14 +303,7 @@ int lg_dnnl_conv_backward_weights(const int64_t* geom, int dtype, const void* x,
   return guard([&] {
     auto c = get(geom, dtype);
     stream s(eng());
-    if (c->by_matmul) {
-      auto& pd = c->mm;
-      memory a(pd.src_desc(), eng(), const_cast<void*>(dy)), b(pd.weights_desc(), eng(), const_cast<void*>(x));
-      memory out(pd.dst_desc(), eng(), dw), scratch(pd.scratchpad_desc(), eng());
-      c->mm_p.execute(s, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, out}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      s.wait();
-      return;
-    }
+    if (c->by_matmul) return run_matmul(s, c->mm, c->mm_p, dy, x, dw);
     auto& pd = c->bwd_weights;
     memory xm = as(s, c->x, x, pd.src_desc()), dym = as(s, c->y, dy, pd.diff_dst_desc());
     Out dwm(c->dw, dw, pd.diff_weights_desc());
