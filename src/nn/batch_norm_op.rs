@@ -118,9 +118,9 @@ fn pixels_per_task(c: usize) -> usize {
 }
 
 /// Per-channel f64 sums over the pixels of an NHWC activation of `len` values: `run(range)`
-/// sums the pixels of one run of [`pixels_per_task`] pixels (its loops inside `simd::run!`, each
-/// channel its own accumulators so that the loop over channels vectorises); the runs are summed
-/// in parallel and added in order, so the result does not depend on the thread count.
+/// sums the pixels of one run of [`pixels_per_task`] pixels ([`run_sums`] inside `simd::run!`);
+/// the runs are summed in parallel and added in order, so the result does not depend on the
+/// thread count.
 fn pixel_sums(len: usize, c: usize, run: impl Fn(std::ops::Range<usize>) -> Vec<f64> + Sync) -> Vec<f64> {
     let step = pixels_per_task(c) * c;
     let partial: Vec<Vec<f64>> =
@@ -142,9 +142,9 @@ const BLOCK: usize = 8;
 const CHAINS: usize = 4;
 
 /// `K` f64 sums per channel over the `pixels` pixels of one NHWC run of `c` channels, as `K`
-/// rows of `c`. Channels go in blocks of [`BLOCK`] whose
-/// accumulators stay in registers, each block's pixels in [`CHAINS`] chains; the order is fixed,
-/// so the sums do not depend on the thread count.
+/// rows of `c`. Channels go in blocks of [`BLOCK`] whose accumulators stay in registers, each
+/// block's pixels in [`CHAINS`] chains; the order is fixed, so the sums do not depend on the
+/// thread count.
 #[inline(always)]
 fn run_sums<const K: usize>(pixels: usize, c: usize, terms: &impl Terms<K>) -> Vec<f64> {
     let mut out = vec![0f64; K * c];
