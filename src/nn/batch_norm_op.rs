@@ -427,6 +427,11 @@ impl BatchNormTrain {
         self
     }
 
+    /// The memory order the op reads its input in and writes its output and gradient in.
+    pub(crate) fn order(&self) -> Order {
+        self.order
+    }
+
     /// `op(x; γ, β)` as a tensor in `x`'s order (the op's own result is `[N, H, W, C]` for an
     /// NHWC input, shown as the permuted view).
     pub fn apply(self, x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {

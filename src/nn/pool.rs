@@ -54,6 +54,13 @@ impl Pool {
     fn start(&self, o: usize) -> isize {
         (o * self.s) as isize - self.p as isize
     }
+
+    /// The rows (or columns) `[a, b)` of output window `o` inside an input side of `size`:
+    /// the window clipped to the input, so the padding is never read.
+    pub(crate) fn window(&self, o: usize, size: usize) -> (usize, usize) {
+        let a = self.start(o);
+        (a.max(0) as usize, ((a + self.k as isize) as usize).min(size))
+    }
 }
 
 /// 2-D max pooling over NCHW, like PyTorch's `F.max_pool2d(x, kernel, stride, padding)`.
@@ -126,13 +133,8 @@ fn argmax_cpu(x: &Tensor, g: &Pool) -> Result<Tensor> {
 /// In-plane flat position of each window's maximum, for a contiguous `[N, C, H, W]` slice.
 pub(crate) fn argmax_planes<T: WithDType>(data: &[T], g: &Pool) -> Vec<u32> {
     let mut out = vec![0u32; g.n * g.c * g.oh * g.ow];
-    // Window bounds clipped to the input, per output row/column: the padding is never read.
-    let clip = |o: usize, size: usize| {
-        let a = g.start(o);
-        (a.max(0) as usize, ((a + g.k as isize) as usize).min(size))
-    };
-    let rows: Vec<_> = (0..g.oh).map(|o| clip(o, g.h)).collect();
-    let cols: Vec<_> = (0..g.ow).map(|o| clip(o, g.w)).collect();
+    let rows: Vec<_> = (0..g.oh).map(|o| g.window(o, g.h)).collect();
+    let cols: Vec<_> = (0..g.ow).map(|o| g.window(o, g.w)).collect();
     out.par_chunks_mut(g.oh * g.ow).zip(data.par_chunks(g.h * g.w)).for_each(|(out, plane)| {
         for (oy, &(y0, y1)) in rows.iter().enumerate() {
             for (ox, &(x0, x1)) in cols.iter().enumerate() {

@@ -134,7 +134,7 @@ impl Layer for Stem {
             if let Some(op) = self.bn.fused_train_op(&z)? {
                 let op = BnReluMaxPool::new(op, &z, 3, 2, 1)?;
                 let (gamma, beta) = self.bn.affine(z.dtype())?;
-                return z.apply_op3(&gamma, &beta, op);
+                return op.apply(&z, &gamma, &beta);
             }
         }
         let h = self.bn.forward_relu_t(&z, train)?;
