@@ -405,4 +405,42 @@ mod tests {
         }
         Ok(())
     }
+
+    /// `cargo test --release --lib nn::batch_norm -- --ignored --nocapture`: one training-mode
+    /// batch norm + ReLU on ResNet-50's first-stage shape (32 views, 256 channels, 56², NHWC
+    /// bf16, as a convolution leaves it): statistics, forward, backward.
+    #[test]
+    #[ignore]
+    fn bench_nhwc_bf16() -> Result<()> {
+        use crate::cpu_slice::with_activation;
+        use crate::nn::batch_norm_op::{channel_stats, BatchNormTrain};
+        let (n, c, h, w) = (32, 256, 56, 56);
+        let v: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 7919 % 1013) as f32 - 400.0) / 300.0).collect();
+        let x = Tensor::from_vec(v, (n, h, w, c), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let x = Var::from_tensor(&x.permuted_variable((0, 3, 1, 2))?)?;
+        let (gamma, beta) = (Tensor::ones(c, DType::BF16, &Device::Cpu)?, Tensor::zeros(c, DType::BF16, &Device::Cpu)?);
+        let time = |name: &str, f: &dyn Fn() -> Result<()>| -> Result<()> {
+            f()?;
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                f()?;
+            }
+            println!("{name}: {:.2} ms", t.elapsed().as_secs_f64() * 1e3 / 10.0);
+            Ok(())
+        };
+        let stats = channel_stats(x.as_tensor())?;
+        let op = || BatchNormTrain::new(&stats, 1e-5).with_relu(true);
+        let y = op().apply(x.as_tensor(), &gamma, &beta)?;
+        time("statistics", &|| channel_stats(x.as_tensor()).map(drop))?;
+        time("forward", &|| op().apply(x.as_tensor(), &gamma, &beta).map(drop))?;
+        let op = op().for_input(x.as_tensor());
+        with_activation(x.as_tensor(), |xs: &[half::bf16], _| {
+            with_activation(&y, |ys: &[half::bf16], _| {
+                let g = vec![half::bf16::ONE; c];
+                time("backward, sums only", &|| op.backward(xs, &g, ys, ys, (n, c, h * w), false).map(drop))?;
+                time("backward", &|| op.backward(xs, &g, ys, ys, (n, c, h * w), true).map(drop))
+            })?
+        })??;
+        Ok(())
+    }
 }
