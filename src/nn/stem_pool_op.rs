@@ -252,13 +252,13 @@ fn pool_relu_nhwc<T: super::batch_norm_op::Act>(h: &[T], g: &Pool) -> (Vec<T>, V
                 for y in y0..y1 {
                     for x in x0..x1 {
                         let pos = y * g.w + x;
-                        let pixel = &image[pos * c..][..c];
-                        for j in 0..c {
-                            let v = pixel[j].lane();
+                        for ((b, a), v) in best.iter_mut().zip(at.iter_mut()).zip(&image[pos * c..][..c]) {
+                            let v = v.lane();
+                            // `|`, not `||`, and selects: branches kept the loop scalar.
                             #[allow(clippy::eq_op)] // `v != v`: NaN
-                            let take = v > best[j] || v != v;
-                            best[j] = if take { v } else { best[j] };
-                            at[j] = if take { pos as u32 } else { at[j] };
+                            let take = (v > *b) | (v != v);
+                            *b = if take { v } else { *b };
+                            *a = if take { pos as u32 } else { *a };
                         }
                     }
                 }
@@ -344,6 +344,37 @@ mod tests {
             assert!(same(gg.get(b.weight()).expect("dγ"), gw.get(a.weight()).expect("dγ"))?, "{dtype:?} {order:?} dγ");
             assert!(same(gg.get(b.bias()).expect("dβ"), gw.get(a.bias()).expect("dβ"))?, "{dtype:?} {order:?} dβ");
         }
+        Ok(())
+    }
+
+    /// `cargo test --release --lib nn::stem_pool_op -- --ignored --nocapture`: ResNet-50's bf16
+    /// stem tail at 32 views (64 channels, 112² → 56², NHWC as the convolution leaves it).
+    #[test]
+    #[ignore]
+    fn bench_nhwc_bf16() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, c, h) = (32, 64, 112);
+        let v: Vec<f32> = (0..n * c * h * h).map(|i| ((i * 7919 % 1013) as f32 - 400.0) / 300.0).collect();
+        let z = Tensor::from_vec(v, (n, h, h, c), &dev)?.to_dtype(DType::BF16)?;
+        let z = Var::from_tensor(&z.permuted_variable((0, 3, 1, 2))?)?;
+        let pb = ParamBuilder::new(5, &dev, DType::F32);
+        let bn = batch_norm2d(c, false, &pb.pp("bn"))?;
+        let (gamma, beta) = bn.affine(DType::BF16)?;
+        let time = |name: &str, f: &dyn Fn() -> Result<()>| -> Result<()> {
+            f()?;
+            let t = std::time::Instant::now();
+            for _ in 0..5 {
+                f()?;
+            }
+            println!("{name}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
+            Ok(())
+        };
+        let op = || -> Result<super::BnReluMaxPool> {
+            let bn = bn.fused_train_op(z.as_tensor())?.expect("CPU takes the fused op");
+            super::BnReluMaxPool::new(bn, z.as_tensor(), 3, 2, 1)
+        };
+        time("forward", &|| op()?.apply(z.as_tensor(), &gamma, &beta).map(drop))?;
+        time("forward + backward", &|| op()?.apply(z.as_tensor(), &gamma, &beta)?.sum_all()?.backward().map(drop))?;
         Ok(())
     }
 }
