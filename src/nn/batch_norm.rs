@@ -406,6 +406,40 @@ mod tests {
         Ok(())
     }
 
+    /// One process's NHWC statistics (one pass, sums shifted by the first pixel) against the
+    /// two-pass statistics of the same values NCHW, where a plain `Σx²/n − mean²` would cancel:
+    /// a mean of 1000 and a standard deviation of 0.01 (f64: about 10 significant digits would
+    /// be lost), and a first pixel 100 σ off the mean, in f64 and f32, over three runs of pixels.
+    #[test]
+    fn one_pass_statistics_match_two_passes() -> Result<()> {
+        use crate::cpu_slice::Order;
+        use crate::nn::batch_norm_op::channel_stats;
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        let (n, c, h, w) = (3, 5, 40, 41);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut v: Vec<f64> = (0..n * c * h * w)
+            .map(|_| {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                1000.0 + 0.01 * z
+            })
+            .collect();
+        v[0] = 1001.0; // channel 0's first pixel (NCHW index 0)
+        for dtype in [DType::F64, DType::F32] {
+            let x = Tensor::from_vec(v.clone(), (n, c, h, w), &Device::Cpu)?.to_dtype(dtype)?;
+            let nhwc = x.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))?;
+            assert_eq!(Order::of(nhwc.layout()), Some(Order::Nhwc));
+            let (one, two) = (channel_stats(&nhwc)?, channel_stats(&x)?);
+            assert_eq!(one.count, two.count);
+            for ch in 0..c {
+                let dm = (one.mean[ch] - two.mean[ch]).abs() / two.mean[ch];
+                let dv = (one.var[ch] - two.var[ch]).abs() / two.var[ch];
+                assert!(dm < 1e-14 && dv < 1e-9, "{dtype:?} channel {ch}: mean {dm:.1e}, var {dv:.1e} apart");
+            }
+        }
+        Ok(())
+    }
+
     /// `cargo test --release --lib nn::batch_norm -- --ignored --nocapture`: one training-mode
     /// batch norm + ReLU on ResNet-50's first-stage shape (32 views, 256 channels, 56², NHWC
     /// bf16, as a convolution leaves it): statistics, forward, backward.

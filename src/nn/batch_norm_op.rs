@@ -50,6 +50,12 @@ pub fn channel_stats(x: &Tensor) -> Result<ChannelStats> {
 pub fn channel_stats_in(x: &Tensor, group: Option<&Arc<dyn Communicator>>) -> Result<ChannelStats> {
     let (n, c, h, w) = x.dims4()?;
     let dims = (n, c, h * w);
+    let group = group.filter(|g| g.size() > 1);
+    if group.is_none() {
+        if let Some(stats) = one_pass_stats(x)? {
+            return Ok(stats);
+        }
+    }
     let mut sums = match x.dtype() {
         DType::F32 => with_activation(x, |v: &[f32], o| channel_sums(v, o, dims, None))?,
         DType::F64 => with_activation(x, |v: &[f64], o| channel_sums(v, o, dims, None))?,
@@ -57,7 +63,6 @@ pub fn channel_stats_in(x: &Tensor, group: Option<&Arc<dyn Communicator>>) -> Re
         d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
     };
     let mut count = (n * h * w) as f64;
-    let group = group.filter(|g| g.size() > 1);
     if let Some(g) = group {
         sums.push(count);
         g.all_reduce_sum(&mut sums).map_err(candle_core::Error::wrap)?;
@@ -75,6 +80,43 @@ pub fn channel_stats_in(x: &Tensor, group: Option<&Arc<dyn Communicator>>) -> Re
     }
     let var = ss.iter().map(|s| s / count).collect();
     Ok(ChannelStats { mean, var, count: count as usize })
+}
+
+/// The statistics of one process's NHWC activation in one pass over it: per channel the sums
+/// of `d = x − s` and `d²`, `s` the channel's value at the first pixel (a shift near the mean,
+/// so that `Σd²/n − (Σd/n)²` does not cancel the variance away), in f64. The two-pass
+/// statistics read the activation twice: 4 % of a bf16 ResNet-50 step. `None` for NCHW, where
+/// the two passes stay.
+fn one_pass_stats(x: &Tensor) -> Result<Option<ChannelStats>> {
+    /// `(s, [Σd, Σd²])` per channel.
+    fn go<T: Act>(x: &[T], c: usize) -> (Vec<f64>, Vec<f64>) {
+        let shift: Vec<f64> = x[..c].iter().map(|v| v.wide()).collect();
+        let sums = pixel_sums::<2>(x.len(), c, |run, out| {
+            let x = &x[run];
+            simd::run!(run_sums(x.len() / c, c, &Shifted { x, s: &shift }, out))
+        });
+        (shift, sums)
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let count = n * h * w;
+    if count == 0 || c == 0 {
+        return Ok(None);
+    }
+    let sums = match x.dtype() {
+        DType::F32 => with_activation(x, |v: &[f32], o| (o == Order::Nhwc).then(|| go(v, c)))?,
+        DType::F64 => with_activation(x, |v: &[f64], o| (o == Order::Nhwc).then(|| go(v, c)))?,
+        DType::BF16 => with_activation(x, |v: &[half::bf16], o| (o == Order::Nhwc).then(|| go(v, c)))?,
+        d => candle_core::bail!("batch norm: unsupported dtype {d:?}"),
+    };
+    let Some((shift, sums)) = sums else { return Ok(None) };
+    let (d, d2) = sums.split_at(c);
+    let (mean, var) = (0..c)
+        .map(|ch| {
+            let m = d[ch] / count as f64;
+            (shift[ch] + m, (d2[ch] / count as f64 - m * m).max(0.0))
+        })
+        .unzip();
+    Ok(Some(ChannelStats { mean, var, count }))
 }
 
 /// Per channel, `Σ x` (`centre` None) or `Σ (x − centre)²`: NCHW each channel summed by one
@@ -232,6 +274,24 @@ impl<T: Act> Terms<1> for Centred<'_, T> {
         for j in 0..w {
             let d = v[j].wide() - m[j];
             acc[0][j] += d * d;
+        }
+    }
+}
+
+/// `Σ (x − s)` and `Σ (x − s)²`.
+struct Shifted<'a, T> {
+    x: &'a [T],
+    s: &'a [f64],
+}
+
+impl<T: Act> Terms<2> for Shifted<'_, T> {
+    #[inline(always)]
+    fn add(&self, at: usize, ch: usize, w: usize, acc: &mut [[f64; BLOCK]; 2]) {
+        let (v, s) = (&self.x[at..at + w], &self.s[ch..ch + w]);
+        for j in 0..w {
+            let d = v[j].wide() - s[j];
+            acc[0][j] += d;
+            acc[1][j] += d * d;
         }
     }
 }
