@@ -406,6 +406,42 @@ mod tests {
         Ok(())
     }
 
+    /// A block tail's one pass (`relu(bn(z) + shortcut)`, `batch_norm_op::tail_forward`) against
+    /// the batch norm's output then candle's add and ReLU, bit for bit: NCHW and NHWC, f32 and
+    /// bf16, on a map of many parallel tasks (the shortcut read at each task's offset).
+    #[test]
+    fn tail_pass_equals_batch_norm_then_add_relu() -> Result<()> {
+        use crate::cpu_slice::Order;
+        use crate::nn::batch_norm_op::{channel_stats, tail_forward, BatchNormTrain};
+        let (n, c, h, w) = (3, 20, 33, 35);
+        let vals =
+            |k: usize| -> Vec<f64> { (0..n * c * h * w).map(|i| ((i * k % 101) as f64 - 50.0) / 17.0).collect() };
+        for dtype in [DType::F32, DType::BF16] {
+            for order in [Order::Nchw, Order::Nhwc] {
+                let t = |k| -> Result<Tensor> {
+                    let t = Tensor::from_vec(vals(k), (n, c, h, w), &Device::Cpu)?.to_dtype(dtype)?;
+                    match order {
+                        Order::Nchw => Ok(t),
+                        Order::Nhwc => t.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2)),
+                    }
+                };
+                let (z, shortcut) = (t(7)?, t(13)?);
+                let gamma = Tensor::from_vec((0..c).map(|i| 0.5 + i as f64 / 7.0).collect(), c, &Device::Cpu)?
+                    .to_dtype(dtype)?;
+                let beta = Tensor::from_vec((0..c).map(|i| i as f64 / 5.0 - 2.0).collect(), c, &Device::Cpu)?
+                    .to_dtype(dtype)?;
+                let op = BatchNormTrain::new(&channel_stats(&z)?, 1e-5).for_input(&z);
+                let got = tail_forward(&op, &z, &gamma, &beta, &shortcut)?;
+                let want = (op.apply(&z, &gamma, &beta)? + &shortcut)?.relu()?;
+                let bits = |t: &Tensor| -> Result<Vec<u64>> {
+                    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?.into_iter().map(f64::to_bits).collect())
+                };
+                assert!(bits(got.as_tensor())? == bits(&want)?, "{dtype:?} {order:?}");
+            }
+        }
+        Ok(())
+    }
+
     /// One process's NHWC statistics (one pass, sums shifted by the first pixel) against the
     /// two-pass statistics of the same values NCHW, where a plain `Σx²/n − mean²` would cancel:
     /// a mean of 1000 and a standard deviation of 0.01 (f64: about 10 significant digits would

@@ -401,9 +401,17 @@ fn planes_per_task(hw: usize) -> usize {
     (4096 / hw.max(1)).max(1)
 }
 
-/// `y = x·s + t` over one plane (then `max(·, 0)` with `relu`), rounded once.
+/// `y = x·s + t` over one plane (then `max(·, 0)` with `relu`), rounded once; with a
+/// shortcut `sc`, then `relu(y + sc)`, rounded again (a block tail's sum).
 #[inline(always)]
-fn affine_plane<T: Act>(x: &[T], y: &mut [MaybeUninit<T>], s: T::W, t: T::W, relu: bool) {
+fn affine_plane<T: Act>(x: &[T], y: &mut [MaybeUninit<T>], s: T::W, t: T::W, relu: bool, sc: Option<&[T]>) {
+    if let Some(sc) = sc {
+        for ((y, x), sc) in y.iter_mut().zip(x).zip(sc) {
+            let v = x.lane() * s + t;
+            *y = MaybeUninit::new(T::from_lane(if relu { v.relu() } else { v }).add_relu(*sc));
+        }
+        return;
+    }
     if relu {
         y.iter_mut().zip(x).for_each(|(y, x)| *y = MaybeUninit::new(T::from_lane((x.lane() * s + t).relu())));
     } else {
@@ -411,10 +419,20 @@ fn affine_plane<T: Act>(x: &[T], y: &mut [MaybeUninit<T>], s: T::W, t: T::W, rel
     }
 }
 
-/// `y = x·s + t` per channel over one NHWC pixel (then `max(·, 0)` with `relu`), rounded once.
+/// `y = x·s + t` per channel over one NHWC pixel (then `max(·, 0)` with `relu`), rounded once;
+/// with a shortcut `sc`, then `relu(y + sc)`, rounded again.
 #[inline(always)]
-fn affine_pixel<T: Act>(x: &[T], y: &mut [MaybeUninit<T>], s: &[T::W], t: &[T::W], relu: bool) {
+fn affine_pixel<T: Act>(x: &[T], y: &mut [MaybeUninit<T>], s: &[T::W], t: &[T::W], relu: bool, sc: Option<&[T]>) {
     let (s, t, y) = (&s[..x.len()], &t[..x.len()], &mut y[..x.len()]);
+    if let Some(sc) = sc {
+        let sc = &sc[..x.len()];
+        for i in 0..x.len() {
+            let v = x[i].lane() * s[i] + t[i];
+            let v = T::from_lane(if relu { v.relu() } else { v });
+            y[i] = MaybeUninit::new(v.add_relu(sc[i]));
+        }
+        return;
+    }
     if relu {
         for i in 0..x.len() {
             y[i] = MaybeUninit::new(T::from_lane((x[i].lane() * s[i] + t[i]).relu()));
@@ -535,6 +553,19 @@ impl BatchNormTrain {
 
     /// `x` in [`Self::for_input`]'s order.
     pub(crate) fn forward<T: Act>(&self, x: &[T], gamma: &[T], beta: &[T], c: usize, hw: usize) -> Vec<T> {
+        self.forward_then(x, gamma, beta, (c, hw), None)
+    }
+
+    /// [`Self::forward`], then with a `shortcut` (in the same order) `relu(y + shortcut)` in the
+    /// same pass, rounded to the type after each step as the two passes would.
+    fn forward_then<T: Act>(
+        &self,
+        x: &[T],
+        gamma: &[T],
+        beta: &[T],
+        (c, hw): (usize, usize),
+        shortcut: Option<&[T]>,
+    ) -> Vec<T> {
         // Per channel: y = x·scale + shift.
         let (scale, shift): (Vec<f64>, Vec<f64>) = (0..c)
             .map(|ch| {
@@ -551,10 +582,11 @@ impl BatchNormTrain {
         let relu = self.relu;
         if self.order == Order::Nhwc {
             let step = pixels_per_task(c) * c;
-            y.par_chunks_mut(step).zip(x.par_chunks(step)).for_each(|(y, x)| {
+            y.par_chunks_mut(step).zip(x.par_chunks(step)).enumerate().for_each(|(task, (y, x))| {
+                let sc = shortcut.map(|s| &s[task * step..task * step + x.len()]);
                 simd::run!({
-                    for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                        affine_pixel(x, y, &scale, &shift, relu);
+                    for (i, (y, x)) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
+                        affine_pixel(x, y, &scale, &shift, relu, sc.map(|s| &s[i * c..(i + 1) * c]));
                     }
                 })
             });
@@ -562,10 +594,11 @@ impl BatchNormTrain {
         }
         let step = planes_per_task(hw) * hw;
         y.par_chunks_mut(step).zip(x.par_chunks(step)).enumerate().for_each(|(task, (y, x))| {
+            let sc = shortcut.map(|s| &s[task * step..task * step + x.len()]);
             simd::run!({
                 for (i, (y, x)) in y.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
                     let ch = (task * step / hw + i) % c;
-                    affine_plane(x, y, scale[ch], shift[ch], relu);
+                    affine_plane(x, y, scale[ch], shift[ch], relu, sc.map(|s| &s[i * hw..(i + 1) * hw]));
                 }
             })
         });
@@ -791,13 +824,7 @@ pub fn tail_forward(op: &BatchNormTrain, z: &Tensor, gamma: &Tensor, beta: &Tens
         with_activation_in(z, op.order, |z: &[T]| {
             with_slice(gamma, |g: &[T]| {
                 with_slice(beta, |b: &[T]| {
-                    with_activation_in(shortcut, op.order, |s: &[T]| {
-                        let mut y = op.forward(z, g, b, c, h * w);
-                        y.par_chunks_mut(SPAN)
-                            .zip(s.par_chunks(SPAN))
-                            .for_each(|(y, s)| simd::run!(y.iter_mut().zip(s).for_each(|(y, s)| *y = y.add_relu(*s))));
-                        y
-                    })
+                    with_activation_in(shortcut, op.order, |s: &[T]| op.forward_then(z, g, b, (c, h * w), Some(s)))
                 })
             })
         })???
