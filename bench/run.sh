@@ -16,14 +16,15 @@
 # row's MFU is its model FLOPs per second over the peak of its precision.
 #
 #   bench/run.sh [MODEL] [BATCH] [ROUNDS] [STEPS] [THREADS]
-#   bench/run.sh resnet18 256 2 2 2     # CIFAR ResNet-18, 32x32, 256 images/step, 2 rounds
-#   bench/run.sh resnet50 16 2 2 2      # ResNet-50, 224x224, 16 images/step
+#   bench/run.sh resnet18 256 2 4 2     # CIFAR ResNet-18, 32x32, 256 images/step, 2 rounds
+#   bench/run.sh resnet50 16 2 4 2      # ResNet-50, 224x224, 16 images/step
 #
 # Each configuration runs in its own process (peak RSS is per process). Prints every run, then
 # the median images/s and peak RSS per implementation and the ratios to both PyTorch rows.
+# Take STEPS >= 3: PyTorch's first timed steps are slower than its later ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${1:-resnet18}; BATCH=${2:-256}; ROUNDS=${3:-3}; STEPS=${4:-2}; THREADS=${5:-2}
+MODEL=${1:-resnet18}; BATCH=${2:-256}; ROUNDS=${3:-3}; STEPS=${4:-4}; THREADS=${5:-2}
 
 # PyTorch: TORCH_VENV=/path or bench/.venv.
 source bench/torch_venv.sh

@@ -3,9 +3,10 @@
 //! Composed from candle ops, a BatchNorm costs two strided reductions over (N, H, W), four
 //! broadcast passes in the forward and about twice that in the backward, each allocating a
 //! full-size tensor (page faults were 13 % of a step; docs/performance.md). Here the statistics
-//! are one pass over the input (per channel, each image's `H·W` values are contiguous), the
-//! output is one pass, and the backward is two: the per-channel sums `Σ dy` and `Σ dy·x̂`, then
-//! `dx`. Statistics accumulate in f64 whatever the activations' type.
+//! are one pass over a channels-last input (two, mean then centred squares, over NCHW or when
+//! synchronised across ranks), the output is one pass, and the backward is two: the per-channel
+//! sums `Σ dy` and `Σ dy·x̂`, then `dx`. Statistics accumulate in f64 whatever the activations'
+//! type.
 //!
 //! With `relu`, the op is `relu(bn(x))`: a ReLU after a BatchNorm costs candle one pass forward
 //! and six in its backward (a zero tensor, a comparison, a cast, a product, and the gradient
@@ -37,16 +38,17 @@ pub struct ChannelStats {
     pub count: usize,
 }
 
-/// The statistics of an NCHW CPU tensor (f32 or f64), in two passes per channel (mean, then
-/// the centred sum of squares: no cancellation for large means).
+/// The statistics of an `[N, C, H, W]` CPU tensor (f32, f64 or bf16): in one shifted pass
+/// where it is channels-last, else in two passes per channel (mean, then the centred sum of
+/// squares); neither cancels for large means.
 pub fn channel_stats(x: &Tensor) -> Result<ChannelStats> {
     channel_stats_in(x, None)
 }
 
 /// [`channel_stats`] of the batch that every rank of `group` holds a share of: the sums of each
 /// pass are all-reduced (the mean's, with the counts, then the centred squares'), so every rank
-/// gets the statistics one process computes on the whole batch. `None` or one rank: this
-/// rank's own statistics, computed exactly as [`channel_stats`] always did.
+/// gets the statistics one process computes on the whole batch (to rounding: one process
+/// takes the one-pass path on a channels-last input). `None` or one rank: [`channel_stats`].
 pub fn channel_stats_in(x: &Tensor, group: Option<&Arc<dyn Communicator>>) -> Result<ChannelStats> {
     let (n, c, h, w) = x.dims4()?;
     let dims = (n, c, h * w);
