@@ -94,8 +94,10 @@ pub(super) struct Momentum(pub LarsUpdate);
 /// `w ← w − (nesterov ? m·v + s·gd : v)` in place on `w`, reading `(v, g)`; `v` already updated.
 pub(super) struct Apply(pub LarsUpdate);
 
-/// Calls `f(dst, src2, src3)` with an in-place op's three operands as slices of one dtype.
+/// Calls `f(dst, src2, src3)` with an in-place op's three operands as slices of one dtype;
+/// errors name the op (`name`).
 fn with_operands(
+    name: &str,
     s1: &mut CpuStorage,
     l1: &Layout,
     (s2, l2): (&CpuStorage, &Layout),
@@ -104,16 +106,16 @@ fn with_operands(
     f64_op: impl FnOnce(&mut [f64], &[f64], &[f64]),
 ) -> Result<()> {
     let range = |l: &Layout| {
-        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("lars: operand is not contiguous".into()))
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{name}: operand is not contiguous")))
     };
     let ((a1, b1), (a2, b2), (a3, b3)) = (range(l1)?, range(l2)?, range(l3)?);
     if b1 - a1 != b2 - a2 || b1 - a1 != b3 - a3 {
-        candle_core::bail!("lars: operands of {}, {} and {} elements", b1 - a1, b2 - a2, b3 - a3);
+        candle_core::bail!("{name}: operands of {}, {} and {} elements", b1 - a1, b2 - a2, b3 - a3);
     }
     match s1 {
         CpuStorage::F32(d) => f32_op(&mut d[a1..b1], &s2.as_slice()?[a2..b2], &s3.as_slice()?[a3..b3]),
         CpuStorage::F64(d) => f64_op(&mut d[a1..b1], &s2.as_slice()?[a2..b2], &s3.as_slice()?[a3..b3]),
-        d => candle_core::bail!("lars: unsupported dtype {:?}", d.dtype()),
+        d => candle_core::bail!("{name}: unsupported dtype {:?}", d.dtype()),
     }
     Ok(())
 }
@@ -142,7 +144,7 @@ impl InplaceOp3 for Momentum {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        with_operands(s1, l1, (s2, l2), (s3, l3), |v, g, w| self.run(v, g, w), |v, g, w| self.run(v, g, w))
+        with_operands(self.name(), s1, l1, (s2, l2), (s3, l3), |v, g, w| self.run(v, g, w), |v, g, w| self.run(v, g, w))
     }
 }
 
@@ -171,7 +173,7 @@ impl InplaceOp3 for Apply {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        with_operands(s1, l1, (s2, l2), (s3, l3), |w, v, g| self.run(w, v, g), |w, v, g| self.run(w, v, g))
+        with_operands(self.name(), s1, l1, (s2, l2), (s3, l3), |w, v, g| self.run(w, v, g), |w, v, g| self.run(w, v, g))
     }
 }
 
@@ -283,15 +285,6 @@ impl InplaceOp3 for AdamApply {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let (r1, r2, r3) = (range(l1)?, range(l2)?, range(l3)?);
-        if r1.len() != r2.len() || r1.len() != r3.len() {
-            candle_core::bail!("adamw: operands of {}, {} and {} elements", r1.len(), r2.len(), r3.len());
-        }
-        match s1 {
-            CpuStorage::F32(w) => self.run(&mut w[r1], &s2.as_slice()?[r2], &s3.as_slice()?[r3]),
-            CpuStorage::F64(w) => self.run(&mut w[r1], &s2.as_slice()?[r2], &s3.as_slice()?[r3]),
-            w => candle_core::bail!("adamw: unsupported dtype {:?}", w.dtype()),
-        }
-        Ok(())
+        with_operands(self.name(), s1, l1, (s2, l2), (s3, l3), |w, m, v| self.run(w, m, v), |w, m, v| self.run(w, m, v))
     }
 }
